@@ -22,7 +22,8 @@ RESIDUAL_EPS = 1e-9
 
 def sample_from_probs(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sample of one token per row of `probs` [N, V] with `uniform` [N] in [0, 1)."""
-    cdf = probs.cumsum(dim=-1)
+    # A half-precision running sum stops growing long before the end of a large vocabulary.
+    cdf = probs.float().cumsum(dim=-1)
     threshold = (uniform * cdf[:, -1]).unsqueeze(-1)
     token = torch.searchsorted(cdf, threshold, right=True).squeeze(-1)
     return token.clamp_(max=probs.shape[-1] - 1)
@@ -71,7 +72,8 @@ def accept_drafts(
     num_accepted = passed.to(torch.long).cumprod(dim=1).sum(dim=1)
 
     rows = torch.arange(batch, device=device)
-    p_t_next = target_probs[rows, num_accepted]
+    # The residual is formed in fp32: max(0, p_t - p_d) of two half-precision numbers loses its small mass.
+    p_t_next = target_probs[rows, num_accepted].float()
     rejected = num_accepted < num_drafts
     residual = p_t_next.clone()
     rejected_rows = rejected.nonzero().squeeze(-1)
@@ -80,7 +82,9 @@ def accept_drafts(
         if draft_probs is None:
             residual[rejected_rows, tokens[rejected_rows, k]] = 0.0
         else:
-            residual[rejected_rows] = (p_t_next[rejected_rows] - draft_probs[rejected_rows, k]).clamp(min=0.0)
+            residual[rejected_rows] = (p_t_next[rejected_rows] - draft_probs[rejected_rows, k].float()).clamp(
+                min=0.0
+            )
         # A residual of ~zero mass means p_d covered p_t: fall back to p_t itself.
         empty = residual[rejected_rows].sum(dim=-1) <= RESIDUAL_EPS
         residual[rejected_rows[empty]] = p_t_next[rejected_rows[empty]]

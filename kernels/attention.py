@@ -65,7 +65,9 @@ def build_attention_metadata(
 
     key_pos = torch.arange(k_max, device=device)
     key_valid = key_pos.unsqueeze(0) < s_lens.unsqueeze(1)
-    page = block_tables.long().gather(1, (key_pos // block_size).clamp(max=block_tables.shape[1] - 1).expand(batch, -1))
+    page = block_tables.long().gather(
+        1, (key_pos // block_size).clamp(max=block_tables.shape[1] - 1).expand(batch, -1)
+    )
     key_slots = torch.where(key_valid, page * block_size + key_pos % block_size, 0)
 
     offsets = torch.arange(q_max, device=device)
@@ -88,7 +90,9 @@ def build_attention_metadata(
     )
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+) -> None:
     """Store the new tokens' keys/values [T, KVH, D] into their cache slots."""
     num_kv_heads, head_dim = k_cache.shape[-2:]
     k_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = k.to(k_cache.dtype)
@@ -114,7 +118,9 @@ def paged_attention(
     queries = q[meta.query_index].transpose(1, 2)  # [B, H, Q, D]
     mask = meta.mask(sliding_window)
     if softcap is None:
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        )
     else:
         group = num_heads // num_kv_heads
         keys = keys.repeat_interleave(group, dim=1)

@@ -1,0 +1,98 @@
+"""Draft block sampling with the DSpark Markov head (plain-PyTorch reference and CPU path).
+
+The backbone gives every slot of a block its logits U_k at once; the Markov head then makes slot k
+depend on the token drafted at slot k-1:
+
+    p_k = softmax((U_k + W2 · W1[x_{k-1}]) / T),   x_{-1} = anchor,
+
+sampled left to right by inverse CDF with the caller's uniforms (argmax where T = 0, whose draft
+distribution is then one-hot). The confidence head reads the same previous token before x_k is drawn:
+c_k = σ((w · [h_k; W1[x_{k-1}]] + b) / t_k), t_k the calibration temperature of position k.
+A drafter without Markov head (DFlash) passes no W1/W2 and its confidence weight has only the h part.
+
+Every distribution is computed in fp32 so that the draft probability of a token is the exact value
+the acceptance test will divide by.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specray.kernels.acceptance import sample_from_probs
+
+
+@dataclass
+class MarkovDraft:
+    tokens: torch.Tensor  # [B, γ] long
+    token_probs: torch.Tensor  # [B, γ] fp32, p_d(x_k) under the distribution x_k was drawn from
+    probs: torch.Tensor | None  # [B, γ, V] fp32 full draft distributions, when asked for
+    confidence: torch.Tensor | None  # [B, γ] fp32 c_k, when a confidence head is given
+
+
+def sample_markov_block(
+    logits: torch.Tensor,
+    anchor: torch.Tensor,
+    temperature: torch.Tensor,
+    uniforms: torch.Tensor,
+    w1: torch.Tensor | None = None,
+    w2: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+    conf_weight: torch.Tensor | None = None,
+    conf_bias: float = 0.0,
+    conf_temperature: torch.Tensor | None = None,
+    return_probs: bool = False,
+) -> MarkovDraft:
+    """Draft one block.
+
+    logits            [B, γ, V] backbone logits U_k = lm_head(h_k)
+    anchor            [B] long, the last token the target produced
+    temperature       [B] float, 0 = argmax
+    uniforms          [B, γ] in [0, 1), one per slot
+    w1, w2            [V, r] Markov embedding and Linear(r, V) weight, or None for rank 0
+    hidden            [B, γ, d] slot hidden states h_k (needed by the confidence head)
+    conf_weight       [d + r] confidence head weight, or None for no confidence
+    conf_bias         its bias
+    conf_temperature  [γ] calibration temperatures dividing the confidence logit, or None
+    return_probs      also return the full per-slot distributions (needed for rejection sampling)
+    """
+    batch, gamma, vocab = logits.shape
+    greedy = temperature <= 0
+    inv_temp = torch.where(greedy, 1.0, 1.0 / temperature.float().clamp(min=1e-30)).unsqueeze(1)
+    w1f = None if w1 is None else w1.float()
+    w2f = None if w2 is None else w2.float()
+    with_conf = conf_weight is not None
+    if with_conf:
+        d_model = hidden.shape[-1]
+        # The h part of every slot's confidence logit is independent of the sampled tokens.
+        conf_h = hidden.float() @ conf_weight[:d_model].float() + conf_bias
+        conf_e = conf_weight[d_model:].float()
+
+    tokens = torch.empty(batch, gamma, dtype=torch.long, device=logits.device)
+    token_probs = torch.empty(batch, gamma, dtype=torch.float32, device=logits.device)
+    probs_out = torch.empty(batch, gamma, vocab, dtype=torch.float32, device=logits.device) if return_probs else None
+    confidence = torch.empty(batch, gamma, dtype=torch.float32, device=logits.device) if with_conf else None
+    prev = anchor.long()
+    for k in range(gamma):
+        z = logits[:, k].float()
+        conf_logit = conf_h[:, k] if with_conf else None
+        if w1f is not None:
+            emb = w1f[prev]
+            z = z + emb @ w2f.T
+            if with_conf:
+                conf_logit = conf_logit + emb @ conf_e
+        if with_conf:
+            scale = 1.0 if conf_temperature is None else conf_temperature[k].float()
+            confidence[:, k] = torch.sigmoid(conf_logit / scale)
+        z = z * inv_temp
+        p = torch.softmax(z, dim=-1)
+        token = torch.where(greedy, z.argmax(dim=-1), sample_from_probs(p, uniforms[:, k]))
+        chosen = p.gather(1, token.unsqueeze(1)).squeeze(1)
+        token_probs[:, k] = torch.where(greedy, 1.0, chosen)
+        if return_probs:
+            one_hot = torch.zeros_like(p).scatter_(1, token.unsqueeze(1), 1.0)
+            probs_out[:, k] = torch.where(greedy.unsqueeze(1), one_hot, p)
+        tokens[:, k] = token
+        prev = token
+    return MarkovDraft(tokens=tokens, token_probs=token_probs, probs=probs_out, confidence=confidence)

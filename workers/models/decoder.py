@@ -1,0 +1,193 @@
+"""One decoder-only transformer for the Llama, Qwen3 and Gemma 3 families.
+
+Parameter names follow Hugging Face's so checkpoints load without renaming. The forward runs a
+ragged batch: all new tokens of all sequences concatenated ([T]), each at its own position, with
+attention over the paged KV cache described by `AttentionMetadata`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specray.kernels.attention import AttentionMetadata, paged_attention, write_kv
+from specray.workers.models.config import ModelConfig, RopeConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, adds_one: bool) -> None:
+        super().__init__()
+        self.eps = eps
+        self.adds_one = adds_one
+        self.weight = nn.Parameter(torch.zeros(dim) if adds_one else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.adds_one:
+            # Gemma scales in fp32 and casts last; Llama casts first, then scales.
+            return (normed * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * normed.type_as(x)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, rope: RopeConfig) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        if rope.scaling_type == "linear":
+            inv_freq = inv_freq / rope.factor
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq.unsqueeze(0)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [T, heads, D] by per-token angles (Hugging Face's rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.config = config
+        self.window = config.layer_window(layer)
+        d, h, kvh, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(d, h * hd, bias=config.attention_bias)
+        self.k_proj = nn.Linear(d, kvh * hd, bias=config.attention_bias)
+        self.v_proj = nn.Linear(d, kvh * hd, bias=config.attention_bias)
+        self.o_proj = nn.Linear(h * hd, d, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps, config.norm_adds_one)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps, config.norm_adds_one)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        kv: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        c = self.config
+        tokens = x.shape[0]
+        q = self.q_proj(x).view(tokens, c.num_heads, c.head_dim)
+        k = self.k_proj(x).view(tokens, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).view(tokens, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        write_kv(kv[0], kv[1], k, v, meta)
+        out = paged_attention(q, kv[0], kv[1], meta, c.attention_scale, self.window, c.attn_logit_softcapping)
+        return self.o_proj(out.reshape(tokens, c.num_heads * c.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gelu = config.hidden_act == "gelu_pytorch_tanh"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        eps, adds_one = config.rms_norm_eps, config.norm_adds_one
+        self.sandwich = config.sandwich_norm
+        self.self_attn = Attention(config, layer)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, adds_one)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, adds_one)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, adds_one)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, adds_one)
+
+    def forward(self, x, rotary, kv, meta) -> torch.Tensor:  # noqa: ANN001 - internal hot path
+        attn = self.self_attn(self.input_layernorm(x), rotary, kv, meta)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # [N, V] at the requested token rows
+    features: torch.Tensor | None  # [T, m*d]: outputs of the feature layers, concatenated
+    final_hidden: torch.Tensor | None  # [T, d]: final-normed hidden state (what the LM head reads)
+
+
+class DecoderBackbone(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_adds_one)
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = build_rotary(config)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        scale = self.config.embedding_scale
+        return x * torch.tensor(scale, dtype=x.dtype) if scale != 1.0 else x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor,
+        feature_layers: tuple[int, ...] = (),
+        return_final_hidden: bool = False,
+    ) -> ForwardOutput:
+        x = self.embed(input_ids)
+        rotary = {key: rope(positions, x.dtype) for key, rope in self.rotary.items()}
+        features = []
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, rotary[_rope_key(self.config.layer_rope(i))], kv_caches[i], meta)
+            if i in feature_layers:
+                features.append(x)
+        hidden = self.model.norm(x)
+        return ForwardOutput(
+            logits=self.compute_logits(hidden[logits_indices]),
+            features=torch.cat(features, dim=-1) if features else None,
+            final_hidden=hidden if return_final_hidden else None,
+        )
+
+
+def build_rotary(config: ModelConfig) -> nn.ModuleDict:
+    """One rotary table per distinct RoPE setting among the layers (Gemma 3 has two)."""
+    ropes = {config.layer_rope(i) for i in range(config.num_layers)}
+    return nn.ModuleDict({_rope_key(r): RotaryEmbedding(config.head_dim, r) for r in ropes})
+
+
+def _rope_key(rope: RopeConfig) -> str:
+    return f"{rope.scaling_type}_{rope.theta:g}_{rope.factor:g}".replace(".", "p")
