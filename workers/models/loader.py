@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from specray.workers.models.chat_templates import FALLBACK_CHAT_TEMPLATES
 from specray.workers.models.config import ModelConfig
 from specray.workers.models.decoder import DecoderModel, build_rotary
 
@@ -140,6 +141,8 @@ def load_model(
     model.rotary = build_rotary(config)
     model = model.to(device=device, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template is None and config.family in FALLBACK_CHAT_TEMPLATES:
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATES[config.family]
     return LoadedModel(model, config, tokenizer, path, _stop_token_ids(config, tokenizer))
 
 

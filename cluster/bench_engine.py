@@ -1,0 +1,162 @@
+"""`specray bench engine`: autoregressive vs speculative decoding in our engine, and Hugging Face
+transformers `generate` (plain and prompt-lookup assisted) on the same model and prompts, in one run.
+
+Every mode decodes the same prompts one at a time (batch 1, greedy), so tokens/s are comparable and
+each mode's output can be checked token for token against our autoregressive output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from specray.workers.drafters.registry import build_drafter
+from specray.workers.engine import EngineConfig, LLMEngine
+from specray.workers.models.loader import DEFAULT_MODEL, LoadedModel, load_model
+from specray.workers.prompt_sets import humaneval_prompts, jsonl_prompts
+from specray.workers.sampling import SamplingParams
+
+
+@dataclass
+class ModeResult:
+    name: str
+    tokens_per_s: float
+    tau: float | None
+    matches_autoregressive: bool
+
+
+def register(bench_subparsers: argparse._SubParsersAction) -> None:
+    p = bench_subparsers.add_parser("engine", help="our engine (AR, speculative) vs HF generate, one run")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--prompts", default=None, help="JSONL of {prompt} or {messages}; default: HumanEval")
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--num-speculative-tokens", "-k", type=int, default=5)
+    p.add_argument("--drafter", action="append", default=None, help="speculative mode(s); default: ngram")
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers peer")
+    p.add_argument("--json", required=True, help="where to write the results (a PNG goes beside it)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    target = load_model(args.model)
+    prompts = (
+        jsonl_prompts(args.prompts, args.num_prompts) if args.prompts else humaneval_prompts(args.num_prompts)
+    )
+    tokenizer_engine = LLMEngine(target, None, EngineConfig(num_speculative_tokens=0, max_num_seqs=1))
+    prompt_ids = [
+        tokenizer_engine.encode_prompt(messages=p)
+        if isinstance(p, list)
+        else tokenizer_engine.encode_prompt(prompt=p)
+        for p in prompts
+    ]
+    params = SamplingParams(max_tokens=args.max_tokens)
+
+    reference, ar_result = _run_engine(
+        target, "autoregressive", None, prompt_ids, params, args.num_speculative_tokens
+    )
+    results = [ar_result]
+    for name in args.drafter or ["ngram"]:
+        drafter = build_drafter(name, target)
+        outputs, result = _run_engine(
+            target, _mode_name(name), drafter, prompt_ids, params, args.num_speculative_tokens
+        )
+        result.matches_autoregressive = outputs == reference
+        results.append(result)
+    if not args.no_hf:
+        results += _run_hf(target, prompt_ids, args.max_tokens, reference)
+
+    report = {
+        "model": args.model,
+        "device": "cpu",
+        "dtype": "float32",
+        "num_prompts": len(prompt_ids),
+        "max_tokens": args.max_tokens,
+        "modes": [asdict(r) for r in results],
+    }
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    _print_table(results)
+    _plot(results, Path(args.json).with_suffix(".png"))
+    return 0
+
+
+def _mode_name(drafter: str) -> str:
+    return Path(drafter).name if "/" in drafter else drafter
+
+
+def _run_engine(
+    target: LoadedModel, name: str, drafter, prompt_ids: list[list[int]], params: SamplingParams, gamma: int
+) -> tuple[list[list[int]], ModeResult]:  # noqa: ANN001
+    engine = LLMEngine(
+        target, drafter, EngineConfig(num_speculative_tokens=gamma if drafter else 0, max_num_seqs=1)
+    )
+    outputs, tokens, steps, elapsed = [], 0, 0, 0.0
+    for ids in tqdm(prompt_ids, desc=name, leave=False):
+        start = time.perf_counter()
+        (seq,) = engine.generate([ids], params)
+        elapsed += time.perf_counter() - start
+        outputs.append(seq.output_ids)
+        tokens += len(seq.output_ids)
+        steps += seq.stats.verify_steps
+    tau = tokens / steps if drafter is not None else None
+    return outputs, ModeResult(name, tokens / elapsed, tau, True)
+
+
+@torch.inference_mode()
+def _run_hf(
+    target: LoadedModel, prompt_ids: list[list[int]], max_tokens: int, reference: list[list[int]]
+) -> list[ModeResult]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(target.path, dtype=torch.float32).eval()
+    pad = (
+        target.tokenizer.pad_token_id
+        if target.tokenizer.pad_token_id is not None
+        else target.stop_token_ids[0]
+    )
+    common = dict(
+        max_new_tokens=max_tokens, do_sample=False, eos_token_id=list(target.stop_token_ids), pad_token_id=pad
+    )
+    results = []
+    for name, extra in (("hf_generate", {}), ("hf_prompt_lookup", {"prompt_lookup_num_tokens": 5})):
+        outputs, tokens, elapsed = [], 0, 0.0
+        for ids in tqdm(prompt_ids, desc=name, leave=False):
+            start = time.perf_counter()
+            out = model.generate(torch.tensor([ids]), **common, **extra)[0, len(ids) :].tolist()
+            elapsed += time.perf_counter() - start
+            outputs.append(out)
+            tokens += len(out)
+        results.append(ModeResult(name, tokens / elapsed, None, outputs == reference))
+    return results
+
+
+def _print_table(results: list[ModeResult]) -> None:
+    base = results[0].tokens_per_s
+    print(f"{'mode':<22}{'tokens/s':>10}{'vs AR':>8}{'tau':>7}  matches AR")
+    for r in results:
+        tau = f"{r.tau:.2f}" if r.tau is not None else "-"
+        print(
+            f"{r.name:<22}{r.tokens_per_s:>10.1f}{r.tokens_per_s / base:>8.2f}{tau:>7}  {r.matches_autoregressive}"
+        )
+
+
+def _plot(results: list[ModeResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar([r.name for r in results], [r.tokens_per_s for r in results], color="tab:blue")
+    ax.set_ylabel("tokens/s (batch 1, greedy)")
+    ax.set_title("specray bench engine")
+    ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
