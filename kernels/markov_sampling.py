@@ -31,6 +31,30 @@ class MarkovDraft:
     confidence: torch.Tensor | None  # [B, γ] fp32 c_k, when a confidence head is given
 
 
+def check_markov_inputs(
+    logits: torch.Tensor,
+    w1: torch.Tensor | None,
+    w2: torch.Tensor | None,
+    hidden: torch.Tensor | None,
+    conf_weight: torch.Tensor | None,
+) -> None:
+    """Shape checks shared by the reference and the kernel."""
+    if (w1 is None) != (w2 is None):
+        raise ValueError("the Markov head needs both W1 and W2")
+    if w1 is not None and (w1.shape != w2.shape or w1.shape[0] != logits.shape[-1]):
+        raise ValueError(
+            f"W1 {tuple(w1.shape)} and W2 {tuple(w2.shape)} must both be [V, r], V = {logits.shape[-1]}"
+        )
+    if conf_weight is not None:
+        if hidden is None:
+            raise ValueError("the confidence head needs the slot hidden states")
+        expected = hidden.shape[-1] + (0 if w1 is None else w1.shape[1])
+        if conf_weight.numel() != expected:
+            raise ValueError(
+                f"confidence weight has {conf_weight.numel()} entries, expected d + r = {expected}"
+            )
+
+
 def sample_markov_block(
     logits: torch.Tensor,
     anchor: torch.Tensor,
@@ -57,6 +81,7 @@ def sample_markov_block(
     conf_temperature  [γ] calibration temperatures dividing the confidence logit, or None
     return_probs      also return the full per-slot distributions (needed for rejection sampling)
     """
+    check_markov_inputs(logits, w1, w2, hidden, conf_weight)
     batch, gamma, vocab = logits.shape
     greedy = temperature <= 0
     inv_temp = torch.where(greedy, 1.0, 1.0 / temperature.float().clamp(min=1e-30)).unsqueeze(1)
@@ -71,7 +96,9 @@ def sample_markov_block(
 
     tokens = torch.empty(batch, gamma, dtype=torch.long, device=logits.device)
     token_probs = torch.empty(batch, gamma, dtype=torch.float32, device=logits.device)
-    probs_out = torch.empty(batch, gamma, vocab, dtype=torch.float32, device=logits.device) if return_probs else None
+    probs_out = (
+        torch.empty(batch, gamma, vocab, dtype=torch.float32, device=logits.device) if return_probs else None
+    )
     confidence = torch.empty(batch, gamma, dtype=torch.float32, device=logits.device) if with_conf else None
     prev = anchor.long()
     for k in range(gamma):

@@ -180,22 +180,26 @@ def accept_drafts_triton(
     vocab = target_probs.shape[-1]
     # The kernel indexes the vocabulary with unit stride and the other small tensors row by row.
     target_probs = target_probs if target_probs.stride(-1) == 1 else target_probs.contiguous()
-    draft_tokens = draft_tokens.contiguous()
-    uniforms = uniforms.float().contiguous()
+    device = target_probs.device
+    # Per-row parameters may arrive from the host; the kernel reads them from the probabilities' device.
+    draft_tokens = draft_tokens.to(device).contiguous()
+    num_drafts = num_drafts.to(device).contiguous()
+    greedy = greedy.to(device).contiguous()
+    uniforms = uniforms.to(device, torch.float32).contiguous()
     if draft_probs is not None and draft_probs.stride(-1) != 1:
         draft_probs = draft_probs.contiguous()
     dprobs = target_probs if draft_probs is None else draft_probs
-    num_accepted = torch.empty(batch, dtype=torch.long, device=draft_tokens.device)
-    emitted = torch.empty(batch, gamma + 1, dtype=torch.long, device=draft_tokens.device)
+    num_accepted = torch.empty(batch, dtype=torch.long, device=device)
+    emitted = torch.empty(batch, gamma + 1, dtype=torch.long, device=device)
     if batch == 0:
         return num_accepted, emitted
     block_v = block_v or min(triton.next_power_of_2(vocab), 4096)
     _accept_kernel[(batch,)](
         draft_tokens,
-        num_drafts.contiguous(),
+        num_drafts,
         target_probs,
         dprobs,
-        greedy.contiguous(),
+        greedy,
         uniforms,
         num_accepted,
         emitted,

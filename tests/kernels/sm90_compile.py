@@ -53,7 +53,12 @@ def _compile_run(self: JITFunction, *args, grid, warmup, **kwargs):
             constexprs[param.name] = value
         else:
             signature[param.name] = _arg_type(value)
-    key = (self.fn.__name__, tuple(signature.items()), tuple(map(str, constexprs.items())), tuple(options.items()))
+    key = (
+        self.fn.__name__,
+        tuple(signature.items()),
+        tuple(map(str, constexprs.items())),
+        tuple(options.items()),
+    )
     if key not in _seen:
         _seen.add(key)
         compiled = triton.compile(ASTSource(self, signature, constexprs), target=TARGET, options=options)
@@ -62,7 +67,7 @@ def _compile_run(self: JITFunction, *args, grid, warmup, **kwargs):
 
 def main() -> int:
     JITFunction.run = _compile_run
-    from tests.kernels.cases import launch_every_kernel
+    from kernel_cases import launch_every_kernel
 
     launch_every_kernel()
     return 0
