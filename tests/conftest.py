@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny random target model, fast enough for every drafter and training test."""
+"""Shared test setup: everything offline, all state under the repository's .scratch/; the real
+default target (SmolLM2) and a tiny random target fast enough for every drafter and training test."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,20 @@ from specray.workers.models.config import ModelConfig, RopeConfig
 from specray.workers.models.decoder import DecoderModel
 from specray.workers.models.loader import LoadedModel
 
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("SPECRAY_CACHE_DIR", str(REPO / ".scratch" / "cache"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
 TINY_VOCAB = 96
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    """The real default target, SmolLM2-135M-Instruct (dequantized from the packaged GGUF once)."""
+    from specray.workers.models.loader import load_model
+
+    return load_model("smollm2-135m")
 
 
 def make_tiny_target(seed: int = 0) -> LoadedModel:

@@ -118,7 +118,7 @@ class ConstantDrafter(Drafter):
 
 
 @pytest.fixture(scope="module")
-def tiny_target(tmp_path_factory):
+def tiny_llama_target(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
     tiny_hf_model("llama", path, vocab_size=VOCAB, seed=3)
     return load_model(str(path))
@@ -150,11 +150,11 @@ def _exact_joint(target, params: SamplingParams, length: int) -> dict[tuple[int,
     ],
     ids=["skewed-T1", "skewed-topk-topp", "one-hot"],
 )
-def test_sampled_speculative_output_follows_target_distribution(tiny_target, drafter_cls, params):
+def test_sampled_speculative_output_follows_target_distribution(tiny_llama_target, drafter_cls, params):
     gamma = 3
     drafter = drafter_cls(VOCAB, gamma) if drafter_cls is SkewedDrafter else drafter_cls()
     engine = LLMEngine(
-        tiny_target,
+        tiny_llama_target,
         drafter,
         EngineConfig(
             num_speculative_tokens=gamma, max_num_seqs=256, max_num_batched_tokens=2048, kv_cache_tokens=16384
@@ -166,7 +166,7 @@ def test_sampled_speculative_output_follows_target_distribution(tiny_target, dra
     rejected = sum(s.stats.draft_tokens - s.stats.accepted_tokens for s in seqs)
     assert rejected > NUM_SAMPLES // 10, "the drafter was not bad enough to exercise rejection sampling"
 
-    exact = _exact_joint(tiny_target, params, 2)
+    exact = _exact_joint(tiny_llama_target, params, 2)
     counts = dict.fromkeys(exact, 0)
     for s in seqs:
         counts[tuple(s.output_ids)] += 1
@@ -185,8 +185,8 @@ def test_sampled_speculative_output_follows_target_distribution(tiny_target, dra
     assert p_value > ALPHA, f"speculative samples deviate from the target distribution (p = {p_value:.2e})"
 
 
-def test_seeded_sampling_repeats(tiny_target):
-    engine = LLMEngine(tiny_target, SkewedDrafter(VOCAB, 3), EngineConfig(num_speculative_tokens=3))
+def test_seeded_sampling_repeats(tiny_llama_target):
+    engine = LLMEngine(tiny_llama_target, SkewedDrafter(VOCAB, 3), EngineConfig(num_speculative_tokens=3))
     params = SamplingParams(max_tokens=6, temperature=1.0, seed=11, ignore_eos=True)
     first = engine.generate([PROMPT], params)[0].output_ids
     assert engine.generate([PROMPT], params)[0].output_ids == first, "the same seed gave a different output"

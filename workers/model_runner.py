@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specray.kernels.attention import build_attention_metadata
+from specray.kernels import build_attention_metadata
 from specray.workers.kv_cache import PagedKVCache
 from specray.workers.models.decoder import DecoderModel
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specray.kernels.attention import AttentionMetadata, paged_attention, write_kv
+from specray.kernels import AttentionMetadata, paged_attention, write_kv
 from specray.workers.models.config import ModelConfig, RopeConfig
 
 
