@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import importlib
 
-# Modules exposing `register(bench_subparsers)`, one per benchmark.
-BENCH_MODULES = ("specray.cluster.bench_engine",)
+# "module:function" registering one benchmark under the `bench` sub-parsers.
+BENCH_REGISTRARS = (
+    "specray.cluster.bench_engine:register",
+    "specray.kernels.bench:add_bench_kernels_parser",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="benchmarks (engine, kernels, serving)")
     bench = parser.add_subparsers(dest="bench", required=True)
-    for name in BENCH_MODULES:
-        importlib.import_module(name).register(bench)
+    for target in BENCH_REGISTRARS:
+        module, function = target.split(":")
+        getattr(importlib.import_module(module), function)(bench)

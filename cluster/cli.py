@@ -28,10 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        result = args.func(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"specray {args.command}: error: {err}", file=sys.stderr)
         return 2
+    # Handlers return an exit code, or their results (some benchmarks), which means success.
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":
