@@ -1,0 +1,101 @@
+"""Masks and information flow of the drafters: what each slot may and may not see."""
+
+from __future__ import annotations
+
+import torch
+
+from specray.workers.drafters.config import DrafterConfig, spread_feature_layers
+from specray.workers.drafters.context_cache import ContextCache
+from specray.workers.drafters.dspark import DSparkModel, block_mask
+from specray.workers.drafters.eagle3 import Eagle3Model, chain_mask
+
+
+def _dspark(tiny_target, **kwargs) -> DSparkModel:  # noqa: ANN001
+    torch.manual_seed(0)
+    config = DrafterConfig.for_target("dspark", tiny_target.config, 3, mask_token_id=2, **kwargs)
+    model = DSparkModel(config).eval()
+    with torch.no_grad():  # a non-zero W2 so the Markov path is exercised
+        model.markov_w2.weight.normal_()
+    return model
+
+
+def test_feature_layers_follow_the_dspark_rule() -> None:
+    assert spread_feature_layers(30, 5) == (1, 8, 14, 20, 27)
+    assert max(spread_feature_layers(30, 3)) < 29
+
+
+def test_block_mask_sees_only_earlier_context_and_own_block() -> None:
+    mask = block_mask(torch.tensor([3, 7]), context_len=10, block_size=3)
+    assert mask.shape == (6, 16)
+    for row in range(6):
+        block, anchor = divmod(row, 3)[0], (3, 7)[row // 3]
+        assert mask[row, :10].tolist() == [j < anchor for j in range(10)]
+        assert mask[row, 10:].tolist() == [j // 3 == block for j in range(6)]
+
+
+def test_chain_mask_is_causal_within_chain() -> None:
+    mask = chain_mask(torch.tensor([4]), context_len=6, steps=3)
+    assert mask[:, :6].tolist() == [[j < 3 for j in range(6)]] * 3
+    assert mask[:, 6:].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+
+
+def test_block_never_sees_later_context_or_other_blocks(tiny_target) -> None:  # noqa: ANN001
+    model = _dspark(tiny_target, markov_rank=8, confidence=True)
+    features = torch.randn(30, 3 * 32)
+    ids = torch.randint(3, 96, (30,))
+    anchors = torch.tensor([5, 12, 20])
+    logits, _ = model.training_outputs(features, ids, anchors, tiny_target.model)
+    later = features.clone()
+    later[12:] += torch.randn_like(later[12:])  # context at or after anchor 12
+    other = ids.clone()
+    other[20] = (other[20] + 1) % 96  # block 2's anchor token
+    for f, i in ((later, ids), (features, other)):
+        changed, _ = model.training_outputs(f, i, anchors, tiny_target.model)
+        assert torch.allclose(changed[0], logits[0], atol=1e-5)
+    changed, _ = model.training_outputs(later, ids, anchors, tiny_target.model)
+    assert torch.allclose(changed[1], logits[1], atol=1e-5) and not torch.allclose(changed[2], logits[2])
+
+
+def test_markov_bias_and_confidence_depend_only_on_previous_token(tiny_target) -> None:  # noqa: ANN001
+    model = _dspark(tiny_target, markov_rank=8, confidence=True)
+    features = torch.randn(30, 3 * 32)
+    ids = torch.randint(3, 96, (30,))
+    anchors = torch.tensor([10])
+    logits, conf = model.training_outputs(features, ids, anchors, tiny_target.model)
+    # ids[anchor + 3] is x_2 (slot 2's label) and x_{k−1} for slot 3.
+    edited = ids.clone()
+    edited[13] = (edited[13] + 7) % 96
+    new_logits, new_conf = model.training_outputs(features, edited, anchors, tiny_target.model)
+    differs = [not torch.allclose(new_logits[0, k], logits[0, k]) for k in range(7)]
+    assert differs == [k == 3 for k in range(7)]
+    conf_differs = [not torch.isclose(new_conf[0, k], conf[0, k]) for k in range(7)]
+    assert conf_differs == [k == 3 for k in range(7)]  # slot 2 never sees its own token x_2
+
+
+def test_eagle3_chain_uses_only_earlier_steps(tiny_target) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = Eagle3Model(DrafterConfig.for_target("eagle3", tiny_target.config, 3)).eval()
+    features = torch.randn(30, 3 * 32)
+    ids = torch.randint(3, 96, (30,))
+    logits, _ = model.training_outputs(features, ids, torch.tensor([10]), tiny_target.model)
+    edited = ids.clone()
+    edited[13] = (edited[13] + 7) % 96  # the teacher-forced input of step 3
+    new_logits, _ = model.training_outputs(features, edited, torch.tensor([10]), tiny_target.model)
+    differs = [not torch.allclose(new_logits[0, k], logits[0, k]) for k in range(7)]
+    assert differs == [k >= 3 for k in range(7)]
+
+
+def test_context_cache_crops_rejected_positions() -> None:
+    cache = ContextCache()
+    calls = []
+
+    def project(features: torch.Tensor, start: int) -> list:
+        calls.append((start, features.shape[0]))
+        return [(features[:, None, :2].clone(), features[:, None, 2:4].clone())]
+
+    cache.observe("s", torch.arange(24.0).view(6, 4), 0)
+    assert cache.context_kv("s", 5, project)[0][0].shape[0] == 5
+    cache.observe("s", torch.full((2, 4), -1.0), 3)  # positions 3.. were rejected and replaced
+    kv = cache.context_kv("s", 5, project)
+    assert calls == [(0, 5), (3, 2)]
+    assert kv[0][0][:3, 0].tolist() == [[0, 1], [4, 5], [8, 9]] and (kv[0][0][3:] == -1).all()

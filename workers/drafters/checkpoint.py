@@ -1,0 +1,68 @@
+"""Drafter checkpoints: a directory of config.json + model.safetensors (the drafter's own weights).
+
+The frozen target embedding and LM head are not stored: the loader takes them from the target.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from specray.workers.drafters.base import Drafter
+from specray.workers.drafters.config import DrafterConfig
+from specray.workers.drafters.dspark import DSparkDrafter, DSparkModel
+from specray.workers.drafters.eagle3 import Eagle3Drafter, Eagle3Model
+from specray.workers.models.loader import LoadedModel
+
+# The repository's trained drafters, by the name `--drafter` accepts.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUNDLED_DRAFTERS = {"smollm2-135m-dspark": REPO_ROOT / "drafters" / "smollm2-135m-dspark"}
+
+DrafterModel = DSparkModel | Eagle3Model
+
+
+def build_model(config: DrafterConfig) -> DrafterModel:
+    return Eagle3Model(config) if config.kind == "eagle3" else DSparkModel(config)
+
+
+def save_drafter_model(model: DrafterModel, path: str | Path) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save(path / "config.json")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, path / "model.safetensors", metadata={"kind": model.config.kind})
+
+
+def load_drafter_model(path: str | Path, device: str | torch.device = "cpu") -> DrafterModel:
+    path = resolve_drafter_path(path)
+    model = build_model(DrafterConfig.load(path / "config.json"))
+    model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+    return model.to(device).float()
+
+
+def resolve_drafter_path(path_or_name: str | Path) -> Path:
+    if str(path_or_name) in BUNDLED_DRAFTERS:
+        return BUNDLED_DRAFTERS[str(path_or_name)]
+    path = Path(path_or_name)
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no drafter checkpoint (config.json + model.safetensors) at {path}")
+    return path
+
+
+def is_drafter_checkpoint(path_or_name: str | Path) -> bool:
+    try:
+        resolve_drafter_path(path_or_name)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def load_drafter(path_or_name: str | Path, target: LoadedModel) -> Drafter:
+    """A trained drafter (DSpark, DFlash or EAGLE-3) ready for the engine, bound to its target."""
+    model = load_drafter_model(path_or_name, next(target.model.parameters()).device)
+    model.config.check_target(target.config)
+    if isinstance(model, Eagle3Model):
+        return Eagle3Drafter(model, target.model)
+    return DSparkDrafter(model, target.model)

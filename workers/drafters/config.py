@@ -1,0 +1,114 @@
+"""The typed configuration of a trained drafter (DSpark, DFlash, EAGLE-3), stored as config.json.
+
+It records the target's shapes the drafter was built against, so loading it against another target
+fails loudly instead of producing garbage drafts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from specray.workers.models.config import ModelConfig, RopeConfig
+
+DrafterKind = Literal["dspark", "dflash", "eagle3"]
+
+
+def spread_feature_layers(num_target_layers: int, m: int) -> tuple[int, ...]:
+    """DSpark's rule: m layers evenly between layer 1 and L−3, never the (already normed) last one."""
+    if m < 1 or num_target_layers < 5:
+        raise ValueError(f"need m >= 1 and a target of >= 5 layers, got m={m}, L={num_target_layers}")
+    if m == 1:
+        return (num_target_layers // 2,)
+    return tuple(round(1 + i * (num_target_layers - 4) / (m - 1)) for i in range(m))
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    kind: DrafterKind
+    # Target shapes (the drafter runs at the target's width, heads and RoPE).
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    feature_layers: tuple[int, ...]
+    num_layers: int = 1
+    block_size: int = 7  # γ: slots per block (DSpark/DFlash) or chain steps (EAGLE-3)
+    markov_rank: int = 0  # r; 0 = no Markov head (DFlash, EAGLE-3)
+    confidence: bool = False
+    mask_token_id: int = 0  # the block's MASK input; a token real text never uses
+    # Per-position calibration temperatures dividing the confidence logit (1 = uncalibrated).
+    confidence_temperatures: tuple[float, ...] = field(default=())
+    target_name: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "feature_layers", tuple(self.feature_layers))
+        if not self.confidence_temperatures:
+            object.__setattr__(self, "confidence_temperatures", (1.0,) * self.block_size)
+        object.__setattr__(self, "confidence_temperatures", tuple(map(float, self.confidence_temperatures)))
+        if self.kind not in ("dspark", "dflash", "eagle3"):
+            raise ValueError(f"unknown drafter kind {self.kind!r}")
+        if self.num_layers < 1 or self.block_size < 1 or self.markov_rank < 0:
+            raise ValueError("need num_layers >= 1, block_size >= 1, markov_rank >= 0")
+        if not self.feature_layers:
+            raise ValueError("a feature drafter needs at least one target feature layer")
+        if self.kind != "dspark" and (self.markov_rank or self.confidence):
+            raise ValueError(f"{self.kind} has neither Markov nor confidence head (that is dspark)")
+        if len(self.confidence_temperatures) != self.block_size or min(self.confidence_temperatures) <= 0:
+            raise ValueError("need one positive confidence temperature per block position")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"mask_token_id {self.mask_token_id} outside the vocabulary")
+
+    @classmethod
+    def for_target(cls, kind: DrafterKind, target: ModelConfig, num_features: int, **kwargs) -> DrafterConfig:
+        return cls(
+            kind=kind,
+            vocab_size=target.vocab_size,
+            hidden_size=target.hidden_size,
+            intermediate_size=target.intermediate_size,
+            num_heads=target.num_heads,
+            num_kv_heads=target.num_kv_heads,
+            head_dim=target.head_dim,
+            rms_norm_eps=target.rms_norm_eps,
+            rope_theta=target.rope.theta,
+            feature_layers=spread_feature_layers(target.num_layers, num_features),
+            **kwargs,
+        )
+
+    def layer_config(self) -> ModelConfig:
+        """A Llama-style layer config at the target's shapes (the drafter's own layers)."""
+        return ModelConfig(
+            family="llama",
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=1 << 20,
+            rope=RopeConfig(theta=self.rope_theta),
+        )
+
+    def check_target(self, target: ModelConfig) -> None:
+        mine = (self.vocab_size, self.hidden_size, self.num_heads, self.head_dim)
+        theirs = (target.vocab_size, target.hidden_size, target.num_heads, target.head_dim)
+        if mine != theirs or max(self.feature_layers) >= target.num_layers:
+            raise ValueError(f"drafter built for (V, d, heads, head_dim)={mine}, target has {theirs}")
+
+    def with_temperatures(self, temperatures: list[float]) -> DrafterConfig:
+        return replace(self, confidence_temperatures=tuple(temperatures))
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> DrafterConfig:
+        return cls(**json.loads(Path(path).read_text()))

@@ -1,0 +1,175 @@
+"""DSpark drafter (and DFlash, which is DSpark with Markov rank 0 and no confidence head).
+
+A parallel backbone drafts a whole block `[anchor, MASK × (γ−1)]` in one forward: every slot k
+predicts the token at anchor+k+1, attending bidirectionally inside its block and, through KV
+injection, to the fused target features of the context strictly before the anchor. The low-rank
+Markov head then adds `W2·W1[x_{k−1}]` to slot k's logits and the block is sampled left to right, so
+each draft token has an exact draft probability; the confidence head `c_k = σ(w·[h_k; W1[x_{k−1}]])`
+reads the previous token, never x_k. Embedding and LM head are the target's, frozen, and not stored.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from specray.kernels.markov_sampling import sample_markov_block
+from specray.workers.drafters.base import Drafter, DraftProposal, DraftRequest
+from specray.workers.drafters.config import DrafterConfig
+from specray.workers.drafters.context_cache import ContextCache
+from specray.workers.drafters.layers import KV, InjectedLayer
+from specray.workers.models.decoder import DecoderModel, RMSNorm, RotaryEmbedding
+
+
+def block_mask(anchors: torch.Tensor, context_len: int, block_size: int) -> torch.Tensor:
+    """[N·γ, L + N·γ] bool: slot of block i sees context j < anchors[i] and all of block i only."""
+    n = anchors.shape[0]
+    block_of = torch.arange(n).repeat_interleave(block_size)
+    sees_context = torch.arange(context_len).unsqueeze(0) < anchors[block_of].unsqueeze(1)
+    sees_block = block_of.unsqueeze(1) == block_of.unsqueeze(0)
+    return torch.cat((sees_context, sees_block), dim=1)
+
+
+class DSparkModel(nn.Module):
+    def __init__(self, config: DrafterConfig) -> None:
+        super().__init__()
+        if config.kind not in ("dspark", "dflash"):
+            raise ValueError(f"DSparkModel builds dspark/dflash drafters, not {config.kind}")
+        self.config = config
+        layer_config = config.layer_config()
+        d, r = config.hidden_size, config.markov_rank
+        self.fc = nn.Linear(len(config.feature_layers) * d, d, bias=False)
+        self.context_norm = RMSNorm(d, config.rms_norm_eps, False)
+        self.layers = nn.ModuleList(InjectedLayer(layer_config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(d, config.rms_norm_eps, False)
+        self.rotary = RotaryEmbedding(config.head_dim, layer_config.rope)
+        if r:
+            self.markov_w1 = nn.Embedding(config.vocab_size, r)
+            self.markov_w2 = nn.Linear(r, config.vocab_size, bias=False)
+            nn.init.normal_(self.markov_w1.weight, std=r**-0.5)
+            # Zero W2: training starts from the plain backbone distribution.
+            nn.init.zeros_(self.markov_w2.weight)
+        if config.confidence:
+            self.confidence_head = nn.Linear(d + r, 1)
+
+    def context_kv(self, features: torch.Tensor, start: int) -> list[KV]:
+        """Per-layer KV of raw target features [T, m·d] at positions start..start+T−1."""
+        fused = self.context_norm(self.fc(features))
+        rotary = self.rotary(torch.arange(start, start + features.shape[0]), fused.dtype)
+        return [layer.context_kv(fused, rotary) for layer in self.layers]
+
+    def blocks(
+        self, context: list[KV], anchors: torch.Tensor, anchor_embeds: torch.Tensor, mask_embed: torch.Tensor
+    ) -> torch.Tensor:
+        """Final-normed slot states [N, γ, d] for blocks at `anchors` over a shared context."""
+        n, gamma = anchors.shape[0], self.config.block_size
+        x = mask_embed.expand(n, gamma, -1).clone()
+        x[:, 0] = anchor_embeds
+        x = x.reshape(n * gamma, -1)
+        positions = (anchors.unsqueeze(1) + torch.arange(gamma)).reshape(-1)
+        rotary = self.rotary(positions, x.dtype)
+        mask = block_mask(anchors, context[0][0].shape[0], gamma)
+        for layer, kv in zip(self.layers, context):
+            x = layer(x, rotary, kv, mask)
+        return self.norm(x).view(n, gamma, -1)
+
+    def markov_bias(self, prev: torch.Tensor) -> torch.Tensor | None:
+        return self.markov_w2(self.markov_w1(prev)) if self.config.markov_rank else None
+
+    def confidence_logits(self, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor | None:
+        if not self.config.confidence:
+            return None
+        inputs = torch.cat((hidden, self.markov_w1(prev)), -1) if self.config.markov_rank else hidden
+        return self.confidence_head(inputs).squeeze(-1)
+
+    def training_outputs(
+        self, features: torch.Tensor, ids: torch.Tensor, anchors: torch.Tensor, target: DecoderModel
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher-forced logits [N, γ, V] and confidence logits [N, γ] for many anchors at once.
+
+        Slot k's previous token is the true token at anchor+k (the anchor itself for k = 0): the
+        Markov and confidence heads see what inference sees when the earlier drafts were accepted.
+        """
+        gamma = self.config.block_size
+        context = self.context_kv(features, 0)
+        mask_embed = target.embed(torch.tensor([self.config.mask_token_id]))[0]
+        hidden = self.blocks(context, anchors, target.embed(ids[anchors]), mask_embed)
+        prev_pos = (anchors.unsqueeze(1) + torch.arange(gamma)).clamp(max=ids.shape[0] - 1)
+        prev = ids[prev_pos]
+        logits = target.compute_logits(hidden)
+        bias = self.markov_bias(prev)
+        if bias is not None:
+            logits = logits + bias
+        return logits, self.confidence_logits(hidden, prev)
+
+
+class DSparkDrafter(Drafter):
+    """Serves a DSparkModel through the engine's drafter interface."""
+
+    def __init__(self, model: DSparkModel, target: DecoderModel) -> None:
+        self.model = model.eval()
+        self.target = target
+        self.config = model.config
+        self.name = model.config.kind
+        self.feature_layers = model.config.feature_layers
+        self.cache = ContextCache()
+
+    def observe(self, seq_id: str, features: torch.Tensor, start: int) -> None:
+        self.cache.observe(seq_id, features.float(), start)
+
+    def release(self, seq_id: str) -> None:
+        self.cache.release(seq_id)
+
+    @torch.inference_mode()
+    def propose(self, requests: list[DraftRequest]) -> list[DraftProposal]:
+        proposals = [DraftProposal(tokens=[]) for _ in requests]
+        # The anchor's own features come with the next verify; all earlier ones must be here.
+        ready = [
+            i
+            for i, r in enumerate(requests)
+            if r.max_tokens > 0 and self.cache.num_features(r.seq_id) >= len(r.token_ids) - 1 > 0
+        ]
+        if not ready:
+            return proposals
+        mask_embed = self.target.embed(torch.tensor([self.config.mask_token_id]))[0].float()
+        hidden = []
+        for i in ready:
+            r = requests[i]
+            anchor_pos = len(r.token_ids) - 1
+            context = self.cache.context_kv(r.seq_id, anchor_pos, self.model.context_kv)
+            anchor_embed = self.target.embed(torch.tensor([r.token_ids[-1]])).float()
+            hidden.append(self.model.blocks(context, torch.tensor([anchor_pos]), anchor_embed, mask_embed)[0])
+        hidden = torch.stack(hidden)
+        logits = self.target.compute_logits(hidden.to(self._target_dtype)).float()
+        anchors = torch.tensor([requests[i].token_ids[-1] for i in ready])
+        temperature = torch.tensor([requests[i].params.temperature for i in ready])
+        uniforms = torch.stack(
+            [torch.rand(self.config.block_size, generator=requests[i].generator) for i in ready]
+        )
+        m = self.model
+        draft = sample_markov_block(
+            logits,
+            anchors,
+            temperature,
+            uniforms,
+            w1=m.markov_w1.weight if self.config.markov_rank else None,
+            w2=m.markov_w2.weight if self.config.markov_rank else None,
+            hidden=hidden,
+            conf_weight=m.confidence_head.weight[0] if self.config.confidence else None,
+            conf_bias=float(m.confidence_head.bias) if self.config.confidence else 0.0,
+            conf_temperature=torch.tensor(self.config.confidence_temperatures),
+            return_probs=bool((temperature > 0).any()),
+        )
+        for row, i in enumerate(ready):
+            r = requests[i]
+            k = min(r.max_tokens, self.config.block_size)
+            proposals[i] = DraftProposal(
+                tokens=draft.tokens[row, :k].tolist(),
+                probs=None if r.params.greedy else draft.probs[row, :k],
+                confidence=draft.confidence[row, :k].tolist() if draft.confidence is not None else None,
+            )
+        return proposals
+
+    @property
+    def _target_dtype(self) -> torch.dtype:
+        return self.target.lm_head.weight.dtype
