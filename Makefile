@@ -9,7 +9,7 @@ export SPECRAY_CACHE_DIR ?= $(SCRATCH)/cache
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: serve test lint format install clean
+.PHONY: serve test lint format install clean protos
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ install: $(STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/specray serve $(ARGS)
+
+# Regenerate the committed gRPC/protobuf stubs from protos/specray/v1/*.proto.
+protos: $(STAMP)
+	$(PY) -m specray.protos.generate
 
 test: $(STAMP)
 	mkdir -p $(SCRATCH)

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from specray.kernels.acceptance import accept_drafts
 from specray.workers.drafters.base import Drafter, DraftProposal, DraftRequest
 from specray.workers.model_runner import ModelRunner, RunOutput, ScheduledSequence
 from specray.workers.models.loader import LoadedModel
-from specray.workers.sampling import SamplingParams, target_distribution
+from specray.workers.sampling import SamplingParams
 from specray.workers.sequence import Sequence, Status
+from specray.workers.stopping import append_tokens
+from specray.workers.verification import verify_drafts
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,12 @@ class LLMEngine:
         sampling = [(i, w) for i, w in enumerate(work) if w.proposal is not None]
         accepted: dict[int, tuple[int, list[int]]] = {}
         if sampling:
-            accepted = self._verify(sampling, out)
+            results = verify_drafts(
+                [w.seq for _, w in sampling],
+                [w.proposal for _, w in sampling],
+                [out.logits[i] for i, _ in sampling],
+            )
+            accepted = {i: result for (i, _), result in zip(sampling, results)}
         results = []
         for i, w in enumerate(work):
             seq = w.seq
@@ -203,65 +209,12 @@ class LLMEngine:
             if w.proposal is None:
                 continue
             seq.stats.record(len(w.proposal.tokens), num_accepted)
-            new_tokens = self._append(seq, emitted)
+            new_tokens = append_tokens(
+                seq, emitted, self.target.stop_token_ids, self.tokenizer, self.max_context
+            )
             results.append(StepOutput(seq.seq_id, new_tokens, seq.finished, seq.finish_reason))
         self._release_finished()
         return results
-
-    def _verify(self, sampling: list[tuple[int, _Work]], out: RunOutput) -> dict[int, tuple[int, list[int]]]:
-        """Accept drafts for every sampling sequence in one call; returns (accepted, emitted) per row."""
-        gamma = max(len(w.proposal.tokens) for _, w in sampling)
-        batch = len(sampling)
-        vocab = out.logits[sampling[0][0]].shape[-1]
-        draft_tokens = torch.zeros(batch, gamma, dtype=torch.long)
-        num_drafts = torch.zeros(batch, dtype=torch.long)
-        target_probs = torch.zeros(batch, gamma + 1, vocab)
-        uses_probs = any(w.proposal.probs is not None for _, w in sampling)
-        draft_probs = torch.zeros(batch, gamma, vocab) if uses_probs else None
-        greedy = torch.zeros(batch, dtype=torch.bool)
-        uniforms = torch.zeros(batch, gamma + 1)
-        for row, (i, w) in enumerate(sampling):
-            k = len(w.proposal.tokens)
-            draft_tokens[row, :k] = torch.tensor(w.proposal.tokens, dtype=torch.long)
-            num_drafts[row] = k
-            target_probs[row, : k + 1] = target_distribution(out.logits[i], w.seq.params)
-            if draft_probs is not None and k:
-                draft_probs[row, :k] = w.proposal.probs
-            greedy[row] = w.seq.params.greedy
-            uniforms[row] = torch.rand(gamma + 1, generator=w.seq.generator)
-        num_accepted, emitted = accept_drafts(
-            draft_tokens, num_drafts, target_probs, draft_probs, greedy, uniforms
-        )
-        return {
-            i: (int(num_accepted[row]), emitted[row, : int(num_accepted[row]) + 1].tolist())
-            for row, (i, _) in enumerate(sampling)
-        }
-
-    def _append(self, seq: Sequence, tokens: list[int]) -> list[int]:
-        """Commit tokens one by one until a stop condition; returns the tokens committed."""
-        stop_ids = () if seq.params.ignore_eos else self.target.stop_token_ids
-        committed = []
-        for token in tokens:
-            seq.output_ids.append(token)
-            committed.append(token)
-            if token in stop_ids:
-                seq.finish("stop")
-            elif seq.params.stop and self._matches_stop(seq):
-                seq.finish("stop")
-            elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_context:
-                seq.finish("length")
-            if seq.finished:
-                break
-        return committed
-
-    def _matches_stop(self, seq: Sequence) -> bool:
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-        # Only the tail can hold a new match: the text before the last token was checked already.
-        tail_start = max(0, len(text) - max(map(len, seq.params.stop)) - 32)
-        hits = [pos for s in seq.params.stop if (pos := text.find(s, tail_start)) >= 0]
-        if hits:
-            seq.stop_text_len = min(hits)
-        return bool(hits)
 
     # ---- admission and release ------------------------------------------------------------------
     def _blocks_for(self, prompt_len: int, params: SamplingParams) -> int:

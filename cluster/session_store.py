@@ -1,0 +1,123 @@
+"""Session metadata and the verifier registry in Redis.
+
+Keys (all with TTLs, so a crashed replica's state ages out):
+- `specray:session:<id>` hash: owner verifier, draft worker, prompt and committed token ids, KV
+  length, sampling params, status, acceptance counters.
+- `specray:verifier:<id>` hash: the verifier's gRPC address and active session count, refreshed by
+  its heartbeat.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+_SESSION = "specray:session:"
+_VERIFIER = "specray:verifier:"
+
+
+@dataclass(frozen=True)
+class VerifierInfo:
+    verifier_id: str
+    address: str
+    active_sessions: int
+
+
+class SessionStore:
+    def __init__(self, url: str, session_ttl_s: int = 600, finished_ttl_s: int = 60) -> None:
+        self.redis = aioredis.from_url(url, decode_responses=True)
+        self.session_ttl_s = session_ttl_s
+        self.finished_ttl_s = finished_ttl_s
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # ---- sessions -------------------------------------------------------------------------------
+    async def open_session(
+        self,
+        session_id: str,
+        verifier_id: str,
+        draft_worker: str,
+        prompt_ids: list[int],
+        params: dict[str, Any],
+    ) -> None:
+        key = _SESSION + session_id
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.hset(
+                key,
+                mapping={
+                    "verifier": verifier_id,
+                    "draft_worker": draft_worker,
+                    "prompt_ids": json.dumps(prompt_ids),
+                    "output_ids": "[]",
+                    "kv_len": 0,
+                    "params": json.dumps(params),
+                    "status": "running",
+                    "verify_steps": 0,
+                    "draft_tokens": 0,
+                    "accepted_tokens": 0,
+                },
+            )
+            pipe.expire(key, self.session_ttl_s)
+            await pipe.execute()
+
+    async def record_step(
+        self,
+        session_id: str,
+        output_ids: list[int],
+        kv_len: int,
+        num_drafts: int,
+        accepted: int,
+        finish_reason: str | None,
+    ) -> None:
+        key = _SESSION + session_id
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"output_ids": json.dumps(output_ids), "kv_len": kv_len})
+            pipe.hincrby(key, "verify_steps", 1)
+            pipe.hincrby(key, "draft_tokens", num_drafts)
+            pipe.hincrby(key, "accepted_tokens", accepted)
+            if finish_reason:
+                pipe.hset(key, mapping={"status": "finished", "finish_reason": finish_reason})
+                pipe.expire(key, self.finished_ttl_s)
+            else:
+                pipe.expire(key, self.session_ttl_s)
+            await pipe.execute()
+
+    async def get_session(self, session_id: str) -> dict[str, str] | None:
+        record = await self.redis.hgetall(_SESSION + session_id)
+        return record or None
+
+    async def delete_session(self, session_id: str) -> None:
+        await self.redis.delete(_SESSION + session_id)
+
+    async def session_ids(self) -> list[str]:
+        return [key[len(_SESSION) :] async for key in self.redis.scan_iter(match=_SESSION + "*")]
+
+    # ---- verifier registry ----------------------------------------------------------------------
+    async def heartbeat_verifier(
+        self, verifier_id: str, address: str, active_sessions: int, ttl_s: int
+    ) -> None:
+        key = _VERIFIER + verifier_id
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"address": address, "active_sessions": active_sessions})
+            pipe.expire(key, ttl_s)
+            await pipe.execute()
+
+    async def unregister_verifier(self, verifier_id: str) -> None:
+        await self.redis.delete(_VERIFIER + verifier_id)
+
+    async def live_verifiers(self) -> list[VerifierInfo]:
+        verifiers = []
+        async for key in self.redis.scan_iter(match=_VERIFIER + "*"):
+            record = await self.redis.hgetall(key)
+            if record:
+                verifiers.append(
+                    VerifierInfo(
+                        key[len(_VERIFIER) :], record["address"], int(record.get("active_sessions", 0))
+                    )
+                )
+        return sorted(verifiers, key=lambda v: v.verifier_id)

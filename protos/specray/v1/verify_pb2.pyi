@@ -1,0 +1,156 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SamplingParams(_message.Message):
+    __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    ignore_eos: bool
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("shape", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class OpenSession(_message.Message):
+    __slots__ = ("session_id", "token_ids", "params", "draft_worker")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_WORKER_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    params: SamplingParams
+    draft_worker: str
+    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., draft_worker: _Optional[str] = ...) -> None: ...
+
+class DraftSegment(_message.Message):
+    __slots__ = ("session_id", "segment_id", "committed_len", "tokens", "draft_probs", "confidence", "priority")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_PROBS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    segment_id: int
+    committed_len: int
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    draft_probs: Tensor
+    confidence: _containers.RepeatedScalarFieldContainer[float]
+    priority: float
+    def __init__(self, session_id: _Optional[str] = ..., segment_id: _Optional[int] = ..., committed_len: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Union[Tensor, _Mapping]] = ..., confidence: _Optional[_Iterable[float]] = ..., priority: _Optional[float] = ...) -> None: ...
+
+class CloseSession(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class DraftMessage(_message.Message):
+    __slots__ = ("open", "segment", "close")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    open: OpenSession
+    segment: DraftSegment
+    close: CloseSession
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., segment: _Optional[_Union[DraftSegment, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ...) -> None: ...
+
+class VerifyResult(_message.Message):
+    __slots__ = ("session_id", "segment_id", "committed_len", "num_drafts", "accepted", "tokens", "finished", "finish_reason", "stop_text_len", "features", "feature_start")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    STOP_TEXT_LEN_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_START_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    segment_id: int
+    committed_len: int
+    num_drafts: int
+    accepted: int
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    finished: bool
+    finish_reason: str
+    stop_text_len: int
+    features: Tensor
+    feature_start: int
+    def __init__(self, session_id: _Optional[str] = ..., segment_id: _Optional[int] = ..., committed_len: _Optional[int] = ..., num_drafts: _Optional[int] = ..., accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., stop_text_len: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., feature_start: _Optional[int] = ...) -> None: ...
+
+class VerifyError(_message.Message):
+    __slots__ = ("session_id", "segment_id", "code", "message", "committed_len")
+    class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        UNKNOWN: _ClassVar[VerifyError.Code]
+        STALE: _ClassVar[VerifyError.Code]
+        INVALID: _ClassVar[VerifyError.Code]
+        NOT_OPEN: _ClassVar[VerifyError.Code]
+        EXHAUSTED: _ClassVar[VerifyError.Code]
+    UNKNOWN: VerifyError.Code
+    STALE: VerifyError.Code
+    INVALID: VerifyError.Code
+    NOT_OPEN: VerifyError.Code
+    EXHAUSTED: VerifyError.Code
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    segment_id: int
+    code: VerifyError.Code
+    message: str
+    committed_len: int
+    def __init__(self, session_id: _Optional[str] = ..., segment_id: _Optional[int] = ..., code: _Optional[_Union[VerifyError.Code, str]] = ..., message: _Optional[str] = ..., committed_len: _Optional[int] = ...) -> None: ...
+
+class VerifyMessage(_message.Message):
+    __slots__ = ("result", "error")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    result: VerifyResult
+    error: VerifyError
+    def __init__(self, result: _Optional[_Union[VerifyResult, _Mapping]] = ..., error: _Optional[_Union[VerifyError, _Mapping]] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatsReply(_message.Message):
+    __slots__ = ("verifier_id", "active_sessions", "kv_blocks_used", "steps")
+    VERIFIER_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    verifier_id: str
+    active_sessions: int
+    kv_blocks_used: int
+    steps: int
+    def __init__(self, verifier_id: _Optional[str] = ..., active_sessions: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,200 @@
+"""What the router does for one request, whatever the API: tokenize, place, stream, detokenize.
+
+Placement: a session id already in Redis goes back to the verifier that holds its KV (affinity);
+anything else goes to the live verifier with the fewest sessions in flight from this router. The
+draft worker is picked by the Serve handle (least loaded of two random replicas).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+
+from ray.serve.handle import DeploymentHandle
+from transformers import PreTrainedTokenizerBase
+
+from specray.cluster.session_store import SessionStore, VerifierInfo
+from specray.workers.sampling import SamplingParams
+
+
+class RequestError(ValueError):
+    """The client's fault: HTTP 400 / gRPC INVALID_ARGUMENT."""
+
+
+class Unavailable(RuntimeError):
+    """No capacity right now: HTTP 503 / gRPC UNAVAILABLE."""
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    session_id: str
+    request_id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    # Filled on the last delta.
+    completion_tokens: int = 0
+    verify_steps: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def tau(self) -> float:
+        return (self.accepted_tokens + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
+
+
+class Generation:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_context: int,
+        default_max_tokens: int,
+        store: SessionStore,
+        draft_workers: DeploymentHandle,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+        self.default_max_tokens = default_max_tokens
+        self.store = store
+        self.draft_workers = draft_workers
+        self._in_flight: Counter[str] = Counter()  # this router's open sessions per verifier
+
+    # ---- request building -----------------------------------------------------------------------
+    def build(
+        self,
+        *,
+        prompt: str | None,
+        messages: list[dict[str, str]] | None,
+        max_tokens: int | None,
+        temperature: float | None,
+        top_p: float | None,
+        top_k: int | None,
+        seed: int | None,
+        stop: list[str],
+        session_id: str | None,
+    ) -> GenerationRequest:
+        if (prompt is None) == (messages is None):
+            raise RequestError("give exactly one of prompt or messages")
+        try:
+            params = SamplingParams(
+                max_tokens=max_tokens or self.default_max_tokens,
+                temperature=1.0 if temperature is None else temperature,
+                top_p=1.0 if top_p is None else top_p,
+                top_k=top_k or 0,
+                seed=seed,
+                stop=tuple(stop),
+            )
+        except ValueError as err:
+            raise RequestError(str(err)) from err
+        if messages is not None:
+            prompt_ids = list(
+                self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
+        else:
+            prompt_ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        if len(prompt_ids) + params.max_tokens > self.max_context:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                f"context of {self.max_context} tokens"
+            )
+        return GenerationRequest(prompt_ids, params, session_id or f"sess-{uuid.uuid4().hex}")
+
+    # ---- placement ------------------------------------------------------------------------------
+    async def _pick_verifier(self, session_id: str) -> VerifierInfo:
+        verifiers = await self.store.live_verifiers()
+        if not verifiers:
+            raise Unavailable("no verifier is registered yet")
+        record = await self.store.get_session(session_id)
+        if record is not None:
+            if record.get("status") == "running":
+                raise RequestError(f"session {session_id} already has a request in flight")
+            owner = next((v for v in verifiers if v.verifier_id == record.get("verifier")), None)
+            if owner is not None:
+                return owner
+        return min(
+            verifiers, key=lambda v: (self._in_flight[v.verifier_id], v.active_sessions, random.random())
+        )
+
+    # ---- streaming ------------------------------------------------------------------------------
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Text deltas as the verifier commits tokens; the last one carries finish_reason and stats."""
+        verifier = await self._pick_verifier(request.session_id)
+        self._in_flight[verifier.verifier_id] += 1
+        chunks = self.draft_workers.options(stream=True).generate.remote(
+            {
+                "session_id": request.session_id,
+                "verifier_address": verifier.address,
+                "prompt_ids": request.prompt_ids,
+                "params": asdict(request.params),
+                "max_context": self.max_context,
+            }
+        )
+        output_ids: list[int] = []
+        sent = 0
+        steps = drafts = accepted = 0
+        # While stop strings may still match, the last characters are held back (they may be cut).
+        hold = max(map(len, request.params.stop), default=1) - 1
+        try:
+            async for chunk in chunks:
+                if "error" in chunk:
+                    code = chunk["code"]
+                    if code == "EXHAUSTED":
+                        raise Unavailable(chunk["error"])
+                    raise RequestError(chunk["error"])
+                output_ids += chunk["tokens"]
+                steps += 1
+                drafts += chunk["num_drafts"]
+                accepted += chunk["accepted"]
+                text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+                if chunk["finished"]:
+                    if chunk["stop_text_len"] is not None:
+                        text = text[: chunk["stop_text_len"]]
+                    yield Delta(
+                        text[sent:],
+                        chunk["tokens"],
+                        chunk["finish_reason"],
+                        len(output_ids),
+                        steps,
+                        drafts,
+                        accepted,
+                    )
+                    return
+                # A trailing U+FFFD is a partial UTF-8 character the next token completes.
+                visible = len(text) - (1 if text.endswith("\ufffd") else 0) - hold
+                if visible > sent or chunk["tokens"]:
+                    yield Delta(text[sent : max(visible, sent)], chunk["tokens"])
+                    sent = max(visible, sent)
+        finally:
+            self._in_flight[verifier.verifier_id] -= 1
+            chunks.cancel()
+
+    async def complete(self, request: GenerationRequest) -> Delta:
+        """The whole completion as one delta."""
+        text, tokens = [], []
+        async for delta in self.stream(request):
+            text.append(delta.text)
+            tokens += delta.token_ids
+        return Delta(
+            "".join(text),
+            tokens,
+            delta.finish_reason,
+            delta.completion_tokens,
+            delta.verify_steps,
+            delta.draft_tokens,
+            delta.accepted_tokens,
+        )

@@ -1,0 +1,146 @@
+"""The Router deployment: the application's ingress, OpenAI-compatible HTTP (SSE) and gRPC.
+
+HTTP arrives through Ray Serve's proxy (bound to 127.0.0.1 by the launcher); gRPC through the
+replica's own server on the configured host and port.
+"""
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from transformers import AutoTokenizer
+
+from specray.cluster.config import ClusterConfig
+from specray.cluster.session_store import SessionStore
+from specray.protos.specray.v1 import generate_pb2_grpc
+from specray.router.generation import Generation, GenerationRequest, RequestError, Unavailable
+from specray.router.grpc_api import GenerationServicer
+from specray.router.openai_schema import (
+    ChatCompletionRequest,
+    ChunkBuilder,
+    CompletionRequest,
+    chat_chunk,
+    completion_chunk,
+    error_body,
+)
+from specray.workers.models.loader import resolve_model_dir
+
+app = FastAPI(title="specray")
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    message = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in err.errors())
+    return JSONResponse(error_body(message or "invalid request"), status_code=400)
+
+
+@app.exception_handler(RequestError)
+async def _request_error(request: Request, err: RequestError) -> JSONResponse:
+    return JSONResponse(error_body(str(err)), status_code=400)
+
+
+@app.exception_handler(Unavailable)
+async def _unavailable(request: Request, err: Unavailable) -> JSONResponse:
+    return JSONResponse(error_body(str(err), "service_unavailable"), status_code=503)
+
+
+@serve.deployment
+@serve.ingress(app)
+class Router:
+    async def __init__(
+        self, config: ClusterConfig, draft_workers: DeploymentHandle, verifiers: DeploymentHandle
+    ):
+        if config.redis_url is None:
+            raise ValueError("the router needs redis_url")
+        self.config = config
+        # Created first so that __del__ finds them even when a later step fails.
+        self.store = SessionStore(config.redis_url, config.session_ttl_s, config.finished_ttl_s)
+        self.grpc_server = grpc.aio.server()
+        # The verifier pool is bound here so Serve deploys it; requests reach verifiers by the gRPC
+        # addresses they register in Redis, not through this handle.
+        self.verifiers = verifiers
+        model_dir = resolve_model_dir(config.model)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        max_context = json.loads((Path(model_dir) / "config.json").read_text())["max_position_embeddings"]
+        self.generation = Generation(
+            tokenizer, max_context, config.default_max_tokens, self.store, draft_workers
+        )
+        generate_pb2_grpc.add_GenerationServicer_to_server(
+            GenerationServicer(self.generation), self.grpc_server
+        )
+        if not self.grpc_server.add_insecure_port(f"{config.host}:{config.grpc_port}"):
+            raise RuntimeError(f"cannot bind the gRPC API on {config.host}:{config.grpc_port}")
+        await self.grpc_server.start()
+
+    async def __del__(self) -> None:
+        await self.grpc_server.stop(grace=1.0)
+        await self.store.close()
+
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        verifiers = await self.store.live_verifiers()
+        status = 200 if verifiers else 503
+        return JSONResponse(
+            {"status": "ok" if verifiers else "starting", "verifiers": len(verifiers)}, status
+        )
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": self.config.model, "object": "model", "owned_by": "specray"}],
+        }
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest) -> Any:
+        request = self._build(body, prompt=body.prompt)
+        return await self._respond(body.stream, request, completion_chunk)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
+        request = self._build(body, messages=[m.model_dump() for m in body.messages])
+        return await self._respond(body.stream, request, chat_chunk)
+
+    def _build(self, body: CompletionRequest | ChatCompletionRequest, **prompt: Any) -> GenerationRequest:
+        return self.generation.build(
+            prompt=prompt.get("prompt"),
+            messages=prompt.get("messages"),
+            max_tokens=body.max_tokens or body.max_completion_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            stop=body.stop_list(),
+            session_id=body.session_id,
+        )
+
+    async def _respond(self, stream: bool, request: GenerationRequest, chunk_of: ChunkBuilder) -> Any:
+        if not stream:
+            delta = await self.generation.complete(request)
+            return chunk_of(request, delta, self.config.model, final=True)
+        deltas = self.generation.stream(request)
+        # Fail before the 200 goes out: placement or an immediate verifier error becomes a 4xx/5xx.
+        first = await anext(deltas)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                delta = first
+                while True:
+                    yield f"data: {json.dumps(chunk_of(request, delta, self.config.model, final=False))}\n\n"
+                    if delta.finish_reason:
+                        break
+                    delta = await anext(deltas)
+            except (RequestError, Unavailable) as err:
+                yield f"data: {json.dumps(error_body(str(err)))}\n\n"
+            finally:
+                await deltas.aclose()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")

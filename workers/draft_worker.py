@@ -1,0 +1,101 @@
+"""The DraftWorker deployment: holds the drafter and runs draft sessions against verifiers over gRPC.
+
+`generate` is a streaming method: the router calls it with a session's prompt and its verifier's
+address, and gets one chunk per verify step (the committed tokens). When the router goes away,
+Serve cancels the generator; closing the gRPC stream then makes the verifier free the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import torch
+from ray import serve
+
+from specray.cluster.config import ClusterConfig
+from specray.protos.specray.v1 import verify_pb2 as pb
+from specray.protos.specray.v1 import verify_pb2_grpc
+from specray.workers.draft_session import DraftSessionConfig, VerifyFailed, draft_session
+from specray.workers.drafters.base import Drafter
+from specray.workers.drafters.registry import build_drafter
+from specray.workers.models.loader import load_model
+from specray.workers.sampling import SamplingParams
+
+# Drafters that need no target weights on the draft side.
+_MODEL_FREE_DRAFTERS = frozenset({"none", "ngram"})
+
+
+class GrpcChannel:
+    """One session's bidirectional `Verify` stream."""
+
+    def __init__(self, stub: verify_pb2_grpc.VerifierStub) -> None:
+        self._outbox: asyncio.Queue[pb.DraftMessage | None] = asyncio.Queue()
+        self._call = stub.Verify(self._messages())
+
+    async def _messages(self) -> AsyncIterator[pb.DraftMessage]:
+        while (message := await self._outbox.get()) is not None:
+            yield message
+
+    async def send(self, message: pb.DraftMessage) -> None:
+        await self._outbox.put(message)
+
+    async def recv(self) -> pb.VerifyMessage:
+        reply = await self._call.read()
+        if reply is grpc.aio.EOF:
+            raise ConnectionError("the verifier closed the stream")
+        return reply
+
+    async def close(self) -> None:
+        await self._outbox.put(None)
+        self._call.cancel()
+
+
+@serve.deployment
+class DraftWorker:
+    def __init__(self, config: ClusterConfig) -> None:
+        torch.set_num_threads(config.draft_workers.torch_threads)
+        self.config = config
+        self.worker_id = f"draft-{uuid.uuid4().hex[:8]}"
+        self.drafter: Drafter | None = self._build_drafter(config)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    @staticmethod
+    def _build_drafter(config: ClusterConfig) -> Drafter | None:
+        target = None if config.drafter in _MODEL_FREE_DRAFTERS else load_model(config.model)
+        return build_drafter(config.drafter, target)
+
+    def _stub(self, address: str) -> verify_pb2_grpc.VerifierStub:
+        # One channel per verifier: every session's stream is multiplexed over it (HTTP/2).
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        return verify_pb2_grpc.VerifierStub(self._channels[address])
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """request: session_id, verifier_address, prompt_ids, params (SamplingParams fields), max_context."""
+        params = SamplingParams(**request["params"])
+        session = draft_session(
+            GrpcChannel(self._stub(request["verifier_address"])),
+            self.drafter,
+            request["session_id"],
+            request["prompt_ids"],
+            params,
+            DraftSessionConfig(self.config.num_speculative_tokens, request["max_context"], self.worker_id),
+        )
+        try:
+            async for result in session:
+                yield {
+                    "tokens": list(result.tokens),
+                    "num_drafts": result.num_drafts,
+                    "accepted": result.accepted,
+                    "finished": result.finished,
+                    "finish_reason": result.finish_reason or None,
+                    "stop_text_len": None if result.stop_text_len < 0 else result.stop_text_len,
+                }
+        except VerifyFailed as err:
+            yield {"error": str(err), "code": pb.VerifyError.Code.Name(err.code)}
+        finally:
+            await session.aclose()

@@ -1,0 +1,47 @@
+"""Conversions between engine types and the messages of the internal draft/verify protocol."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from specray.protos.specray.v1 import verify_pb2
+from specray.workers.sampling import SamplingParams
+
+
+def encode_tensor(tensor: torch.Tensor) -> verify_pb2.Tensor:
+    array = tensor.detach().to(torch.float32).cpu().contiguous().numpy()
+    return verify_pb2.Tensor(shape=list(array.shape), data=array.astype("<f4").tobytes())
+
+
+def decode_tensor(message: verify_pb2.Tensor) -> torch.Tensor:
+    shape = tuple(message.shape)
+    size = int(np.prod(shape)) * 4
+    if size != len(message.data):
+        raise ValueError(f"tensor of shape {shape} needs {size} bytes, got {len(message.data)}")
+    return torch.from_numpy(np.frombuffer(message.data, dtype="<f4").copy()).reshape(shape)
+
+
+def encode_params(params: SamplingParams) -> verify_pb2.SamplingParams:
+    return verify_pb2.SamplingParams(
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        seed=params.seed,
+        stop=list(params.stop),
+        ignore_eos=params.ignore_eos,
+    )
+
+
+def decode_params(message: verify_pb2.SamplingParams) -> SamplingParams:
+    """Validated sampling parameters (raises ValueError on bad values)."""
+    return SamplingParams(
+        max_tokens=message.max_tokens,
+        temperature=message.temperature,
+        top_p=message.top_p,
+        top_k=message.top_k,
+        seed=message.seed if message.HasField("seed") else None,
+        stop=tuple(message.stop),
+        ignore_eos=message.ignore_eos,
+    )

@@ -1,0 +1,157 @@
+"""The Verifier deployment: the target model behind a `grpc.aio` server that draft workers stream to.
+
+Each replica loads the target, runs a `VerifierCore` batching loop, serves the internal `Verifier`
+gRPC service on the configured host (127.0.0.1 by default) and registers its address in Redis,
+refreshed by a heartbeat that also publishes its load for the router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import torch
+from ray import serve
+
+from specray.cluster.config import ClusterConfig
+from specray.cluster.session_store import SessionStore
+from specray.protos.specray.v1 import verify_pb2 as pb
+from specray.protos.specray.v1 import verify_pb2_grpc
+from specray.workers.models.loader import load_model
+from specray.workers.protocol import decode_params
+from specray.workers.verifier_core import VerifierConfig, VerifierCore
+
+logger = logging.getLogger(__name__)
+HEARTBEAT_S = 2.0
+REGISTRATION_TTL_S = 10
+
+
+class VerifierServicer(verify_pb2_grpc.VerifierServicer):
+    def __init__(self, verifier_id: str, core: VerifierCore, store: SessionStore) -> None:
+        self.verifier_id = verifier_id
+        self.core = core
+        self.store = store
+
+    async def Verify(
+        self, request_iterator: AsyncIterator[pb.DraftMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.VerifyMessage]:
+        session_id: str | None = None
+        output_ids: list[int] = []
+        finished = False
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("kind")
+                if kind == "close":
+                    break
+                reply = await self.core.handle(message)
+                if kind == "open" and reply.WhichOneof("kind") == "result":
+                    session_id = message.open.session_id
+                    await self.store.open_session(
+                        session_id,
+                        self.verifier_id,
+                        message.open.draft_worker,
+                        list(message.open.token_ids),
+                        dataclasses.asdict(decode_params(message.open.params)),
+                    )
+                if reply.WhichOneof("kind") == "result" and session_id is not None:
+                    result = reply.result
+                    output_ids += result.tokens
+                    finished = result.finished
+                    await self.store.record_step(
+                        session_id,
+                        output_ids,
+                        result.committed_len - 1,  # the last committed token is not in the KV yet
+                        result.num_drafts,
+                        result.accepted,
+                        result.finish_reason if finished else None,
+                    )
+                yield reply
+        finally:
+            # The stream is over: done, closed by the draft worker, or the client went away.
+            if session_id is not None:
+                self.core.close(session_id)
+                if not finished:
+                    await self.store.delete_session(session_id)
+
+    async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsReply:
+        return pb.StatsReply(
+            verifier_id=self.verifier_id,
+            active_sessions=len(self.core.sessions),
+            kv_blocks_used=self.core.kv_blocks_used,
+            steps=self.core.steps,
+        )
+
+
+@serve.deployment
+class Verifier:
+    async def __init__(self, config: ClusterConfig) -> None:
+        if config.redis_url is None:
+            raise ValueError("the verifier needs redis_url")
+        torch.set_num_threads(config.verifiers.torch_threads)
+        self.verifier_id = f"verifier-{uuid.uuid4().hex[:8]}"
+        # Created first so that __del__ finds them even when a later step fails.
+        self.store = SessionStore(config.redis_url, config.session_ttl_s, config.finished_ttl_s)
+        self.server = grpc.aio.server()
+        self._tasks: list[asyncio.Task] = []
+        target = await asyncio.to_thread(load_model, config.model)
+        pool = config.verifiers
+        self.core = VerifierCore(
+            target,
+            VerifierConfig(
+                max_drafts=max(config.num_speculative_tokens, 1),
+                max_num_seqs=pool.max_num_seqs,
+                max_num_batched_tokens=pool.max_num_batched_tokens,
+                kv_cache_tokens=pool.kv_cache_tokens,
+            ),
+        )
+        verify_pb2_grpc.add_VerifierServicer_to_server(
+            VerifierServicer(self.verifier_id, self.core, self.store), self.server
+        )
+        self.address = self._bind(pool.host, pool.port_range)
+        await self.server.start()
+        self._tasks = [asyncio.create_task(self.core.run()), asyncio.create_task(self._heartbeat())]
+        await self._publish()
+        logger.info("verifier %s serving on %s", self.verifier_id, self.address)
+
+    def _bind(self, host: str, port_range: tuple[int, int]) -> str:
+        low, high = port_range
+        for port in range(low, high + 1):
+            try:
+                bound = self.server.add_insecure_port(f"{host}:{port}")
+            except RuntimeError:
+                continue
+            if bound:
+                return f"{host}:{bound}"
+        raise RuntimeError(f"no free port for the verifier in {host}:{low}-{high}")
+
+    async def _publish(self) -> None:
+        await self.store.heartbeat_verifier(
+            self.verifier_id, self.address, len(self.core.sessions), REGISTRATION_TTL_S
+        )
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await self._publish()
+            except Exception:  # Redis away for a moment: the next beat retries
+                logger.exception("verifier heartbeat failed")
+
+    def check_health(self) -> None:
+        for task in self._tasks:
+            if task.done():
+                raise RuntimeError(f"verifier task ended: {task}")
+
+    async def info(self) -> dict[str, object]:
+        return {"verifier_id": self.verifier_id, "address": self.address}
+
+    async def __del__(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self.store.unregister_verifier(self.verifier_id)
+        await self.server.stop(grace=1.0)
+        await self.store.close()
