@@ -1,0 +1,74 @@
+"""`specray serve`: Redis, a local Ray cluster on 127.0.0.1 and the application, until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from specray.cluster.config import ClusterConfig
+from specray.cluster.launcher import LocalCluster
+from specray.workers.drafters.registry import DRAFTER_CHOICES_HELP
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="run the cluster locally: HTTP (OpenAI) and gRPC APIs")
+    p.add_argument("--config", help="cluster YAML (models, drafter, γ, pools, autoscaling, Redis)")
+    p.add_argument("--model", help="packaged name, .gguf file or HF directory")
+    p.add_argument("--drafter", help=DRAFTER_CHOICES_HELP)
+    p.add_argument("--num-speculative-tokens", "-k", type=int)
+    p.add_argument("--redis-url", help="an existing Redis; by default a local one is started")
+    p.add_argument("--http-port", type=int)
+    p.add_argument("--grpc-port", type=int)
+    p.add_argument("--draft-workers", type=int, help="draft worker replicas (fixed count)")
+    p.add_argument("--verifiers", type=int, help="verifier replicas (fixed count)")
+    p.add_argument("--ray-temp-dir", help="Ray's session directory (default: Ray's own)")
+    p.set_defaults(func=run)
+
+
+def load_config(args: argparse.Namespace) -> ClusterConfig:
+    config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
+    changes = {
+        "model": args.model,
+        "drafter": args.drafter,
+        "num_speculative_tokens": args.num_speculative_tokens,
+        "redis_url": args.redis_url,
+        "http_port": args.http_port,
+        "grpc_port": args.grpc_port,
+        "ray_temp_dir": args.ray_temp_dir,
+    }
+    if args.draft_workers is not None:
+        changes["draft_workers"] = {
+            **config.draft_workers.model_dump(),
+            "num_replicas": args.draft_workers,
+            "autoscaling": None,
+        }
+    if args.verifiers is not None:
+        changes["verifiers"] = {
+            **config.verifiers.model_dump(),
+            "num_replicas": args.verifiers,
+            "autoscaling": None,
+        }
+    return config.with_overrides(**changes)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print("starting Redis, Ray and the application (the first start converts the model) ...", flush=True)
+    with LocalCluster(config) as cluster:
+        print(
+            f"specray is serving {cluster.config.model} (drafter {cluster.config.drafter})\n"
+            f"  HTTP (OpenAI): {cluster.http_url}/v1\n"
+            f"  gRPC:          {cluster.grpc_address}\n"
+            f"  Redis:         {cluster.config.redis_url}\n"
+            "Ctrl-C stops it.",
+            flush=True,
+        )
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+        print("shutting down ...", flush=True)
+    return 0

@@ -1,0 +1,276 @@
+"""End to end on a real local cluster: Ray Serve (2 draft workers, 2 verifiers), Redis, gRPC, SmolLM2.
+
+One cluster serves the whole module; requests stay short (greedy, few tokens) for a 2-core CI box.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+
+from specray.cluster import cli
+from specray.cluster.config import ClusterConfig
+from specray.cluster.launcher import LocalCluster
+from specray.protos.specray.v1 import generate_pb2, generate_pb2_grpc, verify_pb2, verify_pb2_grpc
+from specray.workers.drafters.ngram import NgramDrafter
+from specray.workers.engine import EngineConfig, LLMEngine
+from specray.workers.protocol import encode_params
+from specray.workers.sampling import SamplingParams
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = [
+    "What is the capital of France?",
+    "List three colors.",
+    "Write a haiku about the sea.",
+    "Count from one to five in words.",
+    "Name two planets.",
+    "Say hello in Spanish.",
+    "What is 2 + 2?",
+    "Give one synonym for happy.",
+]
+MAX_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Ray keeps its state under HOME and its temp dir: both inside the repository's scratch.
+    os.environ["HOME"] = str(REPO / ".scratch" / "home")
+    Path(os.environ["HOME"]).mkdir(parents=True, exist_ok=True)
+    config = ClusterConfig(
+        http_port=0,
+        grpc_port=0,
+        ray_temp_dir=str(REPO / ".scratch" / "ray"),
+        finished_ttl_s=120,
+        draft_workers={"num_replicas": 2},
+        verifiers={"num_replicas": 2, "kv_cache_tokens": 4096},
+    )
+    with LocalCluster(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def store(cluster):
+    client = redis.Redis.from_url(cluster.config.redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def expected(smollm2):
+    """`specray generate`'s greedy text and token ids for each prompt (single-process engine)."""
+    engine = LLMEngine(smollm2, NgramDrafter(), EngineConfig(num_speculative_tokens=5))
+    prompts = [engine.encode_prompt(messages=[{"role": "user", "content": p}]) for p in PROMPTS]
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS))
+    return [(engine.output_text(s), s.output_ids) for s in seqs]
+
+
+def _post(cluster: LocalCluster, path: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        cluster.http_url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=300) as reply:
+            return reply.status, json.load(reply)
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _chat(prompt: str, **extra) -> dict:
+    return {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        **extra,
+    }
+
+
+def _sse(cluster: LocalCluster, path: str, body: dict) -> list[dict]:
+    request = urllib.request.Request(
+        cluster.http_url + path,
+        json.dumps({**body, "stream": True}).encode(),
+        {"Content-Type": "application/json"},
+    )
+    events = []
+    with urllib.request.urlopen(request, timeout=300) as reply:
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        for line in reply:
+            line = line.decode().strip()
+            if line.startswith("data: "):
+                events.append(line[len("data: ") :])
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def _grpc_stub(cluster: LocalCluster) -> tuple[grpc.Channel, generate_pb2_grpc.GenerationStub]:
+    channel = grpc.insecure_channel(cluster.grpc_address)
+    return channel, generate_pb2_grpc.GenerationStub(channel)
+
+
+def test_http_greedy_equals_engine(cluster, expected):
+    status, body = _post(cluster, "/v1/chat/completions", _chat(PROMPTS[0]))
+    assert status == 200
+    assert body["choices"][0]["message"]["content"] == expected[0][0]
+    assert body["usage"]["completion_tokens"] == len(expected[0][1])
+    assert body["speculation"]["verify_steps"] >= 1
+
+    events = _sse(cluster, "/v1/chat/completions", _chat(PROMPTS[1]))
+    assert "".join(e["choices"][0]["delta"]["content"] for e in events) == expected[1][0]
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_grpc_greedy_equals_engine(cluster, expected):
+    channel, stub = _grpc_stub(cluster)
+    with channel:
+        request = generate_pb2.GenerateRequest(
+            messages=[generate_pb2.ChatMessage(role="user", content=PROMPTS[2])],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+        )
+        reply = stub.Generate(request)
+        assert reply.text == expected[2][0] and list(reply.token_ids) == expected[2][1]
+        streamed = list(stub.GenerateStream(request))
+        assert "".join(r.text for r in streamed) == expected[2][0]
+        assert [t for r in streamed for t in r.token_ids] == expected[2][1]
+        assert streamed[-1].finish_reason and streamed[-1].usage.completion_tokens == len(expected[2][1])
+
+
+def test_models_and_health(cluster):
+    with urllib.request.urlopen(cluster.http_url + "/v1/models") as reply:
+        assert json.load(reply)["data"][0]["id"] == cluster.config.model
+    with urllib.request.urlopen(cluster.http_url + "/health") as reply:
+        assert json.load(reply)["verifiers"] == 2
+
+
+def test_eight_concurrent_sessions_over_two_pools(cluster, store, expected):
+    session_ids = [f"conc-{i}" for i in range(len(PROMPTS))]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        replies = list(
+            pool.map(
+                lambda i: _post(
+                    cluster, "/v1/chat/completions", _chat(PROMPTS[i], session_id=session_ids[i])
+                ),
+                range(len(PROMPTS)),
+            )
+        )
+    for (status, body), (text, _) in zip(replies, expected):
+        assert status == 200
+        assert body["choices"][0]["message"]["content"] == text
+    records = [store.hgetall(f"specray:session:{sid}") for sid in session_ids]
+    assert all(r["status"] == "finished" for r in records)
+    assert len({r["verifier"] for r in records}) == 2  # both verifiers served
+    assert len({r["draft_worker"] for r in records}) == 2  # both draft workers drafted
+    for sid, record, (_, ids) in zip(session_ids, records, expected):
+        assert json.loads(record["output_ids"]) == ids
+        assert 0 < store.ttl(f"specray:session:{sid}") <= cluster.config.finished_ttl_s
+
+    # Affinity: the same session id goes back to the verifier that served it.
+    _post(cluster, "/v1/chat/completions", _chat(PROMPTS[0], session_id=session_ids[0], max_tokens=2))
+    assert store.hget(f"specray:session:{session_ids[0]}", "verifier") == records[0]["verifier"]
+
+
+def _verifier_stats(store) -> list[verify_pb2.StatsReply]:
+    stats = []
+    for key in store.scan_iter(match="specray:verifier:*"):
+        with grpc.insecure_channel(store.hget(key, "address")) as channel:
+            stats.append(verify_pb2_grpc.VerifierStub(channel).Stats(verify_pb2.StatsRequest()))
+    return stats
+
+
+def test_client_disconnect_frees_session(cluster, store):
+    body = _chat(PROMPTS[3], max_tokens=400, session_id="gone", stream=True)
+    request = urllib.request.Request(
+        cluster.http_url + "/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    reply = urllib.request.urlopen(request, timeout=300)
+    assert reply.readline().startswith(b"data: ")
+    record = store.hgetall("specray:session:gone")
+    assert record["status"] == "running" and record["verifier"] and record["draft_worker"]
+    reply.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        stats = _verifier_stats(store)
+        if not store.exists("specray:session:gone") and all(s.active_sessions == 0 for s in stats):
+            break
+        time.sleep(0.5)
+    assert not store.exists("specray:session:gone")
+    assert all(s.active_sessions == 0 and s.kv_blocks_used == 0 for s in stats)
+
+
+def test_stale_segment_over_grpc_is_rejected_and_session_continues(cluster, store, smollm2, expected):
+    address = store.hget(next(store.scan_iter(match="specray:verifier:*")), "address")
+    prompt = LLMEngine(smollm2).encode_prompt(messages=[{"role": "user", "content": PROMPTS[0]}])
+    opened = verify_pb2.DraftMessage(
+        open=verify_pb2.OpenSession(
+            session_id="raw", token_ids=prompt, params=encode_params(SamplingParams(max_tokens=MAX_TOKENS))
+        )
+    )
+    committed = len(prompt) + 1
+
+    def segment(segment_id: int, committed_len: int, tokens: list[int]) -> verify_pb2.DraftMessage:
+        return verify_pb2.DraftMessage(
+            segment=verify_pb2.DraftSegment(
+                session_id="raw", segment_id=segment_id, committed_len=committed_len, tokens=tokens
+            )
+        )
+
+    messages = [
+        opened,
+        segment(1, committed - 1, []),
+        segment(2, committed, [10**7]),
+        segment(3, committed, []),
+        verify_pb2.DraftMessage(close=verify_pb2.CloseSession(session_id="raw")),
+    ]
+    with grpc.insecure_channel(address) as channel:
+        replies = list(verify_pb2_grpc.VerifierStub(channel).Verify(iter(messages)))
+    Code = verify_pb2.VerifyError.Code
+    assert replies[1].error.code == Code.STALE and replies[1].error.committed_len == committed
+    assert replies[2].error.code == Code.INVALID
+    assert [replies[0].result.tokens[0], *replies[3].result.tokens] == expected[0][1][:2]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": -1},
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6},
+        {"messages": []},
+        {"prompt": "hi"},
+        {"messages": [{"role": "robot", "content": "hi"}]},
+    ],
+)
+def test_bad_http_input_is_a_400_with_openai_error(cluster, body):
+    status, reply = _post(cluster, "/v1/chat/completions", body)
+    assert status == 400
+    assert reply["error"]["type"] == "invalid_request_error" and reply["error"]["message"]
+
+
+def test_bad_grpc_input_is_invalid_argument_and_cluster_survives(cluster, expected):
+    channel, stub = _grpc_stub(cluster)
+    with channel:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(generate_pb2.GenerateRequest(prompt="hi", top_p=0.0))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.GenerateStream(generate_pb2.GenerateRequest()))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status, body = _post(cluster, "/v1/chat/completions", _chat(PROMPTS[0]))
+    assert status == 200 and body["choices"][0]["message"]["content"] == expected[0][0]
+
+
+@pytest.mark.parametrize("api", [[], ["--grpc"], ["--stream"], ["--grpc", "--stream"]])
+def test_specray_client(cluster, expected, capsys, api):
+    args = ["client", PROMPTS[0], "--max-tokens", str(MAX_TOKENS), "--url", cluster.http_url]
+    assert cli.main([*args, "--grpc-address", cluster.grpc_address, *api]) == 0
+    assert capsys.readouterr().out == expected[0][0] + "\n"
