@@ -14,6 +14,8 @@ import sys
 SUBCOMMAND_MODULES = (
     "specray.cluster.generate_command",
     "specray.cluster.bench_command",
+    "specray.cluster.train_command",
+    "specray.cluster.eval_command",
     "specray.cluster.serve_command",
     "specray.cluster.client_command",
 )

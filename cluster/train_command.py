@@ -1,0 +1,125 @@
+"""`specray train data|cache|fit|calibrate`: the DeepSpec-style drafter training pipeline.
+
+Each step reads the previous one's output directory, is resumable, and shows progress bars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from specray.workers.models.loader import DEFAULT_MODEL
+
+WORK = Path(".scratch/train")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train a drafter: data → cache → fit → calibrate")
+    steps = p.add_subparsers(dest="step", required=True)
+
+    data = steps.add_parser("data", help="regenerate responses to ShareGPT prompts with the target")
+    data.add_argument("--target", default=DEFAULT_MODEL)
+    data.add_argument("--out", type=Path, default=WORK / "data")
+    data.add_argument("--num-train", type=int, default=112)
+    data.add_argument("--num-valid", type=int, default=24)
+    data.add_argument("--max-prompt-tokens", type=int, default=192)
+    data.add_argument("--max-new-tokens", type=int, default=64)
+    data.add_argument("--batch-size", type=int, default=48)
+    data.add_argument("--seed", type=int, default=0)
+    data.set_defaults(func=run_data)
+
+    cache = steps.add_parser("cache", help="cache the target's features and final hidden states")
+    cache.add_argument("--target", default=DEFAULT_MODEL)
+    cache.add_argument("--data", type=Path, default=WORK / "data")
+    cache.add_argument("--out", type=Path, default=WORK / "cache")
+    cache.add_argument("--num-features", type=int, default=5, help="m target layers, spread by DSpark's rule")
+    cache.set_defaults(func=run_cache)
+
+    fit = steps.add_parser("fit", help="train a dspark, dflash or eagle3 drafter from the cache")
+    fit.add_argument("--kind", choices=("dspark", "dflash", "eagle3"), default="dspark")
+    fit.add_argument("--target", default=DEFAULT_MODEL)
+    fit.add_argument("--cache", type=Path, default=WORK / "cache")
+    fit.add_argument("--out", type=Path, required=True)
+    fit.add_argument("--num-layers", type=int, default=1)
+    fit.add_argument("--block-size", type=int, default=7, help="γ")
+    fit.add_argument("--markov-rank", type=int, default=32)
+    fit.add_argument("--epochs", type=int, default=2)
+    fit.add_argument("--lr", type=float, default=6e-4)
+    fit.add_argument("--sequences-per-step", type=int, default=4)
+    fit.add_argument("--anchors-per-sequence", type=int, default=16)
+    fit.add_argument("--device", default="cpu")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.set_defaults(func=run_fit)
+
+    cal = steps.add_parser("calibrate", help="sequential temperature scaling of the confidence head")
+    cal.add_argument("--drafter", type=Path, required=True)
+    cal.add_argument("--cache", type=Path, default=WORK / "cache")
+    cal.add_argument("--anchors-per-sequence", type=int, default=64)
+    cal.set_defaults(func=run_calibrate)
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from specray.training.regenerate import DataConfig, regenerate
+
+    counts = regenerate(
+        DataConfig(
+            target=args.target,
+            out_dir=args.out,
+            num_train=args.num_train,
+            num_valid=args.num_valid,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+    )
+    print(json.dumps(counts))
+    return 0
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from specray.training.target_cache import CacheConfig, build_cache
+
+    manifest = build_cache(
+        CacheConfig(target=args.target, data_dir=args.data, out_dir=args.out, num_features=args.num_features)
+    )
+    print(json.dumps({"feature_layers": manifest["feature_layers"], "splits": manifest["splits"]}))
+    return 0
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from specray.training.fit import FitConfig, fit
+
+    summary = fit(
+        FitConfig(
+            kind=args.kind,
+            target=args.target,
+            cache_dir=args.cache,
+            out_dir=args.out,
+            num_layers=args.num_layers,
+            block_size=args.block_size,
+            markov_rank=args.markov_rank,
+            epochs=args.epochs,
+            lr=args.lr,
+            sequences_per_step=args.sequences_per_step,
+            anchors_per_sequence=args.anchors_per_sequence,
+            device=args.device,
+            seed=args.seed,
+        )
+    )
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from specray.training.calibrate import CalibrateConfig, calibrate
+
+    report = calibrate(
+        CalibrateConfig(
+            drafter=args.drafter, cache_dir=args.cache, anchors_per_sequence=args.anchors_per_sequence
+        )
+    )
+    for key in ("position", "ece_before", "ece_after", "auc_before", "auc_after"):
+        print(key.ljust(11), " ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in report[key]))
+    return 0

@@ -1,0 +1,35 @@
+"""Sequential temperature scaling: recovers a known miscalibration and lowers ECE."""
+
+from __future__ import annotations
+
+import torch
+
+from specray.training.calibrate import auc, expected_calibration_error, fit_temperatures
+from specray.training.objective import block_labels, choose_anchors
+
+
+def test_temperature_scaling_fixes_overconfidence() -> None:
+    gen = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(4000, 4, generator=gen) * 1.5
+    accept = (torch.rand(4000, 4, generator=gen) < torch.sigmoid(true_logits)).float().cumprod(dim=1)
+    overconfident = true_logits * 3.0  # the head's logits are 3× too sharp
+    temperatures, report = fit_temperatures(overconfident, accept, num_bins=10)
+    assert abs(temperatures[0] - 3.0) < 0.6
+    assert all(after < before for before, after in zip(report["ece_before"], report["ece_after"]))
+
+
+def test_ece_and_auc_basics() -> None:
+    pred = torch.tensor([0.1, 0.1, 0.9, 0.9])
+    assert expected_calibration_error(pred, torch.tensor([0.0, 0.0, 1.0, 1.0]), 10) < 0.11
+    assert auc(pred + torch.tensor([0, 0.01, 0, 0.01]), torch.tensor([0.0, 0.0, 1.0, 1.0])) == 1.0
+    assert auc(pred, torch.ones(4)) is None
+
+
+def test_supervision_stops_at_the_first_unsupervised_slot() -> None:
+    ids = torch.arange(12)
+    mask = torch.tensor([0, 0, 0, 1, 1, 1, 0, 1, 1, 1, 1, 1], dtype=torch.bool)
+    anchors = choose_anchors(mask, 100, torch.Generator().manual_seed(0))
+    assert anchors.tolist() == [2, 3, 4, 6, 7, 8, 9, 10]
+    labels, supervised, target_pos = block_labels(ids, mask, torch.tensor([2, 9]), 4)
+    assert supervised.tolist() == [[True, True, True, False], [True, True, False, False]]
+    assert labels[0].tolist() == [3, 4, 5, 6] and target_pos[0].tolist() == [2, 3, 4, 5]

@@ -1,0 +1,132 @@
+"""`specray train calibrate`: sequential temperature scaling of the DSpark confidence head.
+
+On held-out cached data, each block's drafts are scored teacher-forced (slot k's previous token is
+the true one, as at inference when the earlier drafts were accepted) and verification at T = 1 is
+simulated: draft k survives with probability 1 − ½‖p_d − p_t‖₁, drawn with a fixed seed; the
+observed prefix acceptance at k is the product of those draws up to k. Then, for k = 1..γ in
+order, one temperature T_k on the confidence logit is grid-searched to minimise the ECE of the
+cumulative product Π_{i≤k} c_i, the earlier temperatures held fixed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from specray.training.objective import block_labels, choose_anchors
+from specray.training.target_cache import TargetCache
+from specray.workers.drafters.checkpoint import load_drafter_model, resolve_drafter_path
+from specray.workers.drafters.dspark import DSparkModel
+from specray.workers.models.loader import LoadedModel, load_model
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    drafter: Path
+    cache_dir: Path = Path(".scratch/train/cache")
+    split: str = "valid"
+    anchors_per_sequence: int = 64
+    num_bins: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.anchors_per_sequence < 1 or self.num_bins < 2:
+            raise ValueError("need anchors_per_sequence >= 1 and num_bins >= 2")
+
+
+def expected_calibration_error(pred: torch.Tensor, observed: torch.Tensor, num_bins: int) -> float:
+    """Equal-width-bin ECE: Σ_b |b|/n · |mean(pred_b) − mean(observed_b)|."""
+    bins = (pred * num_bins).long().clamp(max=num_bins - 1)
+    total = 0.0
+    for b in range(num_bins):
+        members = bins == b
+        if members.any():
+            total += float(members.float().mean() * (pred[members].mean() - observed[members].mean()).abs())
+    return total
+
+
+def auc(score: torch.Tensor, label: torch.Tensor) -> float | None:
+    """Area under the ROC curve (Mann–Whitney), None when only one class is present."""
+    positives, negatives = int(label.sum()), int((1 - label).sum())
+    if positives == 0 or negatives == 0:
+        return None
+    ranks = torch.empty_like(score)
+    ranks[score.argsort()] = torch.arange(1, score.numel() + 1, dtype=score.dtype)
+    return float((ranks[label.bool()].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+@torch.no_grad()
+def collect(
+    model: DSparkModel, target: LoadedModel, config: CalibrateConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence logits [M, γ] and observed prefix acceptance [M, γ] over full blocks of the split."""
+    data = TargetCache(config.cache_dir, config.split)
+    if len(data) == 0:
+        raise ValueError(f"no {config.split} samples in {config.cache_dir}")
+    gen = torch.Generator().manual_seed(config.seed)
+    logits_out, accept_out = [], []
+    for i in tqdm(range(len(data)), desc="calibrate"):
+        sample = data[i]
+        anchors = choose_anchors(sample.loss_mask, config.anchors_per_sequence, gen)
+        if anchors.numel() == 0:
+            continue
+        labels, supervised, target_pos = block_labels(
+            sample.ids, sample.loss_mask, anchors, model.config.block_size
+        )
+        full = supervised.all(dim=1)
+        if not full.any():
+            continue
+        logits, confidence = model.training_outputs(sample.features, sample.ids, anchors, target.model)
+        p_t = target.model.compute_logits(sample.final_hidden[target_pos]).float().softmax(-1)
+        survive = 1.0 - 0.5 * (logits.float().softmax(-1) - p_t).abs().sum(-1)
+        drawn = (torch.rand(survive.shape, generator=gen) < survive).float().cumprod(dim=1)
+        logits_out.append(confidence[full])
+        accept_out.append(drawn[full])
+    return torch.cat(logits_out), torch.cat(accept_out)
+
+
+def fit_temperatures(
+    conf_logits: torch.Tensor, accepted: torch.Tensor, num_bins: int, grid: torch.Tensor | None = None
+) -> tuple[list[float], dict]:
+    """Sequential temperature scaling; returns the temperatures and ECE/AUC per position."""
+    grid = grid if grid is not None else torch.logspace(-1, 1, 81)
+    gamma = conf_logits.shape[1]
+    temperatures: list[float] = []
+    before_prod = torch.sigmoid(conf_logits).cumprod(dim=1)
+    survival = torch.ones(conf_logits.shape[0])
+    report = {"position": [], "ece_before": [], "ece_after": [], "auc_before": [], "auc_after": []}
+    for k in range(gamma):
+        best = min(
+            grid.tolist(),
+            key=lambda t: expected_calibration_error(
+                survival * torch.sigmoid(conf_logits[:, k] / t), accepted[:, k], num_bins
+            ),
+        )
+        temperatures.append(best)
+        survival = survival * torch.sigmoid(conf_logits[:, k] / best)
+        report["position"].append(k + 1)
+        report["ece_before"].append(expected_calibration_error(before_prod[:, k], accepted[:, k], num_bins))
+        report["ece_after"].append(expected_calibration_error(survival, accepted[:, k], num_bins))
+        report["auc_before"].append(auc(before_prod[:, k], accepted[:, k]))
+        report["auc_after"].append(auc(survival, accepted[:, k]))
+    return temperatures, report
+
+
+def calibrate(config: CalibrateConfig, target: LoadedModel | None = None) -> dict:
+    """Fit the temperatures, write them into the drafter's config.json, and save calibration.json."""
+    path = resolve_drafter_path(config.drafter)
+    model = load_drafter_model(path).eval()
+    if not isinstance(model, DSparkModel) or not model.config.confidence:
+        raise ValueError(f"{path} has no confidence head to calibrate (only dspark drafters do)")
+    target = target or load_model(model.config.target_name or "smollm2-135m")
+    # Calibrate the raw head: earlier temperatures must not leak into a re-run.
+    conf_logits, accepted = collect(model, target, config)
+    temperatures, report = fit_temperatures(conf_logits, accepted, config.num_bins)
+    model.config.with_temperatures(temperatures).save(path / "config.json")
+    result = {"temperatures": temperatures, "blocks": int(conf_logits.shape[0]), **report}
+    (path / "calibration.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result

