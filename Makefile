@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(VENV)/bin/specray serve $(ARGS)
+	$(VENV)/bin/specray serve --ray-temp-dir $(SCRATCH)/ray $(ARGS)
 
 # Regenerate the committed gRPC/protobuf stubs from protos/specray/v1/*.proto.
 protos: $(STAMP)
