@@ -20,6 +20,9 @@ from transformers import PreTrainedTokenizerBase
 from specray.cluster.session_store import SessionStore, VerifierInfo
 from specray.workers.sampling import SamplingParams
 
+# Verifier error codes that the request itself caused; the others (full KV cache, verifier gone) are 503s.
+_CLIENT_ERRORS = frozenset({"INVALID", "STALE", "NOT_OPEN"})
+
 
 class RequestError(ValueError):
     """The client's fault: HTTP 400 / gRPC INVALID_ARGUMENT."""
@@ -152,10 +155,9 @@ class Generation:
         try:
             async for chunk in chunks:
                 if "error" in chunk:
-                    code = chunk["code"]
-                    if code == "EXHAUSTED":
-                        raise Unavailable(chunk["error"])
-                    raise RequestError(chunk["error"])
+                    if chunk["code"] in _CLIENT_ERRORS:
+                        raise RequestError(chunk["error"])
+                    raise Unavailable(chunk["error"])
                 output_ids += chunk["tokens"]
                 steps += 1
                 drafts += chunk["num_drafts"]

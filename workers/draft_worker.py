@@ -25,8 +25,8 @@ from specray.workers.drafters.registry import build_drafter
 from specray.workers.models.loader import load_model
 from specray.workers.sampling import SamplingParams
 
-# Drafters that need no target weights on the draft side.
-_MODEL_FREE_DRAFTERS = frozenset({"none", "ngram"})
+# Drafters that need no target weights (nor target features).
+MODEL_FREE_DRAFTERS = frozenset({"none", "ngram"})
 
 
 class GrpcChannel:
@@ -65,7 +65,7 @@ class DraftWorker:
 
     @staticmethod
     def _build_drafter(config: ClusterConfig) -> Drafter | None:
-        target = None if config.drafter in _MODEL_FREE_DRAFTERS else load_model(config.model)
+        target = None if config.drafter in MODEL_FREE_DRAFTERS else load_model(config.model)
         return build_drafter(config.drafter, target)
 
     def _stub(self, address: str) -> verify_pb2_grpc.VerifierStub:
@@ -97,5 +97,11 @@ class DraftWorker:
                 }
         except VerifyFailed as err:
             yield {"error": str(err), "code": pb.VerifyError.Code.Name(err.code)}
+        except (ConnectionError, grpc.aio.AioRpcError) as err:
+            # The verifier is gone; the router answers 503 and the client may retry.
+            yield {
+                "error": f"verifier {request['verifier_address']} unreachable: {err}",
+                "code": "UNAVAILABLE",
+            }
         finally:
             await session.aclose()

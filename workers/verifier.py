@@ -21,6 +21,8 @@ from specray.cluster.config import ClusterConfig
 from specray.cluster.session_store import SessionStore
 from specray.protos.specray.v1 import verify_pb2 as pb
 from specray.protos.specray.v1 import verify_pb2_grpc
+from specray.workers.draft_worker import MODEL_FREE_DRAFTERS
+from specray.workers.drafters.registry import build_drafter
 from specray.workers.models.loader import load_model
 from specray.workers.protocol import decode_params
 from specray.workers.verifier_core import VerifierConfig, VerifierCore
@@ -47,7 +49,7 @@ class VerifierServicer(verify_pb2_grpc.VerifierServicer):
                 kind = message.WhichOneof("kind")
                 if kind == "close":
                     break
-                reply = await self.core.handle(message)
+                reply = self._check_stream(message, session_id) or await self.core.handle(message)
                 if kind == "open" and reply.WhichOneof("kind") == "result":
                     session_id = message.open.session_id
                     await self.store.open_session(
@@ -77,6 +79,20 @@ class VerifierServicer(verify_pb2_grpc.VerifierServicer):
                 if not finished:
                     await self.store.delete_session(session_id)
 
+    @staticmethod
+    def _check_stream(message: pb.DraftMessage, session_id: str | None) -> pb.VerifyMessage | None:
+        """An error reply when the message does not belong on this stream (one session per stream)."""
+        kind = message.WhichOneof("kind")
+        if kind == "open" and session_id is not None:
+            problem = "this stream already carries a session"
+        elif kind == "segment" and message.segment.session_id != session_id:
+            problem = "the segment's session is not this stream's"
+        else:
+            return None
+        target = message.open.session_id if kind == "open" else message.segment.session_id
+        error = pb.VerifyError(session_id=target, code=pb.VerifyError.Code.INVALID, message=problem)
+        return pb.VerifyMessage(error=error)
+
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsReply:
         return pb.StatsReply(
             verifier_id=self.verifier_id,
@@ -99,6 +115,8 @@ class Verifier:
         self._tasks: list[asyncio.Task] = []
         target = await asyncio.to_thread(load_model, config.model)
         pool = config.verifiers
+        # A feature drafter (DSpark, EAGLE-3) needs these target layers' hidden states with each result.
+        drafter = None if config.drafter in MODEL_FREE_DRAFTERS else build_drafter(config.drafter, target)
         self.core = VerifierCore(
             target,
             VerifierConfig(
@@ -106,6 +124,7 @@ class Verifier:
                 max_num_seqs=pool.max_num_seqs,
                 max_num_batched_tokens=pool.max_num_batched_tokens,
                 kv_cache_tokens=pool.kv_cache_tokens,
+                feature_layers=drafter.feature_layers if drafter is not None else (),
             ),
         )
         verify_pb2_grpc.add_VerifierServicer_to_server(

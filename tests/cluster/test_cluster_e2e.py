@@ -229,6 +229,7 @@ def test_stale_segment_over_grpc_is_rejected_and_session_continues(cluster, stor
         opened,
         segment(1, committed - 1, []),
         segment(2, committed, [10**7]),
+        verify_pb2.DraftMessage(segment=verify_pb2.DraftSegment(session_id="other", committed_len=committed)),
         segment(3, committed, []),
         verify_pb2.DraftMessage(close=verify_pb2.CloseSession(session_id="raw")),
     ]
@@ -236,8 +237,9 @@ def test_stale_segment_over_grpc_is_rejected_and_session_continues(cluster, stor
         replies = list(verify_pb2_grpc.VerifierStub(channel).Verify(iter(messages)))
     Code = verify_pb2.VerifyError.Code
     assert replies[1].error.code == Code.STALE and replies[1].error.committed_len == committed
-    assert replies[2].error.code == Code.INVALID
-    assert [replies[0].result.tokens[0], *replies[3].result.tokens] == expected[0][1][:2]
+    assert replies[2].error.code == Code.INVALID  # token id out of the vocabulary
+    assert replies[3].error.code == Code.INVALID  # another session's segment on this stream
+    assert [replies[0].result.tokens[0], *replies[4].result.tokens] == expected[0][1][:2]
 
 
 @pytest.mark.parametrize(

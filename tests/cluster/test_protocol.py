@@ -146,3 +146,36 @@ def test_sampled_session_is_repeatable(smollm2, prompt_ids):
         return asyncio.run(_with_loop(core, _generate(core, "r", prompt_ids[1], params)))
 
     assert once() == once()
+
+
+class _RecordingNgram(NgramDrafter):
+    """n-gram drafting that also records the target features it is sent, as a feature drafter would."""
+
+    feature_layers = (1, 3)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.observed: list[tuple[int, int]] = []
+
+    def observe(self, seq_id, features, start):
+        self.observed.append((start, features.shape[0]))
+
+
+def test_features_reach_the_drafter_for_every_committed_position(smollm2, prompt_ids, engine_outputs):
+    drafter = _RecordingNgram()
+    core = VerifierCore(smollm2, VerifierConfig(kv_cache_tokens=2048, feature_layers=drafter.feature_layers))
+
+    async def scenario():
+        tokens = []
+        session = draft_session(LocalChannel(core), drafter, "f", prompt_ids[0], PARAMS, DraftSessionConfig())
+        async for result in session:
+            tokens += result.tokens
+        return tokens
+
+    assert asyncio.run(_with_loop(core, scenario())) == engine_outputs[0]
+    # Contiguous from 0: each result covers the positions whose KV it computed and kept.
+    position = 0
+    for start, rows in drafter.observed:
+        assert start == position
+        position += rows
+    assert position == len(prompt_ids[0]) + len(engine_outputs[0]) - 1
