@@ -7,8 +7,10 @@ It binds 127.0.0.1 on a free port, keeps nothing on disk, and stops with its own
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +35,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    # Runs in the child before exec: the kernel sends it SIGTERM when its parent dies, so a server
+    # never outlives a launcher that was killed without cleaning up.
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class LocalRedis:
     def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.host = host
@@ -48,7 +59,12 @@ class LocalRedis:
         args = [redis_server_binary(), "--bind", self.host, "--port", str(self.port), "--save", ""]
         args += ["--appendonly", "no", "--dir", self._dir.name, "--protected-mode", "yes"]
         log = open(Path(self._dir.name) / "redis.log", "wb")  # noqa: SIM115 - lives as long as the server
-        self._process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self._process = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
         client = redis.Redis(host=self.host, port=self.port)
         deadline = time.monotonic() + timeout_s
         while True:

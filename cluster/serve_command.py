@@ -55,7 +55,6 @@ def load_config(args: argparse.Namespace) -> ClusterConfig:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print("starting Redis, Ray and the application (the first start converts the model) ...", flush=True)
     with LocalCluster(config) as cluster:
         print(
@@ -66,9 +65,11 @@ def run(args: argparse.Namespace) -> int:
             "Ctrl-C stops it.",
             flush=True,
         )
-        try:
-            stop.wait()
-        except KeyboardInterrupt:
+        # Installed after ray.init, which sets its own SIGTERM handler; SIGINT too, since a shell
+        # that starts us in the background makes us ignore it.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        while not stop.wait(1.0):
             pass
         print("shutting down ...", flush=True)
     return 0
