@@ -49,6 +49,7 @@ def autoregressive(smollm2, prompts):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_autoregressive_equals_hf_generate(smollm2, prompts, autoregressive):
     from transformers import AutoModelForCausalLM
 
