@@ -40,8 +40,12 @@ def verify_drafts(
         if draft_probs is not None and k:
             draft_probs[row, :k] = proposal.probs
         greedy[row] = seq.params.greedy
-        # Randomness comes from the request's own stream, so a seeded request repeats.
-        uniforms[row] = torch.rand(gamma + 1, generator=seq.generator)
+        # Each row draws k+1 numbers from its own stream, whatever else is in the batch, so a seeded
+        # request gives the same output alone or batched: k acceptance tests, then the
+        # correction/bonus sample (which accept_drafts reads at column γ).
+        u = torch.rand(k + 1, generator=seq.generator)
+        uniforms[row, :k] = u[:k]
+        uniforms[row, gamma] = u[k]
     num_accepted, emitted = accept_drafts(
         draft_tokens, num_drafts, target_probs, draft_probs, greedy, uniforms
     )

@@ -179,3 +179,23 @@ def test_features_reach_the_drafter_for_every_committed_position(smollm2, prompt
         assert start == position
         position += rows
     assert position == len(prompt_ids[0]) + len(engine_outputs[0]) - 1
+
+
+def test_seeded_session_gives_the_same_output_alone_or_batched(smollm2, prompt_ids):
+    """Each row draws its own random numbers, so batching with other sessions changes nothing."""
+    params = SamplingParams(max_tokens=16, temperature=0.9, seed=11)
+
+    def run(with_neighbour: bool) -> list[int]:
+        core = VerifierCore(smollm2, VerifierConfig(kv_cache_tokens=2048))
+
+        async def scenario():
+            jobs = [_generate(core, "seeded", prompt_ids[0], params)]
+            if with_neighbour:
+                jobs.append(
+                    _generate(core, "other", prompt_ids[1], SamplingParams(max_tokens=16, temperature=1.0))
+                )
+            return (await asyncio.gather(*jobs))[0]
+
+        return asyncio.run(_with_loop(core, scenario()))
+
+    assert run(False) == run(True)
