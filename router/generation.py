@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 
+from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 from transformers import PreTrainedTokenizerBase
 
@@ -181,6 +182,8 @@ class Generation:
                 if visible > sent or chunk["tokens"]:
                     yield Delta(text[sent : max(visible, sent)], chunk["tokens"])
                     sent = max(visible, sent)
+        except RayError as err:  # the draft worker died or was removed mid-request
+            raise Unavailable(f"draft worker failed: {err}") from err
         finally:
             self._in_flight[verifier.verifier_id] -= 1
             chunks.cancel()
