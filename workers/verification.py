@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from specray.kernels.acceptance import accept_drafts
+from specray.kernels import accept_drafts
 from specray.workers.drafters.base import DraftProposal
 from specray.workers.sampling import target_distribution
 from specray.workers.sequence import Sequence
