@@ -33,12 +33,21 @@ class Pool(_Strict):
     num_replicas: int = Field(1, ge=1)
     autoscaling: Autoscaling | None = None
     num_cpus: float = Field(0.0, ge=0)  # Ray CPUs reserved per replica (0 packs replicas on small machines)
+    num_gpus: float = Field(0.0, ge=0)  # Ray GPUs per replica: on a GPU node, Ray hands the replica a device
+    # Ray custom resources per replica: on Kubernetes each pool's worker group advertises its own, so
+    # the pool's replicas land on that group's nodes.
+    resources: dict[str, float] = Field(default_factory=dict)
     torch_threads: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(64, ge=1)
 
     def deployment_options(self) -> dict[str, Any]:
+        actor_options: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            actor_options["num_gpus"] = self.num_gpus
+        if self.resources:
+            actor_options["resources"] = dict(self.resources)
         options: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.num_cpus},
+            "ray_actor_options": actor_options,
             "max_ongoing_requests": self.max_ongoing_requests,
         }
         if self.autoscaling is not None:

@@ -12,8 +12,7 @@ from ray import serve
 from specray.cluster.app import build_app
 from specray.cluster.config import ClusterConfig
 from specray.cluster.redis_server import LocalRedis, free_port
-
-APP_NAME = "specray"
+from specray.cluster.serve_config import APP_NAME
 
 
 class LocalCluster:

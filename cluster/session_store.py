@@ -10,6 +10,7 @@ Keys (all with TTLs, so a crashed replica's state ages out):
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,8 @@ class VerifierInfo:
 
 class SessionStore:
     def __init__(self, url: str, session_ttl_s: int = 600, finished_ttl_s: int = 60) -> None:
-        self.redis = aioredis.from_url(url, decode_responses=True)
+        # $VARS expand so a deployment can keep the password in a Secret-fed variable, not in the URL.
+        self.redis = aioredis.from_url(os.path.expandvars(url), decode_responses=True)
         self.session_ttl_s = session_ttl_s
         self.finished_ttl_s = finished_ttl_s
 
