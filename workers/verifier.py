@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+import ray
 import torch
 from ray import serve
 
@@ -144,7 +145,9 @@ class Verifier:
             except RuntimeError:
                 continue
             if bound:
-                return f"{host}:{bound}"
+                # A wildcard bind is not an address peers can dial: advertise this node's IP instead.
+                advertised = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::", "[::]") else host
+                return f"{advertised}:{bound}"
         raise RuntimeError(f"no free port for the verifier in {host}:{low}-{high}")
 
     async def _publish(self) -> None:
