@@ -44,3 +44,13 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(SCRATCH)
+
+# The default DSpark drafter for SmolLM2-135M (drafters/smollm2-135m-dspark): every step resumes.
+.PHONY: drafter
+drafter: $(STAMP)
+	$(VENV)/bin/specray train data --num-train 112 --num-valid 24 --max-new-tokens 64 --batch-size 48
+	$(VENV)/bin/specray train cache --num-features 5
+	$(VENV)/bin/specray train fit --kind dspark --out $(SCRATCH)/train/dspark --markov-rank 32 --epochs 6 --anchors-per-sequence 12 --lr 3e-3
+	$(VENV)/bin/specray train calibrate --drafter $(SCRATCH)/train/dspark
+	mkdir -p drafters/smollm2-135m-dspark
+	cp $(SCRATCH)/train/dspark/config.json $(SCRATCH)/train/dspark/model.safetensors $(SCRATCH)/train/dspark/calibration.json drafters/smollm2-135m-dspark/

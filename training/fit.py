@@ -132,6 +132,10 @@ def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = T
         raise ValueError(f"the target cache at {config.cache_dir} has no training samples")
     model = build_model(drafter_config(config, target, data.feature_layers)).to(config.device)
     model.config.check_target(target.config)
+    with torch.no_grad():
+        # Start from the target's final norm: the frozen LM head expects states at that scale.
+        scale = target.model.model.norm.weight.float()
+        model.norm.weight.copy_(scale + 1.0 if target.config.norm_adds_one else scale)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     steps_per_epoch = -(-len(data) // config.sequences_per_step)
     total = steps_per_epoch * config.epochs
