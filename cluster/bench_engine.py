@@ -38,7 +38,12 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--num-speculative-tokens", "-k", type=int, default=5)
-    p.add_argument("--drafter", action="append", default=None, help="speculative mode(s); default: ngram")
+    p.add_argument(
+        "--drafter",
+        action="append",
+        default=None,
+        help="speculative mode(s); default: ngram, plus the bundled trained drafter of the default model",
+    )
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers peer")
     p.add_argument("--json", required=True, help="where to write the results (a PNG goes beside it)")
     p.set_defaults(func=run)
@@ -62,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         target, "autoregressive", None, prompt_ids, params, args.num_speculative_tokens
     )
     results = [ar_result]
-    for name in args.drafter or ["ngram"]:
+    default_drafters = ["ngram", "smollm2-135m-dspark"] if args.model == DEFAULT_MODEL else ["ngram"]
+    for name in args.drafter or default_drafters:
         drafter = build_drafter(name, target)
         outputs, result = _run_engine(
             target, _mode_name(name), drafter, prompt_ids, params, args.num_speculative_tokens
