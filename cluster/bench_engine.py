@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,20 +64,37 @@ def run(args: argparse.Namespace) -> int:
     ]
     params = SamplingParams(max_tokens=args.max_tokens)
 
-    reference, ar_result = _run_engine(
-        target, "autoregressive", None, prompt_ids, params, args.num_speculative_tokens
-    )
-    results = [ar_result]
     default_drafters = ["ngram", "smollm2-135m-dspark"] if args.model == DEFAULT_MODEL else ["ngram"]
+    modes = [_engine_mode(target, "autoregressive", None, params, args.num_speculative_tokens)]
     for name in args.drafter or default_drafters:
         drafter = build_drafter(name, target)
-        outputs, result = _run_engine(
-            target, _mode_name(name), drafter, prompt_ids, params, args.num_speculative_tokens
-        )
-        result.matches_autoregressive = outputs == reference
-        results.append(result)
+        modes.append(_engine_mode(target, _mode_name(name), drafter, params, args.num_speculative_tokens))
     if not args.no_hf:
-        results += _run_hf(target, prompt_ids, args.max_tokens, reference)
+        modes += _hf_modes(target, args.max_tokens)
+
+    # Warm every mode up once, then interleave them prompt by prompt, so drift in the machine's
+    # load hits all modes alike and the ratios stay meaningful.
+    for mode in modes:
+        mode.generate(prompt_ids[0][:16])
+    outputs: dict[str, list[list[int]]] = {m.name: [] for m in modes}
+    for ids in tqdm(prompt_ids, desc="prompts"):
+        for mode in modes:
+            start = time.perf_counter()
+            out, steps = mode.generate(ids)
+            mode.elapsed += time.perf_counter() - start
+            mode.tokens += len(out)
+            mode.steps += steps
+            outputs[mode.name].append(out)
+    reference = outputs["autoregressive"]
+    results = [
+        ModeResult(
+            m.name,
+            m.tokens / m.elapsed,
+            m.tokens / m.steps if m.speculative else None,
+            outputs[m.name] == reference,
+        )
+        for m in modes
+    ]
 
     report = {
         "model": args.model,
@@ -92,32 +110,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass
+class _Mode:
+    name: str
+    generate: Callable[[list[int]], tuple[list[int], int]]  # prompt ids -> (output ids, verify steps)
+    speculative: bool
+    elapsed: float = 0.0
+    tokens: int = 0
+    steps: int = 0
+
+
 def _mode_name(drafter: str) -> str:
     return Path(drafter).name if "/" in drafter else drafter
 
 
-def _run_engine(
-    target: LoadedModel, name: str, drafter, prompt_ids: list[list[int]], params: SamplingParams, gamma: int
-) -> tuple[list[list[int]], ModeResult]:  # noqa: ANN001
+def _engine_mode(target: LoadedModel, name: str, drafter, params: SamplingParams, gamma: int) -> _Mode:  # noqa: ANN001
     engine = LLMEngine(
         target, drafter, EngineConfig(num_speculative_tokens=gamma if drafter else 0, max_num_seqs=1)
     )
-    outputs, tokens, steps, elapsed = [], 0, 0, 0.0
-    for ids in tqdm(prompt_ids, desc=name, leave=False):
-        start = time.perf_counter()
+
+    def generate(ids: list[int]) -> tuple[list[int], int]:
         (seq,) = engine.generate([ids], params)
-        elapsed += time.perf_counter() - start
-        outputs.append(seq.output_ids)
-        tokens += len(seq.output_ids)
-        steps += seq.stats.verify_steps
-    tau = tokens / steps if drafter is not None else None
-    return outputs, ModeResult(name, tokens / elapsed, tau, True)
+        return seq.output_ids, seq.stats.verify_steps
+
+    return _Mode(name, generate, speculative=drafter is not None)
 
 
-@torch.inference_mode()
-def _run_hf(
-    target: LoadedModel, prompt_ids: list[list[int]], max_tokens: int, reference: list[list[int]]
-) -> list[ModeResult]:
+def _hf_modes(target: LoadedModel, max_tokens: int) -> list[_Mode]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(target.path, dtype=torch.float32).eval()
@@ -129,17 +148,16 @@ def _run_hf(
     common = dict(
         max_new_tokens=max_tokens, do_sample=False, eos_token_id=list(target.stop_token_ids), pad_token_id=pad
     )
-    results = []
-    for name, extra in (("hf_generate", {}), ("hf_prompt_lookup", {"prompt_lookup_num_tokens": 5})):
-        outputs, tokens, elapsed = [], 0, 0.0
-        for ids in tqdm(prompt_ids, desc=name, leave=False):
-            start = time.perf_counter()
+
+    def mode(name: str, extra: dict) -> _Mode:
+        @torch.inference_mode()
+        def generate(ids: list[int]) -> tuple[list[int], int]:
             out = model.generate(torch.tensor([ids]), **common, **extra)[0, len(ids) :].tolist()
-            elapsed += time.perf_counter() - start
-            outputs.append(out)
-            tokens += len(out)
-        results.append(ModeResult(name, tokens / elapsed, None, outputs == reference))
-    return results
+            return out, 0
+
+        return _Mode(name, generate, speculative=False)
+
+    return [mode("hf_generate", {}), mode("hf_prompt_lookup", {"prompt_lookup_num_tokens": 5})]
 
 
 def _print_table(results: list[ModeResult]) -> None:

@@ -33,13 +33,20 @@ class AttentionMetadata:
     query_pos: torch.Tensor  # [B, Q_max] long
     key_valid: torch.Tensor  # [B, K_max] bool
     key_pos: torch.Tensor  # [K_max] long
+    # First flat slot when the batch is one sequence whose pages are consecutive: its keys are then
+    # a view of the cache, no gather needed (the common single-request decode on CPU).
+    contiguous_start: int | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.slot_mapping.shape[0])
 
-    def mask(self, sliding_window: int | None) -> torch.Tensor:
-        """Boolean [B, 1, Q_max, K_max] mask: True where a query may attend to a key."""
+    def mask(self, sliding_window: int | None) -> torch.Tensor | None:
+        """Boolean [B, 1, Q_max, K_max] mask: True where a query may attend to a key; None when a
+        single query token sees every key anyway."""
+        num_keys = self.key_pos.shape[0]
+        if self.query_pos.shape == (1, 1) and (sliding_window is None or num_keys <= sliding_window):
+            return None
         qpos = self.query_pos.unsqueeze(-1)
         kpos = self.key_pos.view(1, 1, -1)
         allowed = (kpos <= qpos) & self.key_valid.unsqueeze(1)
@@ -75,6 +82,9 @@ def build_attention_metadata(
     query_pos = (s_lens - q_lens).unsqueeze(1) + offsets.unsqueeze(0)
     query_index = torch.where(query_valid, query_start_loc[:-1].unsqueeze(1) + offsets.unsqueeze(0), 0)
     slot_mapping = key_slots.gather(1, query_pos.clamp(max=k_max - 1))[query_valid]
+    contiguous_start = None
+    if batch == 1 and (k_max == 1 or bool((key_slots[0, 1:] - key_slots[0, :-1] == 1).all())):
+        contiguous_start = int(key_slots[0, 0])
     return AttentionMetadata(
         block_tables=block_tables.to(torch.int32),
         query_start_loc=query_start_loc.to(torch.int32),
@@ -87,6 +97,7 @@ def build_attention_metadata(
         query_pos=query_pos,
         key_valid=key_valid,
         key_pos=key_pos,
+        contiguous_start=contiguous_start,
     )
 
 
@@ -113,9 +124,15 @@ def paged_attention(
     num_kv_heads = k_cache.shape[-2]
     flat_k = k_cache.view(-1, num_kv_heads, head_dim)
     flat_v = v_cache.view(-1, num_kv_heads, head_dim)
-    keys = flat_k[meta.key_slots].transpose(1, 2).to(q.dtype)  # [B, KVH, K, D]
-    values = flat_v[meta.key_slots].transpose(1, 2).to(q.dtype)
-    queries = q[meta.query_index].transpose(1, 2)  # [B, H, Q, D]
+    if meta.contiguous_start is not None:
+        window = slice(meta.contiguous_start, meta.contiguous_start + meta.key_pos.shape[0])
+        keys = flat_k[window].unsqueeze(0).transpose(1, 2).to(q.dtype)  # [1, KVH, K, D]
+        values = flat_v[window].unsqueeze(0).transpose(1, 2).to(q.dtype)
+        queries = q.unsqueeze(0).transpose(1, 2)  # [1, H, Q, D]
+    else:
+        keys = flat_k[meta.key_slots].transpose(1, 2).to(q.dtype)  # [B, KVH, K, D]
+        values = flat_v[meta.key_slots].transpose(1, 2).to(q.dtype)
+        queries = q[meta.query_index].transpose(1, 2)  # [B, H, Q, D]
     mask = meta.mask(sliding_window)
     if softcap is None:
         out = F.scaled_dot_product_attention(
@@ -127,6 +144,9 @@ def paged_attention(
         values = values.repeat_interleave(group, dim=1)
         scores = (queries @ keys.transpose(-1, -2)) * scale
         scores = softcap * torch.tanh(scores / softcap)
-        scores = scores.masked_fill(~mask, float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         out = scores.softmax(dim=-1) @ values
+    if meta.contiguous_start is not None:
+        return out[0].transpose(0, 1)
     return out.transpose(1, 2)[meta.query_valid]
