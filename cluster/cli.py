@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = (
     "specray.cluster.eval_command",
     "specray.cluster.serve_command",
     "specray.cluster.client_command",
+    "specray.cluster.profile_command",
 )
 
 

@@ -110,3 +110,19 @@ def test_profile_tiny_model_and_cache(tmp_path, monkeypatch) -> None:
     assert [f.name for f in files] == ["tiny_model-float32-cpu.json"]
     assert load_or_profile(model, "tiny/model", max_tokens_per_batch=8) == cached  # from the cache
     assert load_or_profile(model, "tiny/model", max_tokens_per_batch=16).batch_tokens[-1] == 16
+
+
+def test_profile_command_prints_and_plots(tmp_path, monkeypatch, capsys) -> None:
+    from tiny_models import tiny_hf_model
+
+    from specray.cluster.cli import main
+
+    monkeypatch.setenv("SPECRAY_CACHE_DIR", str(tmp_path / "cache"))
+    tiny_hf_model("llama", tmp_path / "tiny", vocab_size=64)
+    png = tmp_path / "curve.png"
+    argv = ["profile", "--model", str(tmp_path / "tiny"), "--max-tokens-per-batch", "8", "--png", str(png)]
+    assert main(argv) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [int(r.split()[0]) for r in rows] == [1, 2, 4, 8]
+    assert png.stat().st_size > 0
+    assert len(list((tmp_path / "cache" / "step_curves").glob("*-float32-cpu.json"))) == 1
