@@ -126,3 +126,31 @@ def test_profile_command_prints_and_plots(tmp_path, monkeypatch, capsys) -> None
     assert [int(r.split()[0]) for r in rows] == [1, 2, 4, 8]
     assert png.stat().st_size > 0
     assert len(list((tmp_path / "cache" / "step_curves").glob("*-float32-cpu.json"))) == 1
+
+
+def test_engine_greedy_with_confidence_scheduling_equals_autoregressive(tmp_path) -> None:
+    from tiny_models import tiny_hf_model
+
+    from specray.workers.drafters.ngram import NgramDrafter
+    from specray.workers.engine import EngineConfig, LLMEngine
+    from specray.workers.models.loader import load_model
+    from specray.workers.sampling import SamplingParams
+
+    tiny_hf_model("qwen3", tmp_path, vocab_size=64)
+    target = load_model(str(tmp_path))
+    prompts = [[1, 7, 8, 9, 7, 8, 9, 7, 8], [3, 4, 5, 3, 4, 5, 3], [10, 11, 12, 13, 10, 11]]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    reference = LLMEngine(target, None, EngineConfig(num_speculative_tokens=0)).generate(prompts, params)
+    # A curve steep enough that the n-gram prior (0.7) admits some drafts but not all of them.
+    curve = StepCurve((1, 4, 32), (1.0, 0.9, 0.1))
+    config = EngineConfig(
+        num_speculative_tokens=4, scheduling="confidence", step_curve=curve, confidence_prior=0.7
+    )
+    engine = LLMEngine(target, NgramDrafter(), config)
+    seqs = engine.generate(prompts, params)
+    assert [s.output_ids for s in seqs] == [s.output_ids for s in reference]
+    fixed = LLMEngine(target, NgramDrafter(), EngineConfig(num_speculative_tokens=4)).generate(
+        prompts, params
+    )
+    verified = sum(s.stats.draft_tokens for s in seqs)
+    assert 0 < verified < sum(s.stats.draft_tokens for s in fixed)

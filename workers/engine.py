@@ -8,15 +8,17 @@ pending tokens plus its drafts form its share of the batch, whatever its phase.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from specray.workers.confidence_scheduler import SchedulingPolicy, VerifyScheduler
 from specray.workers.drafters.base import Drafter, DraftProposal, DraftRequest
 from specray.workers.model_runner import ModelRunner, RunOutput, ScheduledSequence
 from specray.workers.models.loader import LoadedModel
 from specray.workers.sampling import SamplingParams
 from specray.workers.sequence import Sequence, Status
+from specray.workers.step_curve import StepCurve, load_or_profile
 from specray.workers.stopping import append_tokens
 from specray.workers.verification import verify_drafts
 
@@ -28,10 +30,18 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     kv_cache_tokens: int = 16384
     block_size: int = 16
+    # How many drafts each sequence verifies: `fixed` all of them, `confidence` DSpark Algorithm 1
+    # over the step curve (given, or profiled/cached at start-up); drafts without confidences
+    # (n-gram) count `confidence_prior` each.
+    scheduling: SchedulingPolicy = "fixed"
+    step_curve: StepCurve | None = None
+    confidence_prior: float = 0.6
 
     def __post_init__(self) -> None:
         if self.num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
+        if self.scheduling not in ("fixed", "confidence") or not 0.0 <= self.confidence_prior <= 1.0:
+            raise ValueError("scheduling must be fixed or confidence, confidence_prior in [0, 1]")
         if min(self.max_num_seqs, self.max_num_batched_tokens, self.kv_cache_tokens, self.block_size) < 1:
             raise ValueError(
                 "max_num_seqs, max_num_batched_tokens, kv_cache_tokens and block_size must be >= 1"
@@ -77,6 +87,14 @@ class LLMEngine:
             drafter.feature_layers if drafter else (),
         )
         self.max_context = target.config.max_position_embeddings
+        curve = self.config.step_curve
+        if self.config.scheduling == "confidence" and curve is None:
+            # Profiling the full batch range would take long on CPU; past the table the curve
+            # extrapolates at constant tokens/s.
+            curve = load_or_profile(
+                target.model, str(target.path), min(self.config.max_num_batched_tokens, 128)
+            )
+        self.scheduler = VerifyScheduler(self.config.scheduling, curve, self.config.confidence_prior)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self._ids = itertools.count()
@@ -178,7 +196,24 @@ class LLMEngine:
                         f"drafter {self.drafter.name} proposed more than {request.max_tokens} tokens"
                     )
                 item.proposal = proposal
+        if self.config.scheduling != "fixed":
+            self._truncate_to_budgets([w for w in work if w.proposal is not None])
         return work
+
+    def _truncate_to_budgets(self, items: list[_Work]) -> None:
+        # Every sampling sequence verifies its anchor; the scheduler decides how many drafts follow.
+        # Dropped tails are simply redrafted from the new committed position next step.
+        budgets = self.scheduler.budgets(
+            [len(w.proposal.tokens) for w in items], [w.proposal.confidence for w in items]
+        )
+        for w, keep in zip(items, budgets):
+            p = w.proposal
+            w.proposal = replace(
+                p,
+                tokens=p.tokens[:keep],
+                probs=p.probs[:keep] if p.probs is not None else None,
+                confidence=p.confidence[:keep] if p.confidence is not None else None,
+            )
 
     def _max_drafts(self, seq: Sequence, budget: int) -> int:
         # The step always emits one target token after the accepted drafts, so drafting past
