@@ -19,6 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from transformers import PreTrainedTokenizerBase
 
 from specray.cluster.session_store import SessionStore, VerifierInfo
+from specray.router.metrics import RouterMetrics
 from specray.workers.sampling import SamplingParams
 
 # Verifier error codes that the request itself caused; the others (full KV cache, verifier gone) are 503s.
@@ -66,12 +67,14 @@ class Generation:
         default_max_tokens: int,
         store: SessionStore,
         draft_workers: DeploymentHandle,
+        metrics: RouterMetrics,
     ) -> None:
         self.tokenizer = tokenizer
         self.max_context = max_context
         self.default_max_tokens = default_max_tokens
         self.store = store
         self.draft_workers = draft_workers
+        self.metrics = metrics
         self._in_flight: Counter[str] = Counter()  # this router's open sessions per verifier
 
     # ---- request building -----------------------------------------------------------------------
@@ -137,56 +140,59 @@ class Generation:
     # ---- streaming ------------------------------------------------------------------------------
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Text deltas as the verifier commits tokens; the last one carries finish_reason and stats."""
-        verifier = await self._pick_verifier(request.session_id)
-        self._in_flight[verifier.verifier_id] += 1
-        chunks = self.draft_workers.options(stream=True).generate.remote(
-            {
-                "session_id": request.session_id,
-                "verifier_address": verifier.address,
-                "prompt_ids": request.prompt_ids,
-                "params": asdict(request.params),
-                "max_context": self.max_context,
-            }
-        )
-        output_ids: list[int] = []
-        sent = 0
-        steps = drafts = accepted = 0
-        # While stop strings may still match, the last characters are held back (they may be cut).
-        hold = max(map(len, request.params.stop), default=1) - 1
-        try:
-            async for chunk in chunks:
-                if "error" in chunk:
-                    if chunk["code"] in _CLIENT_ERRORS:
-                        raise RequestError(chunk["error"])
-                    raise Unavailable(chunk["error"])
-                output_ids += chunk["tokens"]
-                steps += 1
-                drafts += chunk["num_drafts"]
-                accepted += chunk["accepted"]
-                text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
-                if chunk["finished"]:
-                    if chunk["stop_text_len"] is not None:
-                        text = text[: chunk["stop_text_len"]]
-                    yield Delta(
-                        text[sent:],
-                        chunk["tokens"],
-                        chunk["finish_reason"],
-                        len(output_ids),
-                        steps,
-                        drafts,
-                        accepted,
-                    )
-                    return
-                # A trailing U+FFFD is a partial UTF-8 character the next token completes.
-                visible = len(text) - (1 if text.endswith("\ufffd") else 0) - hold
-                if visible > sent or chunk["tokens"]:
-                    yield Delta(text[sent : max(visible, sent)], chunk["tokens"])
-                    sent = max(visible, sent)
-        except RayError as err:  # the draft worker died or was removed mid-request
-            raise Unavailable(f"draft worker failed: {err}") from err
-        finally:
-            self._in_flight[verifier.verifier_id] -= 1
-            chunks.cancel()
+        with self.metrics.request() as tracked:
+            verifier = await self._pick_verifier(request.session_id)
+            self._in_flight[verifier.verifier_id] += 1
+            chunks = self.draft_workers.options(stream=True).generate.remote(
+                {
+                    "session_id": request.session_id,
+                    "verifier_address": verifier.address,
+                    "prompt_ids": request.prompt_ids,
+                    "params": asdict(request.params),
+                    "max_context": self.max_context,
+                }
+            )
+            output_ids: list[int] = []
+            sent = 0
+            steps = drafts = accepted = 0
+            # While stop strings may still match, the last characters are held back (they may be cut).
+            hold = max(map(len, request.params.stop), default=1) - 1
+            try:
+                async for chunk in chunks:
+                    if "error" in chunk:
+                        if chunk["code"] in _CLIENT_ERRORS:
+                            raise RequestError(chunk["error"])
+                        raise Unavailable(chunk["error"])
+                    output_ids += chunk["tokens"]
+                    steps += 1
+                    drafts += chunk["num_drafts"]
+                    accepted += chunk["accepted"]
+                    tracked.step(len(chunk["tokens"]), chunk["num_drafts"], chunk["accepted"])
+                    text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+                    if chunk["finished"]:
+                        tracked.finish(chunk["finish_reason"])
+                        if chunk["stop_text_len"] is not None:
+                            text = text[: chunk["stop_text_len"]]
+                        yield Delta(
+                            text[sent:],
+                            chunk["tokens"],
+                            chunk["finish_reason"],
+                            len(output_ids),
+                            steps,
+                            drafts,
+                            accepted,
+                        )
+                        return
+                    # A trailing U+FFFD is a partial UTF-8 character the next token completes.
+                    visible = len(text) - (1 if text.endswith("\ufffd") else 0) - hold
+                    if visible > sent or chunk["tokens"]:
+                        yield Delta(text[sent : max(visible, sent)], chunk["tokens"])
+                        sent = max(visible, sent)
+            except RayError as err:  # the draft worker died or was removed mid-request
+                raise Unavailable(f"draft worker failed: {err}") from err
+            finally:
+                self._in_flight[verifier.verifier_id] -= 1
+                chunks.cancel()
 
     async def complete(self, request: GenerationRequest) -> Delta:
         """The whole completion as one delta."""

@@ -12,7 +12,8 @@ from typing import Any
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
@@ -22,6 +23,7 @@ from specray.cluster.session_store import SessionStore
 from specray.protos.specray.v1 import generate_pb2_grpc
 from specray.router.generation import Generation, GenerationRequest, RequestError, Unavailable
 from specray.router.grpc_api import GenerationServicer
+from specray.router.metrics import RouterMetrics
 from specray.router.openai_schema import (
     ChatCompletionRequest,
     ChunkBuilder,
@@ -69,8 +71,9 @@ class Router:
         model_dir = resolve_model_dir(config.model)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         max_context = json.loads((Path(model_dir) / "config.json").read_text())["max_position_embeddings"]
+        self.metrics = RouterMetrics(config.model, config.num_speculative_tokens)
         self.generation = Generation(
-            tokenizer, max_context, config.default_max_tokens, self.store, draft_workers
+            tokenizer, max_context, config.default_max_tokens, self.store, draft_workers, self.metrics
         )
         generate_pb2_grpc.add_GenerationServicer_to_server(
             GenerationServicer(self.generation), self.grpc_server
@@ -90,6 +93,12 @@ class Router:
         return JSONResponse(
             {"status": "ok" if verifiers else "starting", "verifiers": len(verifiers)}, status
         )
+
+    @app.get("/metrics")
+    async def prometheus(self) -> Response:
+        # This replica's counts: the whole application with the default single router; with more,
+        # each scrape lands on one replica (Serve picks it).
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:

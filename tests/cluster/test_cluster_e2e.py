@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from specray.cluster import cli
 from specray.cluster.config import ClusterConfig
@@ -240,6 +241,52 @@ def test_stale_segment_over_grpc_is_rejected_and_session_continues(cluster, stor
     assert replies[2].error.code == Code.INVALID  # token id out of the vocabulary
     assert replies[3].error.code == Code.INVALID  # another session's segment on this stream
     assert [replies[0].result.tokens[0], *replies[4].result.tokens] == expected[0][1][:2]
+
+
+def _metrics(cluster: LocalCluster) -> dict[tuple[str, frozenset], float]:
+    """The router's /metrics as {(sample name, labels): value}; parsing it checks the text format."""
+    with urllib.request.urlopen(cluster.http_url + "/metrics") as reply:
+        assert reply.headers["content-type"].startswith("text/plain")
+        text = reply.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_follow_the_requests(cluster):
+    before = _metrics(cluster)
+    replies = [_post(cluster, "/v1/chat/completions", _chat(p)) for p in PROMPTS[3:5]]
+    events = _sse(cluster, "/v1/chat/completions", _chat(PROMPTS[5]))
+    after = _metrics(cluster)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, frozenset({"model_name": cluster.config.model, **labels}.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert all(status == 200 for status, _ in replies)
+    speculation = [body["speculation"] for _, body in replies]
+    drafted = moved("specray:spec_decode_num_draft_tokens_total")
+    accepted = moved("specray:spec_decode_num_accepted_tokens_total")
+    # The streamed reply carries no speculation stats, so the two whole replies bound it from below.
+    assert drafted >= sum(s["draft_tokens"] for s in speculation)
+    assert accepted >= sum(s["accepted_tokens"] for s in speculation)
+    assert 0 <= accepted <= drafted
+    assert moved("specray:spec_decode_num_drafts_total") <= drafted
+    per_pos = sum(
+        after[key] - before.get(key, 0.0)
+        for key in after
+        if key[0] == "specray:spec_decode_num_accepted_tokens_per_pos_total"
+    )
+    assert per_pos == accepted
+    assert moved("specray:time_to_first_token_seconds_count") == 3
+    assert moved("specray:inter_token_latency_seconds_count") > 0
+    reasons = [body["choices"][0]["finish_reason"] for _, body in replies]
+    reasons.append(events[-1]["choices"][0]["finish_reason"])
+    for reason in set(reasons):
+        assert moved("specray:request_success_total", finish_reason=reason) == reasons.count(reason)
+    assert moved("specray:num_requests_running") == 0 and moved("specray:num_requests_waiting") == 0
 
 
 @pytest.mark.parametrize(
