@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_tiny_target
 
 from specray.workers.confidence_scheduler import VerifyScheduler, confidence_budget
 from specray.workers.step_curve import StepCurve, default_batch_sizes, load_or_profile, profile_step_curve
@@ -99,9 +98,9 @@ def test_step_curve_interpolates_and_validates() -> None:
     assert default_batch_sizes(24) == [1, 2, 4, 8, 16, 24]
 
 
-def test_profile_tiny_model_and_cache(tmp_path, monkeypatch) -> None:
+def test_profile_tiny_model_and_cache(tiny_target, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("SPECRAY_CACHE_DIR", str(tmp_path))
-    model = make_tiny_target().model
+    model = tiny_target.model
     step = profile_step_curve(model, max_tokens_per_batch=16, repeats=1)
     assert step.batch_tokens == (1, 2, 4, 8, 16)
     assert all(a >= b for a, b in zip(step.steps_per_s, step.steps_per_s[1:]))
