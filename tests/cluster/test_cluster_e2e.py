@@ -202,7 +202,9 @@ def test_client_disconnect_frees_session(cluster, store):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         stats = _verifier_stats(store)
-        if not store.exists("specray:session:gone") and all(s.active_sessions == 0 for s in stats):
+        # KV is freed between verifier steps, a moment after the session is forgotten: wait for both.
+        freed = all(s.active_sessions == 0 and s.kv_blocks_used == 0 for s in stats)
+        if freed and not store.exists("specray:session:gone"):
             break
         time.sleep(0.5)
     assert not store.exists("specray:session:gone")
