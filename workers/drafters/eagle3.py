@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from specray.kernels.markov_sampling import sample_markov_block
+from specray.kernels import sample_markov_block
 from specray.workers.drafters.base import Drafter, DraftProposal, DraftRequest
 from specray.workers.drafters.config import DrafterConfig
 from specray.workers.drafters.context_cache import ContextCache
