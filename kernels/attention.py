@@ -37,10 +37,6 @@ class AttentionMetadata:
     # a view of the cache, no gather needed (the common single-request decode on CPU).
     contiguous_start: int | None = None
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.slot_mapping.shape[0])
-
     def mask(self, sliding_window: int | None) -> torch.Tensor | None:
         """Boolean [B, 1, Q_max, K_max] mask: True where a query may attend to a key; None when a
         single query token sees every key anyway."""

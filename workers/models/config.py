@@ -6,7 +6,7 @@ The three families share one implementation; these fields are the switches betwe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 Family = Literal["llama", "qwen3", "gemma3"]
@@ -56,9 +56,7 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     final_logit_softcapping: float | None = None
     attn_logit_softcapping: float | None = None
-    bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -148,9 +146,7 @@ class ModelConfig:
             query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if family == "gemma3" else None,
             final_logit_softcapping=hf.get("final_logit_softcapping"),
             attn_logit_softcapping=hf.get("attn_logit_softcapping"),
-            bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            extra=hf,
         )
 
 
