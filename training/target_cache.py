@@ -34,12 +34,16 @@ class CacheConfig:
     num_features: int = 5  # m: feature layers, spread by DSpark's rule
     shard_records: int = 32
     batch_tokens: int = 2048
+    device: str = "cpu"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_features <= 8:
             raise ValueError("num_features must be in 1..8")
         if self.shard_records < 1 or self.batch_tokens < 1:
             raise ValueError("shard_records and batch_tokens must be >= 1")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
 
 
 @dataclass
@@ -49,9 +53,14 @@ class CachedSample:
     ids: torch.Tensor  # [L] long
     loss_mask: torch.Tensor  # [L] bool: the token at this position is response text
 
+    def to(self, device: str | torch.device) -> CachedSample:
+        return CachedSample(
+            *(t.to(device) for t in (self.features, self.final_hidden, self.ids, self.loss_mask))
+        )
+
 
 def build_cache(config: CacheConfig, target: LoadedModel | None = None, progress: bool = True) -> dict:
-    target = target or load_model(config.target)
+    target = target or load_model(config.target, getattr(torch, config.dtype), config.device)
     layers = spread_feature_layers(target.config.num_layers, config.num_features)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +134,7 @@ def _batches(records: list[dict], batch_tokens: int) -> list[list[dict]]:
 
 
 def _bf16_bits(x: torch.Tensor) -> np.ndarray:
-    return x.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    return x.detach().to(torch.bfloat16).cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
 def _from_bf16_bits(x: np.ndarray) -> torch.Tensor:
