@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from specray.workers.confidence_scheduler import SchedulingPolicy, VerifyScheduler
+from specray.workers.confidence_scheduler import POLICIES, SchedulingPolicy, VerifyScheduler
 from specray.workers.drafters.base import Drafter, DraftProposal, DraftRequest
 from specray.workers.model_runner import ModelRunner, RunOutput, ScheduledSequence
 from specray.workers.models.loader import LoadedModel
@@ -31,8 +31,8 @@ class EngineConfig:
     kv_cache_tokens: int = 16384
     block_size: int = 16
     # How many drafts each sequence verifies: `fixed` all of them, `confidence` DSpark Algorithm 1
-    # over the step curve (given, or profiled/cached at start-up); drafts without confidences
-    # (n-gram) count `confidence_prior` each.
+    # over the step curve (given, or profiled/cached at start-up), `off` none; drafts without
+    # confidences (n-gram) count `confidence_prior` each.
     scheduling: SchedulingPolicy = "fixed"
     step_curve: StepCurve | None = None
     confidence_prior: float = 0.6
@@ -40,8 +40,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
-        if self.scheduling not in ("fixed", "confidence") or not 0.0 <= self.confidence_prior <= 1.0:
-            raise ValueError("scheduling must be fixed or confidence, confidence_prior in [0, 1]")
+        if self.scheduling not in POLICIES or not 0.0 <= self.confidence_prior <= 1.0:
+            raise ValueError(f"scheduling must be one of {POLICIES}, confidence_prior in [0, 1]")
         if min(self.max_num_seqs, self.max_num_batched_tokens, self.kv_cache_tokens, self.block_size) < 1:
             raise ValueError(
                 "max_num_seqs, max_num_batched_tokens, kv_cache_tokens and block_size must be >= 1"
@@ -197,14 +197,17 @@ class LLMEngine:
                     )
                 item.proposal = proposal
         if self.config.scheduling != "fixed":
-            self._truncate_to_budgets([w for w in work if w.proposal is not None])
+            self._truncate_to_budgets([w for w in work if w.proposal is not None], work)
         return work
 
-    def _truncate_to_budgets(self, items: list[_Work]) -> None:
+    def _truncate_to_budgets(self, items: list[_Work], work: list[_Work]) -> None:
         # Every sampling sequence verifies its anchor; the scheduler decides how many drafts follow.
-        # Dropped tails are simply redrafted from the new committed position next step.
+        # Dropped tails are simply redrafted from the new committed position next step. The step's
+        # batch starts with every pending token (prefill chunks included), as the forward sees it.
         budgets = self.scheduler.budgets(
-            [len(w.proposal.tokens) for w in items], [w.proposal.confidence for w in items]
+            [len(w.proposal.tokens) for w in items],
+            [w.proposal.confidence for w in items],
+            base_tokens=sum(len(w.pending) for w in work),
         )
         for w, keep in zip(items, budgets):
             p = w.proposal

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 import re
 import statistics
 import time
@@ -51,8 +52,12 @@ class StepCurve:
         return y0 + (y1 - y0) * (batch_tokens - x0) / (x1 - x0)
 
     def save(self, path: Path) -> None:
+        # Write then rename: replicas starting together may profile at once, and none of them
+        # should ever read another's half-written file.
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> StepCurve:
@@ -73,7 +78,7 @@ def profile_step_curve(
     max_tokens_per_batch: int = 128,
     num_seqs: int = 4,
     context_tokens: int = 64,
-    repeats: int = 3,
+    repeats: int = 2,
 ) -> StepCurve:
     """Time one forward over B ragged batch tokens (spread over up to `num_seqs` sequences that
     already hold `context_tokens` of KV, as verify steps do) for each default batch size."""

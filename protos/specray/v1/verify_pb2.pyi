@@ -80,7 +80,7 @@ class DraftMessage(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., segment: _Optional[_Union[DraftSegment, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ...) -> None: ...
 
 class VerifyResult(_message.Message):
-    __slots__ = ("session_id", "segment_id", "committed_len", "num_drafts", "accepted", "tokens", "finished", "finish_reason", "stop_text_len", "features", "feature_start")
+    __slots__ = ("session_id", "segment_id", "committed_len", "num_drafts", "accepted", "tokens", "finished", "finish_reason", "stop_text_len", "features", "feature_start", "num_proposed", "verify_budget")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,8 @@ class VerifyResult(_message.Message):
     STOP_TEXT_LEN_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     FEATURE_START_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_BUDGET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     segment_id: int
     committed_len: int
@@ -103,7 +105,9 @@ class VerifyResult(_message.Message):
     stop_text_len: int
     features: Tensor
     feature_start: int
-    def __init__(self, session_id: _Optional[str] = ..., segment_id: _Optional[int] = ..., committed_len: _Optional[int] = ..., num_drafts: _Optional[int] = ..., accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., stop_text_len: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., feature_start: _Optional[int] = ...) -> None: ...
+    num_proposed: int
+    verify_budget: int
+    def __init__(self, session_id: _Optional[str] = ..., segment_id: _Optional[int] = ..., committed_len: _Optional[int] = ..., num_drafts: _Optional[int] = ..., accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., stop_text_len: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., feature_start: _Optional[int] = ..., num_proposed: _Optional[int] = ..., verify_budget: _Optional[int] = ...) -> None: ...
 
 class VerifyError(_message.Message):
     __slots__ = ("session_id", "segment_id", "code", "message", "committed_len")
@@ -144,13 +148,23 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("verifier_id", "active_sessions", "kv_blocks_used", "steps")
+    __slots__ = ("verifier_id", "active_sessions", "kv_blocks_used", "steps", "segments", "proposed_drafts", "verified_drafts", "accepted_drafts", "scheduling")
     VERIFIER_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULING_FIELD_NUMBER: _ClassVar[int]
     verifier_id: str
     active_sessions: int
     kv_blocks_used: int
     steps: int
-    def __init__(self, verifier_id: _Optional[str] = ..., active_sessions: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+    segments: int
+    proposed_drafts: int
+    verified_drafts: int
+    accepted_drafts: int
+    scheduling: str
+    def __init__(self, verifier_id: _Optional[str] = ..., active_sessions: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., steps: _Optional[int] = ..., segments: _Optional[int] = ..., proposed_drafts: _Optional[int] = ..., verified_drafts: _Optional[int] = ..., accepted_drafts: _Optional[int] = ..., scheduling: _Optional[str] = ...) -> None: ...
