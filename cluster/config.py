@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from specray.cluster.tracing import TracingConfig
 from specray.workers.models.loader import DEFAULT_MODEL
 
 
@@ -16,15 +17,49 @@ class _Strict(BaseModel):
 
 
 class Autoscaling(_Strict):
+    """Ray Serve `autoscaling_config` for a pool; the router's scales on Serve's queue depth alone."""
+
+    # The Serve policy function (import path) that decides; None: Serve's default (queue depth).
+    policy: ClassVar[str | None] = None
+
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8, gt=0)
+    # Serve's pacing (its defaults): how often replicas report, over which window, and how long a
+    # decision must hold before replicas are added or removed.
+    metrics_interval_s: float = Field(10.0, gt=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must be <= max_replicas")
         return self
+
+    def serve_options(self) -> dict[str, Any]:
+        options = self.model_dump(include=set(Autoscaling.model_fields))
+        if self.policy is not None:
+            kwargs = self.model_dump(exclude=set(Autoscaling.model_fields))
+            options["policy"] = {"policy_function": self.policy, "policy_kwargs": kwargs}
+        return options
+
+
+class DraftAutoscaling(Autoscaling):
+    """Queue depth (sessions per replica), held back when the verifiers reject most drafts: more
+    draft workers only produce more rejected tokens (cluster/autoscaling_policy.py)."""
+
+    policy: ClassVar[str | None] = "specray.cluster.autoscaling_policy:DraftPoolPolicy"
+    min_acceptance_rate: float = Field(0.2, ge=0, le=1)
+
+
+class VerifierAutoscaling(Autoscaling):
+    """Sessions per replica (`target_ongoing_requests`; the gRPC traffic is invisible to Serve's own
+    count) and the share of the per-step token budget the batches fill (cluster/autoscaling_policy.py)."""
+
+    policy: ClassVar[str | None] = "specray.cluster.autoscaling_policy:VerifierPoolPolicy"
+    target_budget_utilization: float = Field(0.7, gt=0)
 
 
 class Pool(_Strict):
@@ -51,13 +86,18 @@ class Pool(_Strict):
             "max_ongoing_requests": self.max_ongoing_requests,
         }
         if self.autoscaling is not None:
-            options["autoscaling_config"] = self.autoscaling.model_dump()
+            options["autoscaling_config"] = self.autoscaling.serve_options()
         else:
             options["num_replicas"] = self.num_replicas
         return options
 
 
+class DraftPool(Pool):
+    autoscaling: DraftAutoscaling | None = None
+
+
 class VerifierPool(Pool):
+    autoscaling: VerifierAutoscaling | None = None
     kv_cache_tokens: int = Field(32768, ge=16)
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
@@ -70,6 +110,12 @@ class ClusterConfig(_Strict):
     model: str = DEFAULT_MODEL
     drafter: str = "ngram"  # none | ngram | a trained drafter's directory
     num_speculative_tokens: int = Field(5, ge=0, le=32)
+    # How many drafts each verify step takes: `confidence` (DSpark Algorithm 1 over the step curve
+    # each verifier profiles at start-up, cached per model/dtype/device), `fixed` (all γ), `off`
+    # (none: autoregressive decoding through the same cluster).
+    scheduling: Literal["confidence", "fixed", "off"] = "confidence"
+    # The survival per draft assumed for drafters without a confidence head (n-gram).
+    confidence_prior: float = Field(0.6, ge=0, le=1)
     default_max_tokens: int = Field(256, ge=1)  # when a request gives none
     host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
@@ -79,8 +125,9 @@ class ClusterConfig(_Strict):
     finished_ttl_s: int = Field(60, ge=1)  # a finished session's record, kept for affinity
     ray_temp_dir: str | None = None
     router: Pool = Pool()
-    draft_workers: Pool = Pool()
+    draft_workers: DraftPool = DraftPool()
     verifiers: VerifierPool = VerifierPool()
+    tracing: TracingConfig = TracingConfig()
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterConfig:
