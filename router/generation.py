@@ -14,10 +14,12 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 
+from opentelemetry.trace import SpanKind
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 from transformers import PreTrainedTokenizerBase
 
+from specray.cluster import tracing
 from specray.cluster.session_store import SessionStore, VerifierInfo
 from specray.router.metrics import RouterMetrics
 from specray.workers.sampling import SamplingParams
@@ -140,7 +142,11 @@ class Generation:
     # ---- streaming ------------------------------------------------------------------------------
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Text deltas as the verifier commits tokens; the last one carries finish_reason and stats."""
-        with self.metrics.request() as tracked:
+        attributes = {tracing.SESSION_ID: request.session_id, "specray.request_id": request.request_id}
+        with (
+            self.metrics.request() as tracked,
+            tracing.span_scope("specray.request", None, attributes, SpanKind.SERVER) as span,
+        ):
             verifier = await self._pick_verifier(request.session_id)
             self._in_flight[verifier.verifier_id] += 1
             chunks = self.draft_workers.options(stream=True).generate.remote(
@@ -150,6 +156,8 @@ class Generation:
                     "prompt_ids": request.prompt_ids,
                     "params": asdict(request.params),
                     "max_context": self.max_context,
+                    # The W3C traceparent: the draft worker's spans join this request's trace.
+                    "trace_context": tracing.inject(tracing.child_of(span)),
                 }
             )
             output_ids: list[int] = []
@@ -171,6 +179,14 @@ class Generation:
                     text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
                     if chunk["finished"]:
                         tracked.finish(chunk["finish_reason"])
+                        span.set_attributes(
+                            {
+                                "specray.completion_tokens": len(output_ids),
+                                "specray.verify_steps": steps,
+                                "specray.draft_tokens": drafts,
+                                tracing.ACCEPTED: accepted,
+                            }
+                        )
                         if chunk["stop_text_len"] is not None:
                             text = text[: chunk["stop_text_len"]]
                         yield Delta(

@@ -18,8 +18,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
+from specray.cluster import tracing
 from specray.cluster.config import ClusterConfig
 from specray.cluster.session_store import SessionStore
+from specray.cluster.stats_board import StatsBoard
 from specray.protos.specray.v1 import generate_pb2_grpc
 from specray.router.generation import Generation, GenerationRequest, RequestError, Unavailable
 from specray.router.grpc_api import GenerationServicer
@@ -32,6 +34,7 @@ from specray.router.openai_schema import (
     completion_chunk,
     error_body,
 )
+from specray.router.pool_metrics import PoolMetricsCollector
 from specray.workers.models.loader import resolve_model_dir
 
 app = FastAPI(title="specray")
@@ -64,7 +67,9 @@ class Router:
         self.config = config
         # Created first so that __del__ finds them even when a later step fails.
         self.store = SessionStore(config.redis_url, config.session_ttl_s, config.finished_ttl_s)
+        self.stats_board = StatsBoard(config.redis_url)
         self.grpc_server = grpc.aio.server()
+        tracing.configure_tracing(config.tracing, "router")
         # The verifier pool is bound here so Serve deploys it; requests reach verifiers by the gRPC
         # addresses they register in Redis, not through this handle.
         self.verifiers = verifiers
@@ -72,6 +77,8 @@ class Router:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         max_context = json.loads((Path(model_dir) / "config.json").read_text())["max_position_embeddings"]
         self.metrics = RouterMetrics(config.model, config.num_speculative_tokens)
+        self.pool_metrics = PoolMetricsCollector(config.model)
+        self.metrics.registry.register(self.pool_metrics)
         self.generation = Generation(
             tokenizer, max_context, config.default_max_tokens, self.store, draft_workers, self.metrics
         )
@@ -85,6 +92,7 @@ class Router:
     async def __del__(self) -> None:
         await self.grpc_server.stop(grace=1.0)
         await self.store.close()
+        await self.stats_board.close()
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
@@ -97,7 +105,8 @@ class Router:
     @app.get("/metrics")
     async def prometheus(self) -> Response:
         # This replica's counts: the whole application with the default single router; with more,
-        # each scrape lands on one replica (Serve picks it).
+        # each scrape lands on one replica (Serve picks it). The pools' series are every replica's.
+        self.pool_metrics.update(await self.stats_board.reports())
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
