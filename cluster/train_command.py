@@ -59,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("--anchors-per-sequence", type=int, default=16)
     fit.add_argument("--device", default="cpu")
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--time-budget-minutes", type=float, help="shorten the schedule to end within this")
     fit.set_defaults(func=run_fit)
 
     cal = steps.add_parser("calibrate", help="sequential temperature scaling of the confidence head")
@@ -127,6 +128,7 @@ def run_fit(args: argparse.Namespace) -> int:
             anchors_per_sequence=args.anchors_per_sequence,
             device=args.device,
             seed=args.seed,
+            time_budget_s=None if args.time_budget_minutes is None else 60 * args.time_budget_minutes,
         )
     )
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))

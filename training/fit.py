@@ -55,8 +55,12 @@ class FitConfig:
     save_every: int = 20
     seed: int = 0
     device: str = "cpu"
+    # Wall-clock budget: after a few timed steps the schedule is shortened to end within it.
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ValueError("time_budget_s must be > 0")
         if self.kind not in ("dspark", "dflash", "eagle3"):
             raise ValueError(f"unknown drafter kind {self.kind!r}")
         if min(self.num_layers, self.block_size, self.epochs, self.sequences_per_step) < 1:
@@ -138,8 +142,10 @@ def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = T
         model.norm.weight.copy_(scale + 1.0 if target.config.norm_adds_one else scale)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     steps_per_epoch = -(-len(data) // config.sequences_per_step)
-    total = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, config.warmup))
+    plan = {"total": steps_per_epoch * config.epochs}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, plan["total"], config.warmup)
+    )
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "training_state.pt"
@@ -150,11 +156,13 @@ def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = T
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, history = state["step"], state["history"]
+        plan["total"] = state.get("total", plan["total"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.device.startswith("cuda"))
     started = time.perf_counter()
     model.train()
-    bar = tqdm(total=total, initial=step, desc=f"fit {config.kind}", disable=not progress)
-    while step < total:
+    bar = tqdm(total=plan["total"], initial=step, desc=f"fit {config.kind}", disable=not progress)
+    first_step, timing_steps = step, 10
+    while step < plan["total"]:
         epoch, within = divmod(step, steps_per_epoch)
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
         chunk = order[within * config.sequences_per_step : (within + 1) * config.sequences_per_step]
@@ -179,13 +187,19 @@ def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = T
         history.append({"step": step, **metrics})
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
-        if step % config.save_every == 0 or step == total:
+        if config.time_budget_s is not None and step - first_step == timing_steps:
+            per_step = (time.perf_counter() - started) / timing_steps
+            affordable = step + int((config.time_budget_s - (time.perf_counter() - started)) / per_step)
+            plan["total"] = max(step, min(plan["total"], affordable))
+            bar.total = plan["total"]
+        if step % config.save_every == 0 or step == plan["total"]:
             torch.save(
                 {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "step": step,
+                    "total": plan["total"],
                     "history": history,
                 },
                 state_path,
@@ -194,7 +208,7 @@ def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = T
     save_drafter_model(model, out)
     summary = {
         "kind": config.kind,
-        "steps": total,
+        "steps": plan["total"],
         "sequences": len(data),
         "epochs": config.epochs,
         "seconds_this_run": round(time.perf_counter() - started, 1),

@@ -80,3 +80,19 @@ def test_fit_reduces_loss_and_round_trips(kind, tiny_cache, tiny_target, tmp_pat
     spec = LLMEngine(tiny_target, drafter, EngineConfig(num_speculative_tokens=7)).generate(prompts, params)
     assert [s.output_ids for s in spec] == [s.output_ids for s in plain]
     assert all(s.stats.draft_tokens > 0 for s in spec)
+
+
+def test_time_budget_shortens_the_schedule(tiny_cache, tiny_target, tmp_path) -> None:  # noqa: ANN001
+    config = FitConfig(
+        kind="dflash",
+        cache_dir=tiny_cache,
+        out_dir=tmp_path / "budget",
+        epochs=6,
+        sequences_per_step=3,
+        anchors_per_sequence=4,
+        time_budget_s=1e-3,
+    )
+    summary = fit(config, tiny_target, progress=False)
+    # 12 sequences, 3 per step, 6 epochs plan 24 steps; a spent budget stops after the 10 timed ones.
+    assert summary["steps"] == 10, f"the budget did not cut the 24 planned steps: {summary['steps']}"
+    assert (tmp_path / "budget" / "model.safetensors").exists(), "no checkpoint written at the cut"
