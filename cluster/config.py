@@ -8,6 +8,9 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from specray.cluster.failover_config import Failover
+from specray.cluster.limits import RequestLimits
+from specray.cluster.tls import InternalTls
 from specray.cluster.tracing import TracingConfig
 from specray.workers.models.loader import DEFAULT_MODEL
 
@@ -128,6 +131,12 @@ class ClusterConfig(_Strict):
     draft_workers: DraftPool = DraftPool()
     verifiers: VerifierPool = VerifierPool()
     tracing: TracingConfig = TracingConfig()
+    # The key clients must send (`Authorization: Bearer <key>` on HTTP /v1/*, `authorization`
+    # metadata on gRPC); None: $SPECRAY_API_KEY, and when that is unset too, no key. $VARS expand.
+    api_key: str | None = None
+    limits: RequestLimits = RequestLimits()
+    failover: Failover = Failover()
+    internal_tls: InternalTls | None = None  # draft worker → verifier gRPC over TLS; None: plaintext
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterConfig:
