@@ -2,7 +2,7 @@
 
 Keys (all with TTLs, so a crashed replica's state ages out):
 - `specray:session:<id>` hash: owner verifier, draft worker, prompt and committed token ids, KV
-  length, sampling params, status, acceptance counters.
+  length, sampling params, status, acceptance counters, drafts verified at each step.
 - `specray:verifier:<id>` hash: the verifier's gRPC address and active session count, refreshed by
   its heartbeat.
 """
@@ -75,10 +75,14 @@ class SessionStore:
         num_drafts: int,
         accepted: int,
         finish_reason: str | None,
+        verify_lengths: list[int] | None = None,
     ) -> None:
+        """One verify step; `verify_lengths` (drafts verified at each step so far) when recorded."""
         key = _SESSION + session_id
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping={"output_ids": json.dumps(output_ids), "kv_len": kv_len})
+            if verify_lengths is not None:
+                pipe.hset(key, "verify_lengths", json.dumps(verify_lengths))
             pipe.hincrby(key, "verify_steps", 1)
             pipe.hincrby(key, "draft_tokens", num_drafts)
             pipe.hincrby(key, "accepted_tokens", accepted)

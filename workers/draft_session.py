@@ -5,6 +5,9 @@ proposes the continuation of T + s. If the verifier accepts all of s and its bon
 continuation's first token, the rest of the continuation is the next segment and is sent at once;
 otherwise (the previous segment was cut short) it is dropped and the drafter starts over from the
 new committed tokens.
+
+Draft length: at most γ, and at most the verify budget the verifier reported with its last result
+(its scheduler's view of how many drafts of this session it can use under its current load).
 """
 
 from __future__ import annotations
@@ -61,10 +64,14 @@ async def draft_session(
         ahead: DraftProposal | None = None  # the pipelined continuation, still to be checked
         segment_id = 0
         while not result.finished:
+            budget = (
+                result.verify_budget if result.HasField("verify_budget") else config.num_speculative_tokens
+            )
             limit = max(
                 0,
                 min(
                     config.num_speculative_tokens,
+                    budget,
                     params.max_tokens - (len(tokens) - len(prompt_ids)) - 1,
                     config.max_context - len(tokens) - 1,
                 ),

@@ -65,6 +65,8 @@ class DraftWorker:
 
     @staticmethod
     def _build_drafter(config: ClusterConfig) -> Drafter | None:
+        if config.scheduling == "off":  # autoregressive: nothing to draft
+            return None
         target = None if config.drafter in MODEL_FREE_DRAFTERS else load_model(config.model)
         return build_drafter(config.drafter, target)
 
@@ -83,7 +85,11 @@ class DraftWorker:
             request["session_id"],
             request["prompt_ids"],
             params,
-            DraftSessionConfig(self.config.num_speculative_tokens, request["max_context"], self.worker_id),
+            DraftSessionConfig(
+                self.config.num_speculative_tokens if self.drafter is not None else 0,
+                request["max_context"],
+                self.worker_id,
+            ),
         )
         try:
             async for result in session:

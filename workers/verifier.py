@@ -2,7 +2,8 @@
 
 Each replica loads the target, runs a `VerifierCore` batching loop, serves the internal `Verifier`
 gRPC service on the configured host (127.0.0.1 by default) and registers its address in Redis,
-refreshed by a heartbeat that also publishes its load for the router.
+refreshed by a heartbeat that also publishes its load for the router. Under confidence scheduling it
+first reads its step curve SPS(B) from the cache, or profiles it (once per model, dtype and device).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from specray.workers.draft_worker import MODEL_FREE_DRAFTERS
 from specray.workers.drafters.registry import build_drafter
 from specray.workers.models.loader import load_model
 from specray.workers.protocol import decode_params
+from specray.workers.step_curve import load_or_profile
 from specray.workers.verifier_core import VerifierConfig, VerifierCore
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class VerifierServicer(verify_pb2_grpc.VerifierServicer):
     ) -> AsyncIterator[pb.VerifyMessage]:
         session_id: str | None = None
         output_ids: list[int] = []
+        verify_lengths: list[int] = []  # drafts verified per step, recorded with the session
         finished = False
         try:
             async for message in request_iterator:
@@ -64,6 +67,8 @@ class VerifierServicer(verify_pb2_grpc.VerifierServicer):
                     result = reply.result
                     output_ids += result.tokens
                     finished = result.finished
+                    if kind == "segment":
+                        verify_lengths.append(result.num_drafts)
                     await self.store.record_step(
                         session_id,
                         output_ids,
@@ -71,6 +76,7 @@ class VerifierServicer(verify_pb2_grpc.VerifierServicer):
                         result.num_drafts,
                         result.accepted,
                         result.finish_reason if finished else None,
+                        verify_lengths=verify_lengths,
                     )
                 yield reply
         finally:
@@ -95,11 +101,17 @@ class VerifierServicer(verify_pb2_grpc.VerifierServicer):
         return pb.VerifyMessage(error=error)
 
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsReply:
+        counters = self.core.counters
         return pb.StatsReply(
             verifier_id=self.verifier_id,
             active_sessions=len(self.core.sessions),
             kv_blocks_used=self.core.kv_blocks_used,
             steps=self.core.steps,
+            segments=counters.segments,
+            proposed_drafts=counters.proposed_drafts,
+            verified_drafts=counters.verified_drafts,
+            accepted_drafts=counters.accepted_drafts,
+            scheduling=self.core.config.scheduling,
         )
 
 
@@ -116,16 +128,27 @@ class Verifier:
         self._tasks: list[asyncio.Task] = []
         target = await asyncio.to_thread(load_model, config.model)
         pool = config.verifiers
-        # A feature drafter (DSpark, EAGLE-3) needs these target layers' hidden states with each result.
-        drafter = None if config.drafter in MODEL_FREE_DRAFTERS else build_drafter(config.drafter, target)
+        # A feature drafter (DSpark, EAGLE-3) needs these target layers' hidden states with each
+        # result; autoregressive serving (`scheduling: off`) drafts nothing and needs none.
+        drafting = config.scheduling != "off" and config.drafter not in MODEL_FREE_DRAFTERS
+        drafter = build_drafter(config.drafter, target) if drafting else None
+        gamma = max(config.num_speculative_tokens, 1)
+        step_curve = None
+        if config.scheduling == "confidence":
+            # The range one step can batch: every sequence's anchor and γ drafts, within the token cap.
+            batch_range = min(pool.max_num_batched_tokens, pool.max_num_seqs * (gamma + 1))
+            step_curve = await asyncio.to_thread(load_or_profile, target.model, config.model, batch_range)
         self.core = VerifierCore(
             target,
             VerifierConfig(
-                max_drafts=max(config.num_speculative_tokens, 1),
+                max_drafts=gamma,
                 max_num_seqs=pool.max_num_seqs,
                 max_num_batched_tokens=pool.max_num_batched_tokens,
                 kv_cache_tokens=pool.kv_cache_tokens,
                 feature_layers=drafter.feature_layers if drafter is not None else (),
+                scheduling=config.scheduling,
+                step_curve=step_curve,
+                confidence_prior=config.confidence_prior,
             ),
         )
         verify_pb2_grpc.add_VerifierServicer_to_server(

@@ -1,25 +1,36 @@
 """The verifier's engine: sessions, a segment queue and the batching loop, without any transport.
 
 Draft workers open a session (prefill), then send one `DraftSegment` at a time. Each step takes
-every queued segment from every session (continuous batching, arrival order, under the token
-budget), runs one target forward, verifies the drafts losslessly and answers each segment with its
-accepted prefix and correction/bonus token. The gRPC servicer and the in-process transport both
-drive `handle()`.
+queued segments from many sessions (continuous batching, under the sequence and token limits) in
+priority order: segments that already waited a step first, then by expected accepted length (the sum
+of their survival probabilities). The confidence scheduler then decides how many of each segment's
+drafts the step verifies (DSpark Algorithm 1 over the profiled step curve); the dropped tails are
+redrafted by the draft worker from the new committed position. One target forward, lossless
+verification, and each segment gets its accepted prefix, correction/bonus token and the verify
+budget to draft for next. The gRPC servicer and the in-process transport both drive `handle()`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from specray.protos.specray.v1 import verify_pb2 as pb
+from specray.workers.confidence_scheduler import (
+    POLICIES,
+    SchedulingPolicy,
+    VerifyScheduler,
+    expected_accepted,
+)
 from specray.workers.drafters.base import DraftProposal
 from specray.workers.model_runner import ModelRunner, ScheduledSequence
 from specray.workers.models.loader import LoadedModel
 from specray.workers.protocol import decode_params, decode_tensor, encode_tensor
 from specray.workers.sequence import Sequence, Status
+from specray.workers.step_curve import StepCurve
 from specray.workers.stopping import append_tokens
 from specray.workers.verification import verify_drafts
 
@@ -34,10 +45,22 @@ class VerifierConfig:
     kv_cache_tokens: int = 32768
     block_size: int = 16
     feature_layers: tuple[int, ...] = ()  # target layers whose hidden states feed the drafter
+    # How many of a segment's drafts a step verifies: all (`fixed`), DSpark Algorithm 1 over
+    # `step_curve` (`confidence`; drafts without confidences count `confidence_prior` each), or
+    # none (`off`: autoregressive).
+    scheduling: SchedulingPolicy = "fixed"
+    step_curve: StepCurve | None = None
+    confidence_prior: float = 0.6
 
     def __post_init__(self) -> None:
         if self.max_drafts < 0:
             raise ValueError("max_drafts must be >= 0")
+        if self.scheduling not in POLICIES:
+            raise ValueError(f"scheduling must be one of {POLICIES}")
+        if self.scheduling == "confidence" and self.step_curve is None:
+            raise ValueError("confidence scheduling needs a step curve")
+        if not 0.0 <= self.confidence_prior <= 1.0:
+            raise ValueError("confidence_prior must lie in [0, 1]")
         if min(self.max_num_seqs, self.max_num_batched_tokens, self.kv_cache_tokens, self.block_size) < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens, kv_cache_tokens, block_size must be >= 1")
 
@@ -52,12 +75,26 @@ class SegmentRejected(Exception):
 class _Job:
     seq: Sequence
     segment_id: int
-    proposal: DraftProposal
+    proposal: DraftProposal  # truncated to the verified drafts once the job is scheduled
     done: asyncio.Future = field(repr=False)
+    priority: float = 0.0  # expected accepted drafts: Σ_j Π_{i≤j} c_i
+    arrival: int = 0
+    steps_waited: int = 0  # steps that ran while this job stayed queued
+    num_proposed: int = 0  # drafts the segment carried
 
     @property
     def pending(self) -> list[int]:
         return self.seq.token_ids[self.seq.num_computed :]
+
+
+@dataclass
+class VerifyCounters:
+    """Totals over decode segments since start-up (the Stats RPC reports them)."""
+
+    segments: int = 0
+    proposed_drafts: int = 0
+    verified_drafts: int = 0
+    accepted_drafts: int = 0
 
 
 class VerifierCore:
@@ -71,6 +108,11 @@ class VerifierCore:
         self.max_context = target.config.max_position_embeddings
         self.sessions: dict[str, Sequence] = {}
         self.steps = 0
+        self.counters = VerifyCounters()
+        self.scheduler = VerifyScheduler(
+            self.config.scheduling, self.config.step_curve, self.config.confidence_prior
+        )
+        self._arrivals = itertools.count()
         self._queue: list[_Job] = []
         self._in_flight: set[str] = set()  # sessions with a queued or running job
         self._to_free: list[str] = []  # closed sessions, freed between steps (never under a forward)
@@ -96,6 +138,7 @@ class VerifierCore:
         except SegmentRejected as err:
             seq = self.sessions.get(session_id)
             return _error(session_id, segment_id, err.code, str(err), seq.num_tokens if seq else 0)
+        job.arrival = next(self._arrivals)
         self._queue.append(job)
         self._in_flight.add(session_id)
         self._wake()
@@ -171,8 +214,22 @@ class VerifierCore:
                 raise SegmentRejected(Code.INVALID, str(err)) from err
             if tuple(probs.shape) != (len(tokens), self.vocab_size):
                 raise SegmentRejected(Code.INVALID, f"draft_probs must be [{len(tokens)}, {self.vocab_size}]")
-        proposal = DraftProposal(tokens, probs, list(segment.confidence) or None)
-        return _Job(seq, segment.segment_id, proposal, asyncio.get_running_loop().create_future())
+        confidence = list(segment.confidence) or None
+        if confidence is not None and (
+            len(confidence) != len(tokens) or not all(0.0 <= c <= 1.0 for c in confidence)
+        ):
+            raise SegmentRejected(Code.INVALID, "confidence needs one value in [0, 1] per draft")
+        proposal = DraftProposal(tokens, probs, confidence)
+        # Queue order by survival, computed here from the confidences rather than taken on trust.
+        (survival,) = self.scheduler.survival_inputs([len(tokens)], [confidence])
+        return _Job(
+            seq,
+            segment.segment_id,
+            proposal,
+            asyncio.get_running_loop().create_future(),
+            priority=expected_accepted(survival),
+            num_proposed=len(tokens),
+        )
 
     def _blocks_for(self, seq: Sequence) -> int:
         # The worst case up front, as the engine does, so a running session never runs out of KV.
@@ -212,21 +269,56 @@ class VerifierCore:
                 self._wakeup.set()
 
     def _take_batch(self) -> list[_Job]:
+        """The next step's jobs, their proposals cut to the drafts the scheduler admits."""
+        for job in [j for j in self._queue if j.seq.finished]:  # closed while queued
+            self._queue.remove(job)
+            self._in_flight.discard(job.seq.seq_id)
+            job.done.cancel()
+        # High priority first: whatever already waited a step (so nothing starves), then the
+        # segments expected to yield the most tokens, then arrival order.
+        self._queue.sort(key=lambda j: (-j.steps_waited, -j.priority, j.arrival))
         budget = self.config.max_num_batched_tokens
+        # Under `fixed` every draft is verified, so it counts now; otherwise the scheduler spends
+        # what the anchors leave.
+        drafts_count = self.config.scheduling == "fixed"
         batch: list[_Job] = []
         for job in list(self._queue):
-            if job.seq.finished:  # closed while queued
-                self._queue.remove(job)
-                self._in_flight.discard(job.seq.seq_id)
-                job.done.cancel()
-                continue
-            cost = len(job.pending) + len(job.proposal.tokens)
+            cost = len(job.pending) + (len(job.proposal.tokens) if drafts_count else 0)
             if batch and (cost > budget or len(batch) >= self.config.max_num_seqs):
                 break
             batch.append(job)
             self._queue.remove(job)
             budget -= cost
+        for job in self._queue:
+            job.steps_waited += 1
+        if batch and not drafts_count:
+            self._schedule(batch)
         return batch
+
+    def _schedule(self, batch: list[_Job]) -> None:
+        lengths = self.scheduler.budgets(
+            [len(j.proposal.tokens) for j in batch],
+            [j.proposal.confidence for j in batch],
+            base_tokens=sum(len(j.pending) for j in batch),
+            max_tokens=max(self.config.max_num_batched_tokens, sum(len(j.pending) for j in batch)),
+        )
+        for job, keep in zip(batch, lengths):
+            p = job.proposal
+            job.proposal = replace(
+                p,
+                tokens=p.tokens[:keep],
+                probs=p.probs[:keep] if p.probs is not None else None,
+                confidence=p.confidence[:keep] if p.confidence is not None else None,
+            )
+
+    def _verify_budget(self, job: _Job) -> int:
+        """Drafts to send next: what this step verified plus one, so the budget can grow back
+        toward γ as load falls (and shrinks to a single probe draft under saturation)."""
+        if self.config.scheduling == "off":
+            return 0
+        if self.config.scheduling == "fixed" or job.segment_id == 0:  # fixed, or nothing known yet
+            return self.config.max_drafts
+        return min(self.config.max_drafts, len(job.proposal.tokens) + 1)
 
     def _step(self, batch: list[_Job]) -> list[pb.VerifyMessage]:
         pendings = [job.pending for job in batch]
@@ -245,6 +337,11 @@ class VerifierCore:
             seq.num_computed = start + len(pending) + accepted
             self.runner.rollback(seq.seq_id, seq.num_computed)
             seq.stats.record(len(job.proposal.tokens), accepted)
+            if job.segment_id:
+                self.counters.segments += 1
+                self.counters.proposed_drafts += job.num_proposed
+                self.counters.verified_drafts += len(job.proposal.tokens)
+                self.counters.accepted_drafts += accepted
             committed = append_tokens(
                 seq, emitted, self.target.stop_token_ids, self.target.tokenizer, self.max_context
             )
@@ -258,6 +355,8 @@ class VerifierCore:
                 finished=seq.finished,
                 finish_reason=seq.finish_reason or "",
                 stop_text_len=-1 if seq.stop_text_len is None else seq.stop_text_len,
+                num_proposed=job.num_proposed,
+                verify_budget=self._verify_budget(job),
             )
             if out.features is not None:
                 result.features.CopyFrom(encode_tensor(out.features[i][: len(pending) + accepted]))
