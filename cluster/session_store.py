@@ -18,6 +18,13 @@ import redis.asyncio as aioredis
 
 _SESSION = "specray:session:"
 _VERIFIER = "specray:verifier:"
+REDIS_TIMEOUT_S = 5.0
+_DELETE_IF_OWNED = """
+if redis.call('hget', KEYS[1], 'verifier') == ARGV[1] and redis.call('hget', KEYS[1], 'draft_worker') == ARGV[2] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
 
 
 @dataclass(frozen=True)
@@ -30,7 +37,13 @@ class VerifierInfo:
 class SessionStore:
     def __init__(self, url: str, session_ttl_s: int = 600, finished_ttl_s: int = 60) -> None:
         # $VARS expand so a deployment can keep the password in a Secret-fed variable, not in the URL.
-        self.redis = aioredis.from_url(os.path.expandvars(url), decode_responses=True)
+        # Bounded socket waits: a Redis that stops answering fails a call instead of hanging it.
+        self.redis = aioredis.from_url(
+            os.path.expandvars(url),
+            decode_responses=True,
+            socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+        )
         self.session_ttl_s = session_ttl_s
         self.finished_ttl_s = finished_ttl_s
 
@@ -45,7 +58,9 @@ class SessionStore:
         draft_worker: str,
         prompt_ids: list[int],
         params: dict[str, Any],
+        output_ids: list[int] | None = None,
     ) -> None:
+        """A session starts, or resumes here with the output it had already committed elsewhere."""
         key = _SESSION + session_id
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(key)
@@ -55,7 +70,7 @@ class SessionStore:
                     "verifier": verifier_id,
                     "draft_worker": draft_worker,
                     "prompt_ids": json.dumps(prompt_ids),
-                    "output_ids": "[]",
+                    "output_ids": json.dumps(output_ids or []),
                     "kv_len": 0,
                     "params": json.dumps(params),
                     "status": "running",
@@ -97,8 +112,22 @@ class SessionStore:
         record = await self.redis.hgetall(_SESSION + session_id)
         return record or None
 
-    async def delete_session(self, session_id: str) -> None:
-        await self.redis.delete(_SESSION + session_id)
+    async def delete_session(self, session_id: str, owner: tuple[str, str] | None = None) -> None:
+        """Delete the record; with owner=(verifier, draft worker), only while it still names them (a
+        session resumed elsewhere meanwhile keeps its new record)."""
+        if owner is None:
+            await self.redis.delete(_SESSION + session_id)
+        else:
+            await self.redis.eval(_DELETE_IF_OWNED, 1, _SESSION + session_id, *owner)
+
+    async def committed_output(self, session_id: str, prompt_ids: list[int]) -> list[int] | None:
+        """The output a still-running session of this prompt has committed, or None (no such record)."""
+        record = await self.get_session(session_id)
+        if record is None or record.get("status") != "running" or "output_ids" not in record:
+            return None
+        if json.loads(record.get("prompt_ids", "null")) != prompt_ids:
+            return None
+        return json.loads(record["output_ids"])
 
     async def session_ids(self) -> list[str]:
         return [key[len(_SESSION) :] async for key in self.redis.scan_iter(match=_SESSION + "*")]

@@ -45,9 +45,14 @@ async def draft_session(
     prompt_ids: list[int],
     params: SamplingParams,
     config: DraftSessionConfig,
+    resumed_output: list[int] | None = None,
 ) -> AsyncIterator[pb.VerifyResult]:
-    """Yield one VerifyResult per verify step (the prefill first) until the session finishes."""
-    tokens = list(prompt_ids)
+    """Yield one VerifyResult per verify step (the prefill first) until the session finishes.
+
+    `resumed_output`: the committed output of a session resumed after its verifier or draft worker
+    died; the verifier re-prefills prompt + output and generation goes on from there.
+    """
+    tokens = list(prompt_ids) + list(resumed_output or ())
     generator = torch.Generator()
     generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, (1,))))
     try:
@@ -56,6 +61,7 @@ async def draft_session(
             token_ids=tokens,
             params=encode_params(params),
             draft_worker=config.draft_worker,
+            prompt_len=len(prompt_ids) if resumed_output else 0,
         )
         await channel.send(pb.DraftMessage(open=open_msg))
         result = await _receive(channel, drafter, session_id)

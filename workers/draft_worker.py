@@ -8,7 +8,6 @@ Serve cancels the generator; closing the gRPC stream then makes the verifier fre
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -59,7 +58,8 @@ class DraftWorker:
     def __init__(self, config: ClusterConfig) -> None:
         torch.set_num_threads(config.draft_workers.torch_threads)
         self.config = config
-        self.worker_id = f"draft-{uuid.uuid4().hex[:8]}"
+        # Named after the Serve replica, so a session's draft worker in Redis leads to its actor.
+        self.worker_id = f"draft-{serve.get_replica_context().replica_id.unique_id}"
         self.drafter: Drafter | None = self._build_drafter(config)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -73,11 +73,17 @@ class DraftWorker:
     def _stub(self, address: str) -> verify_pb2_grpc.VerifierStub:
         # One channel per verifier: every session's stream is multiplexed over it (HTTP/2).
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address)
+            tls = self.config.internal_tls
+            self._channels[address] = (
+                grpc.aio.insecure_channel(address)
+                if tls is None
+                else grpc.aio.secure_channel(address, tls.channel_credentials(), tls.channel_options())
+            )
         return verify_pb2_grpc.VerifierStub(self._channels[address])
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """request: session_id, verifier_address, prompt_ids, params (SamplingParams fields), max_context."""
+        """request: session_id, verifier_address, prompt_ids, params (SamplingParams fields),
+        max_context, and output_ids when the session resumes after a failure."""
         params = SamplingParams(**request["params"])
         session = draft_session(
             GrpcChannel(self._stub(request["verifier_address"])),
@@ -90,6 +96,7 @@ class DraftWorker:
                 request["max_context"],
                 self.worker_id,
             ),
+            resumed_output=request.get("output_ids"),
         )
         try:
             async for result in session:

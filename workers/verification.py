@@ -38,7 +38,12 @@ def verify_drafts(
         num_drafts[row] = k
         target_probs[row, : k + 1] = target_distribution(row_logits, seq.params)
         if draft_probs is not None and k:
-            draft_probs[row, :k] = proposal.probs
+            if proposal.probs is not None:
+                draft_probs[row, :k] = proposal.probs
+            else:
+                # A deterministic drafter's p_d is one-hot; left at zero, another session's probs in
+                # the same batch would make every draft of this row pass the acceptance test.
+                draft_probs[row, torch.arange(k), draft_tokens[row, :k]] = 1.0
         greedy[row] = seq.params.greedy
         # Each row draws k+1 numbers from its own stream, whatever else is in the batch, so a seeded
         # request gives the same output alone or batched: k acceptance tests, then the

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -27,6 +26,7 @@ from specray.workers.draft_worker import MODEL_FREE_DRAFTERS
 from specray.workers.drafters.registry import build_drafter
 from specray.workers.models.loader import load_model
 from specray.workers.protocol import decode_params
+from specray.workers.session_bookkeeping import SessionBookkeeping
 from specray.workers.step_curve import load_or_profile
 from specray.workers.verifier_core import VerifierConfig, VerifierCore
 
@@ -36,7 +36,7 @@ REGISTRATION_TTL_S = 10
 
 
 class VerifierServicer(verify_pb2_grpc.VerifierServicer):
-    def __init__(self, verifier_id: str, core: VerifierCore, store: SessionStore) -> None:
+    def __init__(self, verifier_id: str, core: VerifierCore, store: SessionBookkeeping) -> None:
         self.verifier_id = verifier_id
         self.core = core
         self.store = store
@@ -45,6 +45,7 @@ class VerifierServicer(verify_pb2_grpc.VerifierServicer):
         self, request_iterator: AsyncIterator[pb.DraftMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.VerifyMessage]:
         session_id: str | None = None
+        draft_worker = ""
         output_ids: list[int] = []
         verify_lengths: list[int] = []  # drafts verified per step, recorded with the session
         finished = False
@@ -55,13 +56,17 @@ class VerifierServicer(verify_pb2_grpc.VerifierServicer):
                     break
                 reply = self._check_stream(message, session_id) or await self.core.handle(message)
                 if kind == "open" and reply.WhichOneof("kind") == "result":
-                    session_id = message.open.session_id
+                    session_id, draft_worker = message.open.session_id, message.open.draft_worker
+                    # A resumed session brings its committed output after the prompt.
+                    prompt_len = message.open.prompt_len or len(message.open.token_ids)
+                    output_ids = list(message.open.token_ids[prompt_len:])
                     await self.store.open_session(
                         session_id,
                         self.verifier_id,
-                        message.open.draft_worker,
-                        list(message.open.token_ids),
+                        draft_worker,
+                        list(message.open.token_ids[:prompt_len]),
                         dataclasses.asdict(decode_params(message.open.params)),
+                        output_ids=output_ids,
                     )
                 if reply.WhichOneof("kind") == "result" and session_id is not None:
                     result = reply.result
@@ -84,7 +89,8 @@ class VerifierServicer(verify_pb2_grpc.VerifierServicer):
             if session_id is not None:
                 self.core.close(session_id)
                 if not finished:
-                    await self.store.delete_session(session_id)
+                    # Unless the session was resumed elsewhere meanwhile (its draft worker died).
+                    await self.store.delete_session(session_id, owner=(self.verifier_id, draft_worker))
 
     @staticmethod
     def _check_stream(message: pb.DraftMessage, session_id: str | None) -> pb.VerifyMessage | None:
@@ -121,7 +127,9 @@ class Verifier:
         if config.redis_url is None:
             raise ValueError("the verifier needs redis_url")
         torch.set_num_threads(config.verifiers.torch_threads)
-        self.verifier_id = f"verifier-{uuid.uuid4().hex[:8]}"
+        # Named after the Serve replica, so a session's owner in Redis leads to its actor.
+        self.verifier_id = f"verifier-{serve.get_replica_context().replica_id.unique_id}"
+        self.tls = config.internal_tls
         # Created first so that __del__ finds them even when a later step fails.
         self.store = SessionStore(config.redis_url, config.session_ttl_s, config.finished_ttl_s)
         self.server = grpc.aio.server()
@@ -152,7 +160,7 @@ class Verifier:
             ),
         )
         verify_pb2_grpc.add_VerifierServicer_to_server(
-            VerifierServicer(self.verifier_id, self.core, self.store), self.server
+            VerifierServicer(self.verifier_id, self.core, SessionBookkeeping(self.store)), self.server
         )
         self.address = self._bind(pool.host, pool.port_range)
         await self.server.start()
@@ -164,7 +172,11 @@ class Verifier:
         low, high = port_range
         for port in range(low, high + 1):
             try:
-                bound = self.server.add_insecure_port(f"{host}:{port}")
+                address = f"{host}:{port}"
+                if self.tls is None:
+                    bound = self.server.add_insecure_port(address)
+                else:
+                    bound = self.server.add_secure_port(address, self.tls.server_credentials())
             except RuntimeError:
                 continue
             if bound:

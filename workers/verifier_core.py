@@ -29,6 +29,7 @@ from specray.workers.drafters.base import DraftProposal
 from specray.workers.model_runner import ModelRunner, ScheduledSequence
 from specray.workers.models.loader import LoadedModel
 from specray.workers.protocol import decode_params, decode_tensor, encode_tensor
+from specray.workers.segment_validation import check_draft_probs, split_resumed
 from specray.workers.sequence import Sequence, Status
 from specray.workers.step_curve import StepCurve
 from specray.workers.stopping import append_tokens
@@ -168,15 +169,17 @@ class VerifierCore:
             raise SegmentRejected(Code.INVALID, f"token ids must be non-empty and in [0, {self.vocab_size})")
         try:
             params = decode_params(open_msg.params)
+            # A resumed session re-prefills its committed output, which counts against max_tokens.
+            prompt, output = split_resumed(tokens, open_msg.prompt_len, params.max_tokens)
         except ValueError as err:
             raise SegmentRejected(Code.INVALID, str(err)) from err
-        if len(tokens) + params.max_tokens > self.max_context:
+        if len(prompt) + params.max_tokens > self.max_context:
             raise SegmentRejected(
                 Code.INVALID, f"prompt + max_tokens exceeds the model's context of {self.max_context} tokens"
             )
         generator = torch.Generator()
         generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, (1,))))
-        seq = Sequence(sid, tokens, params, generator, status=Status.RUNNING)
+        seq = Sequence(sid, prompt, params, generator, output_ids=output, status=Status.RUNNING)
         need = self._blocks_for(seq)
         if self._reserved_blocks + need > self.runner.kv.num_blocks:
             raise SegmentRejected(Code.EXHAUSTED, "the verifier's KV cache is full")
@@ -210,10 +213,9 @@ class VerifierCore:
         if segment.HasField("draft_probs"):
             try:
                 probs = decode_tensor(segment.draft_probs)
+                check_draft_probs(probs, tokens, self.vocab_size)
             except ValueError as err:
                 raise SegmentRejected(Code.INVALID, str(err)) from err
-            if tuple(probs.shape) != (len(tokens), self.vocab_size):
-                raise SegmentRejected(Code.INVALID, f"draft_probs must be [{len(tokens)}, {self.vocab_size}]")
         confidence = list(segment.confidence) or None
         if confidence is not None and (
             len(confidence) != len(tokens) or not all(0.0 <= c <= 1.0 for c in confidence)
