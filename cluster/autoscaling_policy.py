@@ -21,9 +21,10 @@ specray.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ray.serve.config import AutoscalingContext
+if TYPE_CHECKING:  # the replicas import the metric keys below without importing Serve
+    from ray.serve.config import AutoscalingContext
 
 # Keys of the dicts the replicas' `record_autoscaling_stats` return.
 SESSIONS = "specray_sessions"  # sessions open on the replica

@@ -92,12 +92,13 @@ def inject(context: Context | None = None) -> dict[str, str]:
     return carrier
 
 
-def extract(carrier: Mapping[str, str] | Iterable[tuple[str, str]] | None) -> Context:
-    """The context a peer sent as headers or gRPC metadata; an empty context when it sent none."""
+def extract(carrier: Mapping[str, str] | Iterable[tuple[str, str]] | None) -> Context | None:
+    """The context a peer sent as headers or gRPC metadata; None when it sent no valid one (its
+    spans are not recorded: a segment is traced only as part of its request's trace)."""
     if carrier is None:
-        return Context()
-    headers = dict(carrier) if not isinstance(carrier, Mapping) else carrier
-    return _W3C.extract(headers)
+        return None
+    context = _W3C.extract(dict(carrier) if not isinstance(carrier, Mapping) else carrier)
+    return context if trace.get_current_span(context).get_span_context().is_valid else None
 
 
 @contextmanager
