@@ -17,7 +17,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import torch
+from opentelemetry import trace
+from opentelemetry.context import Context
 
+from specray.cluster import tracing
 from specray.protos.specray.v1 import verify_pb2 as pb
 from specray.workers.drafters.base import Drafter, DraftProposal, DraftRequest
 from specray.workers.protocol import decode_tensor, encode_params, encode_tensor
@@ -36,6 +39,7 @@ class DraftSessionConfig:
     num_speculative_tokens: int = 5  # γ
     max_context: int = 8192
     draft_worker: str = ""  # recorded by the verifier in the session record
+    trace_context: Context | None = None  # the request's trace: a `specray.draft` span per segment
 
 
 async def draft_session(
@@ -55,6 +59,7 @@ async def draft_session(
     tokens = list(prompt_ids) + list(resumed_output or ())
     generator = torch.Generator()
     generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, (1,))))
+    span: trace.Span | None = None  # the segment in flight
     try:
         open_msg = pb.OpenSession(
             session_id=session_id,
@@ -70,6 +75,10 @@ async def draft_session(
         ahead: DraftProposal | None = None  # the pipelined continuation, still to be checked
         segment_id = 0
         while not result.finished:
+            # From drafting the segment (already done when pipelined) to its verify result.
+            span = tracing.tracer().start_span(
+                "specray.draft", config.trace_context, attributes={"specray.pipelined": ahead is not None}
+            )
             budget = (
                 result.verify_budget if result.HasField("verify_budget") else config.num_speculative_tokens
             )
@@ -88,6 +97,13 @@ async def draft_session(
                 else _propose(drafter, session_id, tokens, limit, params, generator)
             )
             segment_id += 1
+            span.set_attributes(
+                {
+                    tracing.SESSION_ID: session_id,
+                    tracing.SEGMENT_ID: segment_id,
+                    tracing.SEGMENT_LENGTH: len(proposal.tokens),
+                }
+            )
             await channel.send(
                 pb.DraftMessage(segment=_segment(session_id, segment_id, len(tokens), proposal))
             )
@@ -95,6 +111,8 @@ async def draft_session(
             # Draft the continuation while the verifier works; one extra token covers the bonus.
             guess = _propose(drafter, session_id, tokens + proposal.tokens, limit + 1, params, generator)
             result = await reply
+            span.set_attribute(tracing.ACCEPTED, result.accepted)
+            span.end()
             tokens += result.tokens
             ahead = None
             full = result.accepted == len(proposal.tokens)
@@ -106,6 +124,8 @@ async def draft_session(
                 )
             yield result
     finally:
+        if span is not None and span.is_recording():  # the session failed mid-segment
+            span.end()
         if drafter is not None:
             drafter.release(session_id)
         await channel.close()

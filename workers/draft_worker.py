@@ -8,14 +8,17 @@ Serve cancels the generator; closing the gRPC stream then makes the verifier fre
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 import torch
+from opentelemetry.trace import SpanKind
 from ray import serve
 
+from specray.cluster import tracing
 from specray.cluster.config import ClusterConfig
+from specray.cluster.stats_board import DRAFT_POOL, StatsBoard
 from specray.protos.specray.v1 import verify_pb2 as pb
 from specray.protos.specray.v1 import verify_pb2_grpc
 from specray.workers.draft_session import DraftSessionConfig, VerifyFailed, draft_session
@@ -23,6 +26,7 @@ from specray.workers.drafters.base import Drafter
 from specray.workers.drafters.registry import build_drafter
 from specray.workers.models.loader import load_model
 from specray.workers.sampling import SamplingParams
+from specray.workers.worker_stats import DraftWorkerStats
 
 # Drafters that need no target weights (nor target features).
 MODEL_FREE_DRAFTERS = frozenset({"none", "ngram"})
@@ -31,9 +35,10 @@ MODEL_FREE_DRAFTERS = frozenset({"none", "ngram"})
 class GrpcChannel:
     """One session's bidirectional `Verify` stream."""
 
-    def __init__(self, stub: verify_pb2_grpc.VerifierStub) -> None:
+    def __init__(self, stub: verify_pb2_grpc.VerifierStub, metadata: Sequence[tuple[str, str]] = ()) -> None:
         self._outbox: asyncio.Queue[pb.DraftMessage | None] = asyncio.Queue()
-        self._call = stub.Verify(self._messages())
+        # metadata: the W3C traceparent, so the verifier's spans join the request's trace.
+        self._call = stub.Verify(self._messages(), metadata=tuple(metadata))
 
     async def _messages(self) -> AsyncIterator[pb.DraftMessage]:
         while (message := await self._outbox.get()) is not None:
@@ -55,13 +60,24 @@ class GrpcChannel:
 
 @serve.deployment
 class DraftWorker:
-    def __init__(self, config: ClusterConfig) -> None:
+    async def __init__(self, config: ClusterConfig) -> None:
         torch.set_num_threads(config.draft_workers.torch_threads)
         self.config = config
         # Named after the Serve replica, so a session's draft worker in Redis leads to its actor.
         self.worker_id = f"draft-{serve.get_replica_context().replica_id.unique_id}"
         self.drafter: Drafter | None = self._build_drafter(config)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        tracing.configure_tracing(config.tracing, "draft_worker")
+        self.stats = DraftWorkerStats()
+        # The router's /metrics shows every replica's stats through Redis.
+        self.stats_board = StatsBoard(config.redis_url) if config.redis_url else None
+        self._publisher = (
+            asyncio.create_task(
+                self.stats_board.publish_forever(DRAFT_POOL, self.worker_id, self.stats.snapshot)
+            )
+            if self.stats_board is not None
+            else None
+        )
 
     @staticmethod
     def _build_drafter(config: ClusterConfig) -> Drafter | None:
@@ -85,8 +101,17 @@ class DraftWorker:
         """request: session_id, verifier_address, prompt_ids, params (SamplingParams fields),
         max_context, and output_ids when the session resumes after a failure."""
         params = SamplingParams(**request["params"])
+        span = tracing.tracer().start_span(
+            "specray.draft_session",
+            tracing.extract(request.get("trace_context")),
+            SpanKind.SERVER,
+            {tracing.SESSION_ID: request["session_id"], "specray.draft_worker": self.worker_id},
+        )
+        trace_context = tracing.child_of(span)
         session = draft_session(
-            GrpcChannel(self._stub(request["verifier_address"])),
+            GrpcChannel(
+                self._stub(request["verifier_address"]), tuple(tracing.inject(trace_context).items())
+            ),
             self.drafter,
             request["session_id"],
             request["prompt_ids"],
@@ -95,11 +120,15 @@ class DraftWorker:
                 self.config.num_speculative_tokens if self.drafter is not None else 0,
                 request["max_context"],
                 self.worker_id,
+                trace_context,
             ),
             resumed_output=request.get("output_ids"),
         )
+        self.stats.sessions += 1
         try:
             async for result in session:
+                if result.segment_id:  # a decode segment, not the prefill
+                    self.stats.record(result.num_drafts, result.accepted)
                 yield {
                     "tokens": list(result.tokens),
                     "num_drafts": result.num_drafts,
@@ -118,3 +147,16 @@ class DraftWorker:
             }
         finally:
             await session.aclose()
+            self.stats.sessions -= 1
+            span.end()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaler calls this; the draft pool's policy reads it."""
+        return self.stats.autoscaling()
+
+    async def __del__(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+        if self.stats_board is not None:
+            await self.stats_board.remove(DRAFT_POOL, self.worker_id)
+            await self.stats_board.close()

@@ -18,8 +18,10 @@ import ray
 import torch
 from ray import serve
 
+from specray.cluster import tracing
 from specray.cluster.config import ClusterConfig
 from specray.cluster.session_store import SessionStore
+from specray.cluster.stats_board import VERIFIER_POOL, StatsBoard
 from specray.protos.specray.v1 import verify_pb2 as pb
 from specray.protos.specray.v1 import verify_pb2_grpc
 from specray.workers.draft_worker import MODEL_FREE_DRAFTERS
@@ -29,6 +31,7 @@ from specray.workers.protocol import decode_params
 from specray.workers.session_bookkeeping import SessionBookkeeping
 from specray.workers.step_curve import load_or_profile
 from specray.workers.verifier_core import VerifierConfig, VerifierCore
+from specray.workers.worker_stats import VerifierStats
 
 logger = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0
@@ -49,12 +52,15 @@ class VerifierServicer(verify_pb2_grpc.VerifierServicer):
         output_ids: list[int] = []
         verify_lengths: list[int] = []  # drafts verified per step, recorded with the session
         finished = False
+        trace_context = tracing.extract(context.invocation_metadata())  # the draft session's span
         try:
             async for message in request_iterator:
                 kind = message.WhichOneof("kind")
                 if kind == "close":
                     break
-                reply = self._check_stream(message, session_id) or await self.core.handle(message)
+                reply = self._check_stream(message, session_id) or await self.core.handle(
+                    message, trace_context
+                )
                 if kind == "open" and reply.WhichOneof("kind") == "result":
                     session_id, draft_worker = message.open.session_id, message.open.draft_worker
                     # A resumed session brings its committed output after the prompt.
@@ -132,8 +138,10 @@ class Verifier:
         self.tls = config.internal_tls
         # Created first so that __del__ finds them even when a later step fails.
         self.store = SessionStore(config.redis_url, config.session_ttl_s, config.finished_ttl_s)
+        self.stats_board = StatsBoard(config.redis_url, HEARTBEAT_S)
         self.server = grpc.aio.server()
         self._tasks: list[asyncio.Task] = []
+        tracing.configure_tracing(config.tracing, "verifier")
         target = await asyncio.to_thread(load_model, config.model)
         pool = config.verifiers
         # A feature drafter (DSpark, EAGLE-3) needs these target layers' hidden states with each
@@ -189,6 +197,16 @@ class Verifier:
         await self.store.heartbeat_verifier(
             self.verifier_id, self.address, len(self.core.sessions), REGISTRATION_TTL_S
         )
+        await self.stats_board.publish(VERIFIER_POOL, self.verifier_id, self._stats().snapshot())
+
+    def _stats(self) -> VerifierStats:
+        stats = self.core.telemetry.stats
+        stats.sessions, stats.queued_segments = len(self.core.sessions), self.core.queued_segments
+        return stats
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaler calls this; the verifier pool's policy reads it."""
+        return self._stats().autoscaling()
 
     async def _heartbeat(self) -> None:
         while True:
@@ -210,5 +228,7 @@ class Verifier:
         for task in self._tasks:
             task.cancel()
         await self.store.unregister_verifier(self.verifier_id)
+        await self.stats_board.remove(VERIFIER_POOL, self.verifier_id)
         await self.server.stop(grace=1.0)
         await self.store.close()
+        await self.stats_board.close()

@@ -17,6 +17,7 @@ import itertools
 from dataclasses import dataclass, field, replace
 
 import torch
+from opentelemetry.context import Context
 
 from specray.protos.specray.v1 import verify_pb2 as pb
 from specray.workers.confidence_scheduler import (
@@ -34,6 +35,7 @@ from specray.workers.sequence import Sequence, Status
 from specray.workers.step_curve import StepCurve
 from specray.workers.stopping import append_tokens
 from specray.workers.verification import verify_drafts
+from specray.workers.verifier_telemetry import VerifierTelemetry
 
 Code = pb.VerifyError.Code
 
@@ -82,6 +84,7 @@ class _Job:
     arrival: int = 0
     steps_waited: int = 0  # steps that ran while this job stayed queued
     num_proposed: int = 0  # drafts the segment carried
+    trace_context: Context | None = None  # the request's trace, for this job's spans
 
     @property
     def pending(self) -> list[int]:
@@ -110,6 +113,7 @@ class VerifierCore:
         self.sessions: dict[str, Sequence] = {}
         self.steps = 0
         self.counters = VerifyCounters()
+        self.telemetry = VerifierTelemetry(self.config.max_num_batched_tokens)
         self.scheduler = VerifyScheduler(
             self.config.scheduling, self.config.step_curve, self.config.confidence_prior
         )
@@ -122,8 +126,11 @@ class VerifierCore:
         self._wakeup = asyncio.Event()
 
     # ---- protocol ------------------------------------------------------------------------------
-    async def handle(self, message: pb.DraftMessage) -> pb.VerifyMessage | None:
-        """Answer one message of a session's stream (None for a close)."""
+    async def handle(
+        self, message: pb.DraftMessage, trace_context: Context | None = None
+    ) -> pb.VerifyMessage | None:
+        """Answer one message of a session's stream (None for a close); `trace_context`: the
+        request's trace, which this message's step spans join."""
         kind = message.WhichOneof("kind")
         if kind == "close":
             self.close(message.close.session_id)
@@ -140,6 +147,7 @@ class VerifierCore:
             seq = self.sessions.get(session_id)
             return _error(session_id, segment_id, err.code, str(err), seq.num_tokens if seq else 0)
         job.arrival = next(self._arrivals)
+        job.trace_context = trace_context
         self._queue.append(job)
         self._in_flight.add(session_id)
         self._wake()
@@ -153,6 +161,10 @@ class VerifierCore:
             self._to_free.append(session_id)
             self._reserved_blocks -= self._blocks_for(seq)
             self._wake()
+
+    @property
+    def queued_segments(self) -> int:
+        return len(self._queue)
 
     @property
     def kv_blocks_used(self) -> int:
@@ -251,9 +263,11 @@ class VerifierCore:
             for sid in self._to_free:
                 self.runner.free(sid)
             self._to_free.clear()
+            self.telemetry.begin_step()
             batch = self._take_batch()
             if not batch:
                 continue
+            self.telemetry.scheduled(batch)
             try:
                 replies = await asyncio.to_thread(self._step, batch)
             except Exception as err:  # a failed forward fails its segments, not the replica
@@ -261,6 +275,7 @@ class VerifierCore:
                     _error(j.seq.seq_id, j.segment_id, Code.UNKNOWN, repr(err), j.seq.num_tokens)
                     for j in batch
                 ]
+            self.telemetry.end_step(batch, replies)
             for job, reply in zip(batch, replies):
                 self._in_flight.discard(job.seq.seq_id)
                 if job.seq.finished:
@@ -330,6 +345,7 @@ class VerifierCore:
                 for job, pending in zip(batch, pendings)
             ]
         )
+        self.telemetry.forward_done()
         verdicts = verify_drafts([j.seq for j in batch], [j.proposal for j in batch], out.logits)
         self.steps += 1
         replies = []
