@@ -9,6 +9,7 @@ import importlib
 BENCH_REGISTRARS = (
     "specray.cluster.bench_engine:register",
     "specray.kernels.bench:add_bench_kernels_parser",
+    "specray.cluster.bench_serve:register",
 )
 
 
