@@ -35,6 +35,12 @@ BUDGET_UTILIZATION = (
 )
 
 
+def _settling(ctx: AutoscalingContext) -> bool:
+    """Replicas are still starting: the pool's reports describe fewer replicas than it will have,
+    and deciding now would take back a scale-up before it lands (a verifier loads a model first)."""
+    return ctx.current_num_replicas < ctx.target_num_replicas
+
+
 def _per_replica(ctx: AutoscalingContext, key: str) -> list[float]:
     """The running replicas' window means of one reported metric (replicas not reporting yet are left out)."""
     metrics = (ctx.aggregated_metrics or {}).get(key, {})
@@ -48,7 +54,7 @@ class DraftPoolPolicy:
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
         sessions = _per_replica(ctx, SESSIONS)
-        if not sessions:  # nothing reported yet: keep the current target
+        if not sessions or _settling(ctx):  # nothing to go on yet: keep the current target
             return ctx.target_num_replicas, {}
         # Serve's own count also covers requests still queued at the router's handle.
         load = max(sum(sessions), ctx.total_num_requests)
@@ -70,7 +76,7 @@ class VerifierPoolPolicy:
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
         sessions = _per_replica(ctx, SESSIONS)
         utilization = _per_replica(ctx, BUDGET_UTILIZATION)
-        if not sessions or not utilization:
+        if not sessions or not utilization or _settling(ctx):
             return ctx.target_num_replicas, {}
         by_sessions = math.ceil(sum(sessions) / ctx.config.target_ongoing_requests)
         # Proportional: the replicas' summed budget use spread at the target utilization each.

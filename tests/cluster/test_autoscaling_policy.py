@@ -93,10 +93,17 @@ def test_verifier_pool_follows_budget_use_and_sessions():
     assert policy(quiet)[0] == 1
 
 
-def test_policies_hold_until_replicas_report():
+def test_policies_hold_until_replicas_report_and_while_they_start():
     empty = _context([], target_ongoing_requests=2)
     assert DraftPoolPolicy()(empty) == (0, {})
     assert VerifierPoolPolicy()(empty) == (0, {})
+    # A second verifier is starting: the first one's idle report must not cancel it.
+    starting = _context([_verifier_report(0, [])], target_ongoing_requests=8)
+    starting.target_num_replicas = 2
+    assert VerifierPoolPolicy()(starting)[0] == 2
+    starting_drafts = _context([_draft_report(0, 0, 0)], target_ongoing_requests=2)
+    starting_drafts.target_num_replicas = 2
+    assert DraftPoolPolicy()(starting_drafts)[0] == 2
 
 
 def test_reports_are_deltas_between_calls():
