@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -30,6 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--session-id", help="keep a conversation on the verifier that holds its KV")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="HTTP address of the router")
     p.add_argument("--grpc-address", default="127.0.0.1:9000", help="gRPC address of the router")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("SPECRAY_API_KEY"),
+        help="the server's key (default $SPECRAY_API_KEY)",
+    )
     p.set_defaults(func=run)
 
 
@@ -60,6 +66,10 @@ def _summary(usage: dict, speculation: dict, finish_reason: str) -> str:
     )
 
 
+def _auth(args: argparse.Namespace) -> dict[str, str]:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+
 def _http(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     body = {
         "messages": [{"role": "user", "content": args.prompt}],
@@ -74,7 +84,7 @@ def _http(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     request = urllib.request.Request(
         f"{args.url.rstrip('/')}/v1/chat/completions",
         json.dumps(body).encode(),
-        {"Content-Type": "application/json"},
+        {"Content-Type": "application/json", **_auth(args)},
     )
     try:
         with urllib.request.urlopen(request, timeout=600) as reply:
@@ -116,7 +126,12 @@ def _grpc(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     )
     with grpc.insecure_channel(args.grpc_address) as channel:
         stub = generate_pb2_grpc.GenerationStub(channel)
-        replies = stub.GenerateStream(request) if args.stream else [stub.Generate(request)]
+        metadata = tuple((k.lower(), v) for k, v in _auth(args).items())
+        replies = (
+            stub.GenerateStream(request, metadata=metadata)
+            if args.stream
+            else [stub.Generate(request, metadata=metadata)]
+        )
         for reply in replies:
             final = ""
             if reply.finish_reason:

@@ -56,6 +56,7 @@ class LocalRedis:
         return f"redis://{self.host}:{self.port}/0"
 
     def start(self, timeout_s: float = 30.0) -> LocalRedis:
+        Path(self._dir.name).mkdir(exist_ok=True)  # stop() removed it: a restart starts empty
         args = [redis_server_binary(), "--bind", self.host, "--port", str(self.port), "--save", ""]
         args += ["--appendonly", "no", "--dir", self._dir.name, "--protected-mode", "yes"]
         log = open(Path(self._dir.name) / "redis.log", "wb")  # noqa: SIM115 - lives as long as the server

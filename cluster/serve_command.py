@@ -23,6 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--draft-workers", type=int, help="draft worker replicas (fixed count)")
     p.add_argument("--verifiers", type=int, help="verifier replicas (fixed count)")
     p.add_argument("--ray-temp-dir", help="Ray's session directory (default: Ray's own)")
+    p.add_argument("--api-key", help="the key clients must send (default: $SPECRAY_API_KEY; unset: none)")
+    p.add_argument(
+        "--max-concurrent-requests", type=int, help="generations at once per router; more get HTTP 429"
+    )
     p.set_defaults(func=run)
 
 
@@ -36,7 +40,13 @@ def load_config(args: argparse.Namespace) -> ClusterConfig:
         "http_port": args.http_port,
         "grpc_port": args.grpc_port,
         "ray_temp_dir": args.ray_temp_dir,
+        "api_key": args.api_key,
     }
+    if args.max_concurrent_requests is not None:
+        changes["limits"] = {
+            **config.limits.model_dump(),
+            "max_concurrent_requests": args.max_concurrent_requests,
+        }
     if args.draft_workers is not None:
         changes["draft_workers"] = {
             **config.draft_workers.model_dump(),

@@ -12,28 +12,27 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 from opentelemetry.trace import SpanKind
-from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
+from redis.exceptions import RedisError
 from transformers import PreTrainedTokenizerBase
 
 from specray.cluster import tracing
+from specray.cluster.failover_config import Failover
+from specray.cluster.limits import RequestLimits
 from specray.cluster.session_store import SessionStore, VerifierInfo
+from specray.router.admission import Admission
+from specray.router.errors import Overloaded, RequestError, Unavailable
+from specray.router.failover import resumable_chunks
 from specray.router.metrics import RouterMetrics
+from specray.router.request_checks import check_request
 from specray.workers.sampling import SamplingParams
 
-# Verifier error codes that the request itself caused; the others (full KV cache, verifier gone) are 503s.
-_CLIENT_ERRORS = frozenset({"INVALID", "STALE", "NOT_OPEN"})
-
-
-class RequestError(ValueError):
-    """The client's fault: HTTP 400 / gRPC INVALID_ARGUMENT."""
-
-
-class Unavailable(RuntimeError):
-    """No capacity right now: HTTP 503 / gRPC UNAVAILABLE."""
+__all__ = ["Delta", "Generation", "GenerationRequest", "Overloaded", "RequestError", "Unavailable"]
 
 
 @dataclass
@@ -70,6 +69,8 @@ class Generation:
         store: SessionStore,
         draft_workers: DeploymentHandle,
         metrics: RouterMetrics,
+        limits: RequestLimits | None = None,
+        failover: Failover | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.max_context = max_context
@@ -77,6 +78,8 @@ class Generation:
         self.store = store
         self.draft_workers = draft_workers
         self.metrics = metrics
+        self.admission = Admission(limits or RequestLimits())
+        self.failover = failover or Failover()
         self._in_flight: Counter[str] = Counter()  # this router's open sessions per verifier
 
     # ---- request building -----------------------------------------------------------------------
@@ -96,6 +99,9 @@ class Generation:
         if (prompt is None) == (messages is None):
             raise RequestError("give exactly one of prompt or messages")
         try:
+            check_request(
+                prompt=prompt, messages=messages, stop=stop, seed=seed, top_k=top_k, session_id=session_id
+            )
             params = SamplingParams(
                 max_tokens=max_tokens or self.default_max_tokens,
                 temperature=1.0 if temperature is None else temperature,
@@ -124,13 +130,19 @@ class Generation:
         return GenerationRequest(prompt_ids, params, session_id or f"sess-{uuid.uuid4().hex}")
 
     # ---- placement ------------------------------------------------------------------------------
-    async def _pick_verifier(self, session_id: str) -> VerifierInfo:
-        verifiers = await self.store.live_verifiers()
+    async def _pick_verifier(
+        self, session_id: str, avoid: set[str] = frozenset(), resuming: bool = False
+    ) -> VerifierInfo:
+        """`avoid`: verifiers that failed this request; `resuming`: its own record says running."""
+        try:
+            verifiers = [v for v in await self.store.live_verifiers() if v.verifier_id not in avoid]
+            record = await self.store.get_session(session_id)
+        except RedisError as err:
+            raise Unavailable(f"the session store is unreachable: {err}") from err
         if not verifiers:
             raise Unavailable("no verifier is registered yet")
-        record = await self.store.get_session(session_id)
         if record is not None:
-            if record.get("status") == "running":
+            if record.get("status") == "running" and not resuming:
                 raise RequestError(f"session {session_id} already has a request in flight")
             owner = next((v for v in verifiers if v.verifier_id == record.get("verifier")), None)
             if owner is not None:
@@ -141,36 +153,65 @@ class Generation:
 
     # ---- streaming ------------------------------------------------------------------------------
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Text deltas as the verifier commits tokens; the last one carries finish_reason and stats."""
+        """Text deltas as the verifier commits tokens; the last one carries finish_reason and stats.
+
+        Overloaded when this router already generates its limit of requests.
+        """
+        with self.admission.slot():
+            async with aclosing(self._stream(request)) as deltas:
+                async for delta in deltas:
+                    yield delta
+
+    async def _path(
+        self,
+        request: GenerationRequest,
+        trace_context: dict[str, str],
+        verifier: VerifierInfo,
+        output_ids: list[int],
+    ) -> AsyncIterator[dict]:
+        """One attempt: the draft worker's chunks for `request` on `verifier`, after `output_ids`."""
+        self._in_flight[verifier.verifier_id] += 1
+        chunks = self.draft_workers.options(stream=True).generate.remote(
+            {
+                "session_id": request.session_id,
+                "verifier_address": verifier.address,
+                "prompt_ids": request.prompt_ids,
+                "output_ids": list(output_ids),
+                "params": asdict(request.params),
+                "max_context": self.max_context,
+                # The W3C traceparent: the draft worker's spans join this request's trace.
+                "trace_context": trace_context,
+            }
+        )
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            self._in_flight[verifier.verifier_id] -= 1
+            chunks.cancel()
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         attributes = {tracing.SESSION_ID: request.session_id, "specray.request_id": request.request_id}
         with (
             self.metrics.request() as tracked,
             tracing.span_scope("specray.request", None, attributes, SpanKind.SERVER) as span,
         ):
-            verifier = await self._pick_verifier(request.session_id)
-            self._in_flight[verifier.verifier_id] += 1
-            chunks = self.draft_workers.options(stream=True).generate.remote(
-                {
-                    "session_id": request.session_id,
-                    "verifier_address": verifier.address,
-                    "prompt_ids": request.prompt_ids,
-                    "params": asdict(request.params),
-                    "max_context": self.max_context,
-                    # The W3C traceparent: the draft worker's spans join this request's trace.
-                    "trace_context": tracing.inject(tracing.child_of(span)),
-                }
+            # Placement and the draft worker's stream, resumed elsewhere when a replica dies.
+            chunks = resumable_chunks(
+                request.session_id,
+                request.prompt_ids,
+                partial(self._pick_verifier, request.session_id),
+                partial(self._path, request, tracing.inject(tracing.child_of(span))),
+                self.store,
+                self.failover,
             )
             output_ids: list[int] = []
             sent = 0
             steps = drafts = accepted = 0
             # While stop strings may still match, the last characters are held back (they may be cut).
             hold = max(map(len, request.params.stop), default=1) - 1
-            try:
+            async with aclosing(chunks):
                 async for chunk in chunks:
-                    if "error" in chunk:
-                        if chunk["code"] in _CLIENT_ERRORS:
-                            raise RequestError(chunk["error"])
-                        raise Unavailable(chunk["error"])
                     output_ids += chunk["tokens"]
                     steps += 1
                     drafts += chunk["num_drafts"]
@@ -204,11 +245,6 @@ class Generation:
                     if visible > sent or chunk["tokens"]:
                         yield Delta(text[sent : max(visible, sent)], chunk["tokens"])
                         sent = max(visible, sent)
-            except RayError as err:  # the draft worker died or was removed mid-request
-                raise Unavailable(f"draft worker failed: {err}") from err
-            finally:
-                self._in_flight[verifier.verifier_id] -= 1
-                chunks.cancel()
 
     async def complete(self, request: GenerationRequest) -> Delta:
         """The whole completion as one delta."""

@@ -14,20 +14,27 @@ ChunkBuilder = Callable[[GenerationRequest, Delta, str, bool], dict[str, Any]]
 
 
 class _Request(BaseModel):
-    # Unknown OpenAI fields (logprobs, n=1, user, ...) are accepted and ignored, as vLLM does.
-    model_config = ConfigDict(extra="ignore")
+    # An unknown field is refused (400 naming it), as OpenAI does, rather than silently ignored: a
+    # client that asks for something this server does not do should hear so. Python's JSON parser
+    # reads NaN and Infinity; no field takes them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
+    temperature: float | None = Field(None, ge=0, le=100)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
     seed: int | None = Field(None, ge=0)
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
     session_id: str | None = Field(None, min_length=1, max_length=128)
+    # Sent by common OpenAI clients; accepted at their neutral values only.
+    user: str | None = None
+    stream_options: dict[str, bool] | None = None
+    presence_penalty: float = Field(0.0, ge=0, le=0)
+    frequency_penalty: float = Field(0.0, ge=0, le=0)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -40,7 +47,7 @@ class CompletionRequest(_Request):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
     content: str

@@ -16,15 +16,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import AutoTokenizer
 
 from specray.cluster import tracing
 from specray.cluster.config import ClusterConfig
 from specray.cluster.session_store import SessionStore
 from specray.cluster.stats_board import StatsBoard
-from specray.protos.specray.v1 import generate_pb2_grpc
-from specray.router.generation import Generation, GenerationRequest, RequestError, Unavailable
-from specray.router.grpc_api import GenerationServicer
+from specray.router.auth import ApiKeyInterceptor, resolve_api_key
+from specray.router.generation import Generation, GenerationRequest, Overloaded, RequestError, Unavailable
+from specray.router.grpc_api import GenerationServicer, add_generation_service
+from specray.router.http_guard import GuardSettings, HttpGuard
 from specray.router.metrics import RouterMetrics
 from specray.router.openai_schema import (
     ChatCompletionRequest,
@@ -38,6 +40,7 @@ from specray.router.pool_metrics import PoolMetricsCollector
 from specray.workers.models.loader import resolve_model_dir
 
 app = FastAPI(title="specray")
+app.add_middleware(HttpGuard)  # API key and body size, before FastAPI reads a request
 
 
 @app.exception_handler(RequestValidationError)
@@ -56,6 +59,18 @@ async def _unavailable(request: Request, err: Unavailable) -> JSONResponse:
     return JSONResponse(error_body(str(err), "service_unavailable"), status_code=503)
 
 
+@app.exception_handler(Overloaded)
+async def _overloaded(request: Request, err: Overloaded) -> JSONResponse:
+    headers = {"Retry-After": str(err.retry_after_s)}
+    return JSONResponse(error_body(str(err), "rate_limit_error"), status_code=429, headers=headers)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    # Unknown path, wrong method, a body cut off at the size limit: OpenAI's error shape too.
+    return JSONResponse(error_body(str(err.detail)), status_code=err.status_code, headers=err.headers)
+
+
 @serve.deployment
 @serve.ingress(app)
 class Router:
@@ -68,7 +83,12 @@ class Router:
         # Created first so that __del__ finds them even when a later step fails.
         self.store = SessionStore(config.redis_url, config.session_ttl_s, config.finished_ttl_s)
         self.stats_board = StatsBoard(config.redis_url)
-        self.grpc_server = grpc.aio.server()
+        api_key = resolve_api_key(config.api_key)
+        HttpGuard.configure(GuardSettings(api_key, config.limits.max_body_bytes))
+        self.grpc_server = grpc.aio.server(
+            interceptors=[ApiKeyInterceptor(api_key)] if api_key else None,
+            options=[("grpc.max_receive_message_length", config.limits.max_body_bytes)],
+        )
         tracing.configure_tracing(config.tracing, "router")
         # The verifier pool is bound here so Serve deploys it; requests reach verifiers by the gRPC
         # addresses they register in Redis, not through this handle.
@@ -80,11 +100,16 @@ class Router:
         self.pool_metrics = PoolMetricsCollector(config.model)
         self.metrics.registry.register(self.pool_metrics)
         self.generation = Generation(
-            tokenizer, max_context, config.default_max_tokens, self.store, draft_workers, self.metrics
+            tokenizer,
+            max_context,
+            config.default_max_tokens,
+            self.store,
+            draft_workers,
+            self.metrics,
+            config.limits,
+            config.failover,
         )
-        generate_pb2_grpc.add_GenerationServicer_to_server(
-            GenerationServicer(self.generation), self.grpc_server
-        )
+        add_generation_service(GenerationServicer(self.generation), self.grpc_server)
         if not self.grpc_server.add_insecure_port(f"{config.host}:{config.grpc_port}"):
             raise RuntimeError(f"cannot bind the gRPC API on {config.host}:{config.grpc_port}")
         await self.grpc_server.start()
