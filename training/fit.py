@@ -169,10 +169,12 @@ def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = T
         optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
         for i in chunk.tolist():
-            sample = data[i].to(config.device)
+            sample = data[i]
             rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 131 + i)
             min_anchor = 1 if config.kind == "eagle3" else 0
+            # Anchors are drawn on the CPU (the seeded generator lives there), then moved with the sample.
             anchors = choose_anchors(sample.loss_mask, config.anchors_per_sequence, rng, min_anchor)
+            sample, anchors = sample.to(config.device), anchors.to(config.device)
             if anchors.numel() == 0:
                 continue
             with autocast:

@@ -38,10 +38,10 @@ def choose_anchors(
 ) -> torch.Tensor:
     """Up to `max_anchors` sorted anchor positions whose first label (anchor + 1) is response text."""
     length = loss_mask.shape[0]
-    candidates = torch.arange(min_anchor, length - 1)
+    candidates = torch.arange(min_anchor, length - 1, device=loss_mask.device)
     candidates = candidates[loss_mask[candidates + 1]]
     if candidates.numel() > max_anchors:
-        pick = torch.randperm(candidates.numel(), generator=generator)[:max_anchors]
+        pick = torch.randperm(candidates.numel(), generator=generator)[:max_anchors].to(candidates.device)
         candidates = candidates[pick.sort().values]
     return candidates
 
@@ -51,7 +51,7 @@ def block_labels(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Labels [N, γ], supervised [N, γ] bool and the target's predicting positions [N, γ]."""
     length = ids.shape[0]
-    label_pos = anchors.unsqueeze(1) + 1 + torch.arange(block_size)
+    label_pos = anchors.unsqueeze(1) + 1 + torch.arange(block_size, device=anchors.device)
     inside = label_pos < length
     clamped = label_pos.clamp(max=length - 1)
     supervised = (inside & loss_mask[clamped]).long().cumprod(dim=1).bool()
@@ -68,7 +68,7 @@ def drafter_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss over [N, γ, V] draft logits (Markov-corrected) against the target's [N, γ, V] logits."""
     gamma = logits.shape[1]
-    position_weight = torch.tensor([math.exp(-k / weights.decay) for k in range(gamma)])
+    position_weight = torch.tensor([math.exp(-k / weights.decay) for k in range(gamma)], device=logits.device)
     w = position_weight.unsqueeze(0) * supervised.float()
     total = w.sum().clamp(min=1e-9)
     log_pd = logits.float().log_softmax(-1)

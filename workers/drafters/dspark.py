@@ -24,8 +24,10 @@ from specray.workers.models.decoder import DecoderModel, RMSNorm, RotaryEmbeddin
 def block_mask(anchors: torch.Tensor, context_len: int, block_size: int) -> torch.Tensor:
     """[N·γ, L + N·γ] bool: slot of block i sees context j < anchors[i] and all of block i only."""
     n = anchors.shape[0]
-    block_of = torch.arange(n).repeat_interleave(block_size)
-    sees_context = torch.arange(context_len).unsqueeze(0) < anchors[block_of].unsqueeze(1)
+    block_of = torch.arange(n, device=anchors.device).repeat_interleave(block_size)
+    sees_context = torch.arange(context_len, device=anchors.device).unsqueeze(0) < anchors[
+        block_of
+    ].unsqueeze(1)
     sees_block = block_of.unsqueeze(1) == block_of.unsqueeze(0)
     return torch.cat((sees_context, sees_block), dim=1)
 
@@ -55,7 +57,7 @@ class DSparkModel(nn.Module):
     def context_kv(self, features: torch.Tensor, start: int) -> list[KV]:
         """Per-layer KV of raw target features [T, m·d] at positions start..start+T−1."""
         fused = self.context_norm(self.fc(features))
-        rotary = self.rotary(torch.arange(start, start + features.shape[0]), fused.dtype)
+        rotary = self.rotary(torch.arange(start, start + features.shape[0], device=fused.device), fused.dtype)
         return [layer.context_kv(fused, rotary) for layer in self.layers]
 
     def blocks(
@@ -66,7 +68,7 @@ class DSparkModel(nn.Module):
         x = mask_embed.expand(n, gamma, -1).clone()
         x[:, 0] = anchor_embeds
         x = x.reshape(n * gamma, -1)
-        positions = (anchors.unsqueeze(1) + torch.arange(gamma)).reshape(-1)
+        positions = (anchors.unsqueeze(1) + torch.arange(gamma, device=anchors.device)).reshape(-1)
         rotary = self.rotary(positions, x.dtype)
         mask = block_mask(anchors, context[0][0].shape[0], gamma)
         for layer, kv in zip(self.layers, context):
@@ -92,9 +94,9 @@ class DSparkModel(nn.Module):
         """
         gamma = self.config.block_size
         context = self.context_kv(features, 0)
-        mask_embed = target.embed(torch.tensor([self.config.mask_token_id]))[0]
+        mask_embed = target.embed(torch.tensor([self.config.mask_token_id], device=ids.device))[0]
         hidden = self.blocks(context, anchors, target.embed(ids[anchors]), mask_embed)
-        prev_pos = (anchors.unsqueeze(1) + torch.arange(gamma)).clamp(max=ids.shape[0] - 1)
+        prev_pos = (anchors.unsqueeze(1) + torch.arange(gamma, device=ids.device)).clamp(max=ids.shape[0] - 1)
         prev = ids[prev_pos]
         logits = target.compute_logits(hidden)
         bias = self.markov_bias(prev)
@@ -131,21 +133,23 @@ class DSparkDrafter(Drafter):
         ]
         if not ready:
             return proposals
-        mask_embed = self.target.embed(torch.tensor([self.config.mask_token_id]))[0].float()
+        device = next(self.target.parameters()).device
+        mask_embed = self.target.embed(torch.tensor([self.config.mask_token_id], device=device))[0].float()
         hidden = []
         for i in ready:
             r = requests[i]
             anchor_pos = len(r.token_ids) - 1
             context = self.cache.context_kv(r.seq_id, anchor_pos, self.model.context_kv)
-            anchor_embed = self.target.embed(torch.tensor([r.token_ids[-1]])).float()
-            hidden.append(self.model.blocks(context, torch.tensor([anchor_pos]), anchor_embed, mask_embed)[0])
+            anchor_embed = self.target.embed(torch.tensor([r.token_ids[-1]], device=device)).float()
+            anchor_at = torch.tensor([anchor_pos], device=device)
+            hidden.append(self.model.blocks(context, anchor_at, anchor_embed, mask_embed)[0])
         hidden = torch.stack(hidden)
         logits = self.target.compute_logits(hidden.to(self._target_dtype)).float()
-        anchors = torch.tensor([requests[i].token_ids[-1] for i in ready])
-        temperature = torch.tensor([requests[i].params.temperature for i in ready])
+        anchors = torch.tensor([requests[i].token_ids[-1] for i in ready], device=device)
+        temperature = torch.tensor([requests[i].params.temperature for i in ready], device=device)
         uniforms = torch.stack(
             [torch.rand(self.config.block_size, generator=requests[i].generator) for i in ready]
-        )
+        ).to(device)
         m = self.model
         draft = sample_markov_block(
             logits,
@@ -157,7 +161,7 @@ class DSparkDrafter(Drafter):
             hidden=hidden,
             conf_weight=m.confidence_head.weight[0] if self.config.confidence else None,
             conf_bias=float(m.confidence_head.bias) if self.config.confidence else 0.0,
-            conf_temperature=torch.tensor(self.config.confidence_temperatures),
+            conf_temperature=torch.tensor(self.config.confidence_temperatures, device=device),
             return_probs=bool((temperature > 0).any()),
         )
         for row, i in enumerate(ready):

@@ -22,9 +22,12 @@ from specray.workers.models.decoder import DecoderModel, RMSNorm, RotaryEmbeddin
 def chain_mask(anchors: torch.Tensor, context_len: int, steps: int) -> torch.Tensor:
     """[N·s, L + N·s] bool: step j of chain i sees context t < anchors[i] − 1 and steps ≤ j of chain i."""
     n = anchors.shape[0]
-    chain_of = torch.arange(n).repeat_interleave(steps)
-    step_of = torch.arange(steps).repeat(n)
-    sees_context = torch.arange(context_len).unsqueeze(0) < (anchors[chain_of] - 1).unsqueeze(1)
+    device = anchors.device
+    chain_of = torch.arange(n, device=device).repeat_interleave(steps)
+    step_of = torch.arange(steps, device=device).repeat(n)
+    sees_context = torch.arange(context_len, device=device).unsqueeze(0) < (anchors[chain_of] - 1).unsqueeze(
+        1
+    )
     same_chain = chain_of.unsqueeze(1) == chain_of.unsqueeze(0)
     sees_chain = same_chain & (step_of.unsqueeze(0) <= step_of.unsqueeze(1))
     return torch.cat((sees_context, sees_chain), dim=1)
@@ -54,7 +57,7 @@ class Eagle3Model(nn.Module):
 
     def context_kv(self, inputs: torch.Tensor, start: int) -> list[KV]:
         """KV of step inputs [T, d] at positions start..; causal self-attention normalises them first."""
-        rotary = self.rotary(torch.arange(start, start + inputs.shape[0]), inputs.dtype)
+        rotary = self.rotary(torch.arange(start, start + inputs.shape[0], device=inputs.device), inputs.dtype)
         if len(self.layers) != 1:
             raise ValueError("EAGLE-3 caches context for its single layer only")
         layer = self.layers[0]
@@ -63,7 +66,7 @@ class Eagle3Model(nn.Module):
     def chains(self, context: list[KV], anchors: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Layer outputs (pre-norm) [N, s, d] for chain inputs [N, s, d] starting at position anchor−1."""
         n, steps, d = inputs.shape
-        positions = (anchors.unsqueeze(1) - 1 + torch.arange(steps)).reshape(-1)
+        positions = (anchors.unsqueeze(1) - 1 + torch.arange(steps, device=anchors.device)).reshape(-1)
         rotary = self.rotary(positions, inputs.dtype)
         mask = chain_mask(anchors, context[0][0].shape[0], steps)
         x = inputs.reshape(n * steps, d)
@@ -116,31 +119,33 @@ class Eagle3Drafter(Drafter):
         if r.max_tokens <= 0 or anchor_pos < 1 or self.cache.num_features(r.seq_id) < anchor_pos:
             return DraftProposal(tokens=[])
         m, ids = self.model, r.token_ids
+        device = next(self.target.parameters()).device
 
         def project(features: torch.Tensor, start: int) -> list[KV]:
-            next_ids = torch.tensor(ids[start + 1 : start + 1 + features.shape[0]])
+            next_ids = torch.tensor(ids[start + 1 : start + 1 + features.shape[0]], device=device)
             return m.context_kv(m.step_inputs(self._embed(next_ids), m.fuse(features)), start)
 
         # Steps up to position anchor−2 are context; the step at anchor−1 (reading the anchor) drafts.
         context = self.cache.context_kv(r.seq_id, anchor_pos - 1, project)
         features = self._features(r.seq_id, anchor_pos - 1)
-        inputs = m.step_inputs(self._embed(torch.tensor([ids[-1]])), m.fuse(features)).unsqueeze(0)
-        anchors = torch.tensor([anchor_pos])
+        inputs = m.step_inputs(
+            self._embed(torch.tensor([ids[-1]], device=device)), m.fuse(features)
+        ).unsqueeze(0)
+        anchors = torch.tensor([anchor_pos], device=device)
         steps = min(r.max_tokens, self.config.block_size)
         tokens, probs = [], []
         for j in range(steps):
             out = m.chains(context, anchors, inputs)[:, -1]
             logits = self.target.compute_logits(m.norm(out).to(self._dtype)).float().unsqueeze(1)
-            prev = torch.tensor([tokens[-1] if tokens else ids[-1]])
-            u = torch.rand(1, 1, generator=r.generator)
-            draft = sample_markov_block(
-                logits, prev, torch.tensor([r.params.temperature]), u, return_probs=not r.params.greedy
-            )
+            prev = torch.tensor([tokens[-1] if tokens else ids[-1]], device=device)
+            u = torch.rand(1, 1, generator=r.generator).to(device)
+            temperature = torch.tensor([r.params.temperature], device=device)
+            draft = sample_markov_block(logits, prev, temperature, u, return_probs=not r.params.greedy)
             tokens.append(int(draft.tokens[0, 0]))
             if not r.params.greedy:
                 probs.append(draft.probs[0, 0])
             if j + 1 < steps:
-                step = m.step_inputs(self._embed(torch.tensor([tokens[-1]])), out).unsqueeze(1)
+                step = m.step_inputs(self._embed(torch.tensor([tokens[-1]], device=device)), out).unsqueeze(1)
                 inputs = torch.cat((inputs, step), 1)
         return DraftProposal(tokens=tokens, probs=torch.stack(probs) if probs else None)
 
