@@ -52,12 +52,15 @@ class VerifierStats:
     batches: int = 0
     batch_tokens: int = 0  # tokens of all steps (prefill, pending and verified drafts)
     batch_sequences: int = 0
+    # Tokens counted against the budget: a prefill longer than the budget runs alone and fills it.
+    budget_tokens: int = 0
     _reported: tuple[int, int] = field(default=(0, 0), repr=False)
 
     def record_batch(self, num_sequences: int, num_tokens: int) -> None:
         self.batches += 1
         self.batch_sequences += num_sequences
         self.batch_tokens += num_tokens
+        self.budget_tokens += min(num_tokens, self.token_budget)
 
     def snapshot(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items() if not k.startswith("_")}
@@ -66,7 +69,7 @@ class VerifierStats:
         """Sessions now, and the mean share of the token budget the steps since the previous call
         filled (0 when no step ran: an idle verifier uses none of it)."""
         batches, tokens = self._reported
-        self._reported = (self.batches, self.batch_tokens)
+        self._reported = (self.batches, self.budget_tokens)
         steps = self.batches - batches
-        utilization = (self.batch_tokens - tokens) / (steps * self.token_budget) if steps else 0.0
+        utilization = (self.budget_tokens - tokens) / (steps * self.token_budget) if steps else 0.0
         return {SESSIONS: float(self.sessions), BUDGET_UTILIZATION: utilization}

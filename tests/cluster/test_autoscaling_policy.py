@@ -115,6 +115,9 @@ def test_reports_are_deltas_between_calls():
     drafts.record(5, 4)
     assert drafts.autoscaling()["specray_accepted_tokens"] == 4
     assert drafts.autoscaling()["specray_draft_tokens"] == 0
+    # A prefill longer than the budget runs alone: it fills the budget, no more.
+    stats.record_batch(1, 25)
+    assert stats.autoscaling()["specray_budget_utilization"] == 1.0
 
 
 def test_config_selects_each_pools_policy():
