@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from specray.workers.drafters.config import DrafterConfig, spread_feature_layers
@@ -99,3 +100,26 @@ def test_context_cache_crops_rejected_positions() -> None:
     kv = cache.context_kv("s", 5, project)
     assert calls == [(0, 5), (3, 2)]
     assert kv[0][0][:3, 0].tolist() == [[0, 1], [4, 5], [8, 9]] and (kv[0][0][3:] == -1).all()
+
+
+def test_a_shorter_draft_is_a_prefix_of_the_full_block(tiny_target) -> None:  # noqa: ANN001
+    from specray.workers.drafters.base import DraftRequest
+    from specray.workers.drafters.dspark import DSparkDrafter
+    from specray.workers.sampling import SamplingParams
+
+    drafter = DSparkDrafter(_dspark(tiny_target, markov_rank=8, confidence=True), tiny_target.model)
+    ids = torch.randint(3, 96, (20,)).tolist()
+    drafter.observe("s", torch.randn(19, 3 * 32), 0)
+    params = SamplingParams(max_tokens=50, temperature=1.0)
+
+    def propose(limit: int):  # noqa: ANN202
+        request = DraftRequest("s", ids, limit, params, torch.Generator().manual_seed(3))
+        return drafter.propose([request])[0]
+
+    full = propose(7)
+    for limit in (1, 3):
+        short = propose(limit)
+        assert short.tokens == full.tokens[:limit]
+        assert torch.equal(short.probs, full.probs[:limit])
+        # The confidence head's matmul may round differently over a narrower block.
+        assert short.confidence == pytest.approx(full.confidence[:limit], abs=1e-6)

@@ -143,13 +143,18 @@ class DSparkDrafter(Drafter):
             anchor_embed = self.target.embed(torch.tensor([r.token_ids[-1]], device=device)).float()
             anchor_at = torch.tensor([anchor_pos], device=device)
             hidden.append(self.model.blocks(context, anchor_at, anchor_embed, mask_embed)[0])
-        hidden = torch.stack(hidden)
+        # Slot k's hidden state depends on the whole block (bidirectional attention), but nothing
+        # after slot k depends on its logits: only the slots asked for get the LM head, a draft's
+        # largest cost, so drafting to a smaller verify budget is cheaper.
+        width = max(min(requests[i].max_tokens, self.config.block_size) for i in ready)
+        hidden = torch.stack(hidden)[:, :width]
         logits = self.target.compute_logits(hidden.to(self._target_dtype)).float()
         anchors = torch.tensor([requests[i].token_ids[-1] for i in ready], device=device)
         temperature = torch.tensor([requests[i].params.temperature for i in ready], device=device)
+        # A whole block's worth of draws whatever the width: a request's random stream advances alike.
         uniforms = torch.stack(
             [torch.rand(self.config.block_size, generator=requests[i].generator) for i in ready]
-        ).to(device)
+        )[:, :width].to(device)
         m = self.model
         draft = sample_markov_block(
             logits,
@@ -161,7 +166,7 @@ class DSparkDrafter(Drafter):
             hidden=hidden,
             conf_weight=m.confidence_head.weight[0] if self.config.confidence else None,
             conf_bias=float(m.confidence_head.bias) if self.config.confidence else 0.0,
-            conf_temperature=torch.tensor(self.config.confidence_temperatures, device=device),
+            conf_temperature=torch.tensor(self.config.confidence_temperatures[:width], device=device),
             return_probs=bool((temperature > 0).any()),
         )
         for row, i in enumerate(ready):
