@@ -47,6 +47,7 @@ class Run:
     matches_autoregressive: bool
     num_requests: int
     output_tokens: int
+    load_avg_1m: float  # the machine's 1-minute load average at the end (others' work shows here)
 
 
 @dataclass
@@ -243,6 +244,7 @@ def _summarize(
         matches_autoregressive=reference is None or reference == [r.token_ids for r in replies],
         num_requests=len(replies),
         output_tokens=tokens,
+        load_avg_1m=os.getloadavg()[0],
     )
 
 

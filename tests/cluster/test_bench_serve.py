@@ -41,7 +41,7 @@ def test_summary_of_a_run():
 
 def test_plot_has_one_line_per_mode(tmp_path):
     runs = [
-        bench_serve.Run(mode, c, 10.0 * c, 0.1, 0.2, 0.05, 0.1, 5.0, 1.1, 2.0, 3.0, True, 4, 40)
+        bench_serve.Run(mode, c, 10.0 * c, 0.1, 0.2, 0.05, 0.1, 5.0, 1.1, 2.0, 3.0, True, 4, 40, 1.0)
         for mode in bench_serve.MODES
         for c in (1, 4)
     ]
