@@ -17,6 +17,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="packaged name, .gguf file or HF directory")
     p.add_argument("--drafter", help=DRAFTER_CHOICES_HELP)
     p.add_argument("--num-speculative-tokens", "-k", type=int)
+    p.add_argument(
+        "--scheduling",
+        choices=("confidence", "fixed", "off"),
+        help="drafts verified per step: DSpark Algorithm 1, all γ, or none (autoregressive)",
+    )
     p.add_argument("--redis-url", help="an existing Redis; by default a local one is started")
     p.add_argument("--http-port", type=int)
     p.add_argument("--grpc-port", type=int)
@@ -36,6 +41,7 @@ def load_config(args: argparse.Namespace) -> ClusterConfig:
         "model": args.model,
         "drafter": args.drafter,
         "num_speculative_tokens": args.num_speculative_tokens,
+        "scheduling": args.scheduling,
         "redis_url": args.redis_url,
         "http_port": args.http_port,
         "grpc_port": args.grpc_port,

@@ -40,9 +40,9 @@ def test_bad_config_is_rejected(data):
 def test_serve_flags_override_yaml():
     from specray.cluster.cli import build_parser
 
-    args = build_parser().parse_args(["serve", "--config", str(EXAMPLE), "--verifiers", "2", "-k", "3"])
-    config = load_config(args)
-    assert config.num_speculative_tokens == 3
+    argv = ["serve", "--config", str(EXAMPLE), "--verifiers", "2", "-k", "3", "--scheduling", "off"]
+    config = load_config(build_parser().parse_args(argv))
+    assert config.num_speculative_tokens == 3 and config.scheduling == "off"
     assert config.verifiers.deployment_options()["num_replicas"] == 2
     assert config.verifiers.kv_cache_tokens == 32768  # the rest of the YAML stays
 
