@@ -258,7 +258,8 @@ def paged_attention_triton(
         meta.block_tables.stride(0),
         GROUP=group,
         HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        # Triton before 3.9 needs tl.dot's K >= 16; lanes past the head dim are masked off.
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         NUM_SPLITS=splits,

@@ -133,12 +133,13 @@ def launch_every_kernel() -> None:
     sample_markov_block_triton(**markov_inputs(3, 4, 100, 24, 32, torch.bfloat16, 0), return_probs=True)
     sample_markov_block_triton(**markov_inputs(40, 4, 100, 24, 32, torch.bfloat16, 0))
     sample_markov_block_triton(**markov_inputs(3, 4, 100, 0, 32, torch.bfloat16, 0, with_conf=False))
-    # (heads, kv heads, head dim, window, softcap, splits, dtype): SmolLM2, Qwen3-8B, Gemma 3.
+    # (heads, kv heads, head dim, window, softcap, splits, dtype): SmolLM2, Qwen3-8B, Gemma 3, tiny.
     for heads, kv_heads, head_dim, window, softcap, splits, dtype in (
         (9, 3, 64, None, None, 1, torch.bfloat16),
         (32, 8, 128, None, None, 4, torch.bfloat16),
         (4, 1, 256, 16, 30.0, 1, torch.bfloat16),
         (9, 3, 64, None, None, 1, torch.float32),
+        (4, 2, 8, None, None, 1, torch.float32),  # head dim below tl.dot's minimum K of 16
     ):
         q, k_cache, v_cache, meta = attention_inputs([8, 1], [40, 9], heads, kv_heads, head_dim, 16, dtype, 0)
         paged_attention_triton(q, k_cache, v_cache, meta, head_dim**-0.5, window, softcap, num_splits=splits)
