@@ -20,6 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens-per-batch", type=int, default=128)
     p.add_argument("--dtype", choices=_DTYPES, default="float32")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="CPU threads, as the verifier runs (verifiers.torch_threads)",
+    )
     p.add_argument("--refresh", action="store_true", help="profile again even if a cached curve exists")
     p.add_argument("--png", type=Path, help="plot the curve here")
     p.set_defaults(func=run)
@@ -32,7 +38,12 @@ def run(args: argparse.Namespace) -> int:
     from specray.workers.step_curve import load_or_profile
 
     target = load_model(args.model, getattr(torch, args.dtype), args.device)
-    curve = load_or_profile(target.model, args.model, args.max_tokens_per_batch, args.refresh)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.torch_threads)
+    try:
+        curve = load_or_profile(target.model, args.model, args.max_tokens_per_batch, args.refresh)
+    finally:
+        torch.set_num_threads(threads)  # as it was, for a caller in the same process
     print(f"{'batch tokens':>12}  {'steps/s':>9}  {'tokens/s':>9}")
     for b, sps in zip(curve.batch_tokens, curve.steps_per_s):
         print(f"{b:>12}  {sps:>9.2f}  {b * sps:>9.1f}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from specray.workers.confidence_scheduler import VerifyScheduler, confidence_budget
 from specray.workers.step_curve import StepCurve, default_batch_sizes, load_or_profile, profile_step_curve
@@ -106,7 +107,7 @@ def test_profile_tiny_model_and_cache(tiny_target, tmp_path, monkeypatch) -> Non
     assert all(a >= b for a, b in zip(step.steps_per_s, step.steps_per_s[1:]))
     cached = load_or_profile(model, "tiny/model", max_tokens_per_batch=8)
     files = list((tmp_path / "step_curves").glob("*.json"))
-    assert [f.name for f in files] == ["tiny_model-float32-cpu.json"]
+    assert [f.name for f in files] == [f"tiny_model-float32-cpu-t{torch.get_num_threads()}.json"]
     assert load_or_profile(model, "tiny/model", max_tokens_per_batch=8) == cached  # from the cache
     assert load_or_profile(model, "tiny/model", max_tokens_per_batch=16).batch_tokens[-1] == 16
 
@@ -124,7 +125,7 @@ def test_profile_command_prints_and_plots(tmp_path, monkeypatch, capsys) -> None
     rows = capsys.readouterr().out.splitlines()[1:]
     assert [int(r.split()[0]) for r in rows] == [1, 2, 4, 8]
     assert png.stat().st_size > 0
-    assert len(list((tmp_path / "cache" / "step_curves").glob("*-float32-cpu.json"))) == 1
+    assert len(list((tmp_path / "cache" / "step_curves").glob("*-float32-cpu-t1.json"))) == 1
 
 
 def test_engine_greedy_with_confidence_scheduling_equals_autoregressive(tmp_path) -> None:

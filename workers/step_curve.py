@@ -126,12 +126,12 @@ def profile_step_curve(
 
 
 def curve_cache_path(model_name: str, dtype: torch.dtype, device: str | torch.device) -> Path:
+    """One curve per model, dtype and device; on CPU also per torch thread count (a verifier with
+    one thread bends its curve differently from a profile taken with all cores)."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(model_name)).strip("_")
-    return (
-        cache_dir()
-        / "step_curves"
-        / f"{safe}-{str(dtype).removeprefix('torch.')}-{torch.device(device).type}.json"
-    )
+    kind = torch.device(device).type
+    threads = f"-t{torch.get_num_threads()}" if kind == "cpu" else ""
+    return cache_dir() / "step_curves" / f"{safe}-{str(dtype).removeprefix('torch.')}-{kind}{threads}.json"
 
 
 def load_or_profile(
