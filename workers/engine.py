@@ -8,7 +8,7 @@ pending tokens plus its drafts form its share of the batch, whatever its phase.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -210,13 +210,7 @@ class LLMEngine:
             base_tokens=sum(len(w.pending) for w in work),
         )
         for w, keep in zip(items, budgets):
-            p = w.proposal
-            w.proposal = replace(
-                p,
-                tokens=p.tokens[:keep],
-                probs=p.probs[:keep] if p.probs is not None else None,
-                confidence=p.confidence[:keep] if p.confidence is not None else None,
-            )
+            w.proposal = w.proposal.prefix(keep)
 
     def _max_drafts(self, seq: Sequence, budget: int) -> int:
         # The step always emits one target token after the accepted drafts, so drafting past

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from opentelemetry.context import Context
@@ -320,13 +320,7 @@ class VerifierCore:
             max_tokens=max(self.config.max_num_batched_tokens, sum(len(j.pending) for j in batch)),
         )
         for job, keep in zip(batch, lengths):
-            p = job.proposal
-            job.proposal = replace(
-                p,
-                tokens=p.tokens[:keep],
-                probs=p.probs[:keep] if p.probs is not None else None,
-                confidence=p.confidence[:keep] if p.confidence is not None else None,
-            )
+            job.proposal = job.proposal.prefix(keep)
 
     def _verify_budget(self, job: _Job) -> int:
         """Drafts to send next: what this step verified plus one, so the budget can grow back

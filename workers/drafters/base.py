@@ -28,6 +28,14 @@ class DraftProposal:
     # Per-token confidence c_k (probability the token survives given the previous ones did).
     confidence: list[float] | None = None
 
+    def prefix(self, n: int) -> DraftProposal:
+        """The first n drafts: what a verify budget of n keeps of this proposal."""
+        return DraftProposal(
+            self.tokens[:n],
+            self.probs[:n] if self.probs is not None else None,
+            self.confidence[:n] if self.confidence is not None else None,
+        )
+
 
 class Drafter(ABC):
     name: str
