@@ -38,7 +38,7 @@ class RouterMetrics:
         )
         self.num_draft_tokens = Counter(
             "specray:spec_decode_num_draft_tokens",
-            "Draft tokens sent to a verifier.",
+            "Draft tokens the target verified (tails the confidence scheduler dropped are not counted).",
             labels,
             registry=self.registry,
         )
