@@ -16,7 +16,7 @@ from scipy.stats import chisquare
 from tiny_models import tiny_hf_model
 
 from specray.kernels.acceptance import accept_drafts
-from specray.workers.confidence_scheduler import confidence_budget
+from specray.workers.confidence_scheduler import confidence_budget, survival_order
 from specray.workers.drafters.base import Drafter, DraftProposal, DraftRequest
 from specray.workers.engine import EngineConfig, LLMEngine
 from specray.workers.model_runner import ModelRunner, ScheduledSequence
@@ -34,13 +34,7 @@ P_DRAFT = torch.tensor([0.5, 0.5])
 
 def budget_without_early_stop(confidences: list[list[float]], curve: StepCurve) -> list[int]:
     """Algorithm 1 with the stop removed: the best of all prefixes of the survival order."""
-    candidates = []
-    for r, cs in enumerate(confidences):
-        survival = 1.0
-        for j, c in enumerate(cs, start=1):
-            survival *= c
-            candidates.append((survival, j, r))
-    candidates.sort(key=lambda cand: (-cand[0], cand[1]))
+    candidates = survival_order(confidences)
     lengths, best_lengths = [0] * len(confidences), [0] * len(confidences)
     batch, expected = len(confidences), float(len(confidences))
     best = expected * curve.sps(batch)

@@ -18,6 +18,20 @@ SchedulingPolicy = Literal["fixed", "confidence", "off"]
 POLICIES: tuple[SchedulingPolicy, ...] = ("fixed", "confidence", "off")
 
 
+def survival_order(confidences: Sequence[Sequence[float]]) -> list[tuple[float, int, int]]:
+    """Every candidate (survival a_{r,j}, j, r), in the order Algorithm 1 admits them."""
+    # 1. Survival of every candidate (r, j): the chance drafts 1..j of request r all get accepted.
+    candidates: list[tuple[float, int, int]] = []
+    for r, cs in enumerate(confidences):
+        survival = 1.0
+        for j, c in enumerate(cs, start=1):
+            survival *= c
+            candidates.append((survival, j, r))
+    # 2. Survival descending, ties by j: survival never grows along a request (c <= 1), so each
+    # request's admitted set is a prefix of its drafts.
+    return sorted(candidates, key=lambda cand: (-cand[0], cand[1]))
+
+
 def confidence_budget(
     confidences: Sequence[Sequence[float]],
     curve: StepCurve,
@@ -36,16 +50,7 @@ def confidence_budget(
     if base < num_requests:
         raise ValueError("base_tokens must count at least one anchor per request")
     cap = float("inf") if max_tokens is None else max_tokens
-    # 1. Survival of every candidate (r, j): the chance drafts 1..j of request r all get accepted.
-    candidates: list[tuple[float, int, int]] = []
-    for r, cs in enumerate(confidences):
-        survival = 1.0
-        for j, c in enumerate(cs, start=1):
-            survival *= c
-            candidates.append((survival, j, r))
-    # 2. Survival descending, ties by j: survival never grows along a request (c <= 1), so each
-    # request's admitted set is a prefix of its drafts.
-    candidates.sort(key=lambda cand: (-cand[0], cand[1]))
+    candidates = survival_order(confidences)
     # 3. Every request verifies its anchor: B = R tokens (plus any prefill), R expected tokens.
     lengths = [0] * num_requests
     batch_tokens, expected_tokens = base, float(num_requests)
