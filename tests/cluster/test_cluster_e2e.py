@@ -6,12 +6,10 @@ One cluster serves the whole module; requests stay short (greedy, few tokens) fo
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
@@ -28,7 +26,6 @@ from specray.workers.protocol import encode_params
 from specray.workers.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [
     "What is the capital of France?",
     "List three colors.",
@@ -43,14 +40,9 @@ MAX_TOKENS = 20
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    # Ray keeps its state under HOME and its temp dir: both inside the repository's scratch.
-    os.environ["HOME"] = str(REPO / ".scratch" / "home")
-    Path(os.environ["HOME"]).mkdir(parents=True, exist_ok=True)
+def cluster(local_cluster_settings):
     config = ClusterConfig(
-        http_port=0,
-        grpc_port=0,
-        ray_temp_dir=str(REPO / ".scratch" / "ray"),
+        **local_cluster_settings,
         finished_ttl_s=120,
         draft_workers={"num_replicas": 2},
         verifiers={"num_replicas": 2, "kv_cache_tokens": 4096},

@@ -9,10 +9,8 @@ process, stopped and started again on its port (empty: it keeps nothing on disk)
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 import ray
@@ -26,7 +24,6 @@ from specray.workers.engine import EngineConfig, LLMEngine
 from specray.workers.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [
     "Write a long story about a dragon who learns to fly.",
     "Explain in detail how a bicycle works.",
@@ -44,14 +41,10 @@ def redis_server():
 
 
 @pytest.fixture(scope="module")
-def cluster(redis_server):
-    os.environ["HOME"] = str(REPO / ".scratch" / "home")
-    Path(os.environ["HOME"]).mkdir(parents=True, exist_ok=True)
+def cluster(redis_server, local_cluster_settings):
     config = ClusterConfig(
-        http_port=0,
-        grpc_port=0,
+        **local_cluster_settings,
         redis_url=redis_server.url,
-        ray_temp_dir=str(REPO / ".scratch" / "ray"),
         draft_workers={"num_replicas": 2},
         verifiers={"num_replicas": 2, "kv_cache_tokens": 4096},
     )

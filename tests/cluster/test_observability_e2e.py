@@ -8,12 +8,10 @@ with short delays.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import urllib.request
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 import pytest
@@ -29,7 +27,6 @@ from specray.workers.engine import EngineConfig, LLMEngine
 from specray.workers.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 MAX_TOKENS = 48
 # Greedy SmolLM2 + n-gram drafts: the first prompt's drafts are mostly rejected, the second's
 # mostly accepted (the `acceptance` fixture measures both with the single-process engine).
@@ -71,9 +68,7 @@ def collector():
 
 
 @pytest.fixture(scope="module")
-def cluster(collector):
-    os.environ["HOME"] = str(REPO / ".scratch" / "home")
-    Path(os.environ["HOME"]).mkdir(parents=True, exist_ok=True)
+def cluster(collector, local_cluster_settings):
     pacing = {
         "metrics_interval_s": 0.5,
         "look_back_period_s": 2.0,
@@ -81,9 +76,7 @@ def cluster(collector):
         "downscale_delay_s": 3.0,
     }
     config = ClusterConfig(
-        http_port=0,
-        grpc_port=0,
-        ray_temp_dir=str(REPO / ".scratch" / "ray"),
+        **local_cluster_settings,
         tracing={"otlp_endpoint": collector[1]},
         draft_workers={
             "autoscaling": {

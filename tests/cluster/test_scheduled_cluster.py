@@ -5,10 +5,8 @@ verifier records how many drafts it verified per step."""
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
@@ -21,7 +19,6 @@ from specray.workers.engine import EngineConfig, LLMEngine
 from specray.workers.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 GAMMA = 5
 MAX_TOKENS = 16
 PROMPTS = [
@@ -45,16 +42,12 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    os.environ["HOME"] = str(REPO / ".scratch" / "home")
-    Path(os.environ["HOME"]).mkdir(parents=True, exist_ok=True)
+def cluster(local_cluster_settings):
     config = ClusterConfig(
         drafter="smollm2-135m-dspark",
         num_speculative_tokens=GAMMA,
         scheduling="confidence",
-        http_port=0,
-        grpc_port=0,
-        ray_temp_dir=str(REPO / ".scratch" / "ray"),
+        **local_cluster_settings,
         finished_ttl_s=300,
         verifiers={"kv_cache_tokens": 8192},
     )

@@ -13,7 +13,6 @@ import datetime
 import ipaddress
 import json
 import math
-import os
 import random
 import time
 import urllib.error
@@ -40,7 +39,6 @@ from specray.workers.protocol import encode_params, encode_tensor
 from specray.workers.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 API_KEY = "sk-test-5f1c9e"
 SERVER_NAME = "specray-verifier"  # the certificate's host name; verifiers advertise 127.0.0.1
 PROMPT = "What is the capital of France?"
@@ -97,13 +95,9 @@ def certificates(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(certificates):
-    os.environ["HOME"] = str(REPO / ".scratch" / "home")
-    Path(os.environ["HOME"]).mkdir(parents=True, exist_ok=True)
+def cluster(certificates, local_cluster_settings):
     config = ClusterConfig(
-        http_port=0,
-        grpc_port=0,
-        ray_temp_dir=str(REPO / ".scratch" / "ray"),
+        **local_cluster_settings,
         api_key=API_KEY,
         limits={"max_concurrent_requests": 2, "retry_after_s": 3, "max_body_bytes": MAX_BODY},
         internal_tls={**certificates, "server_name": SERVER_NAME},

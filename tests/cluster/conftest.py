@@ -1,0 +1,20 @@
+"""What every local test cluster shares."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def local_cluster_settings() -> dict:
+    """ClusterConfig fields for a test cluster: ports picked by the OS, and Ray's state (it keeps
+    some under HOME) and temp dir inside the repository's scratch space."""
+    home = REPO / ".scratch" / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["HOME"] = str(home)
+    return {"http_port": 0, "grpc_port": 0, "ray_temp_dir": str(REPO / ".scratch" / "ray")}
