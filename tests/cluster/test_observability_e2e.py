@@ -78,6 +78,9 @@ def cluster(collector, local_cluster_settings):
     config = ClusterConfig(
         **local_cluster_settings,
         tracing={"otlp_endpoint": collector[1]},
+        # Verify every draft, as the `acceptance` reference run does: confidence scheduling would
+        # verify only the leading drafts, whose acceptance is higher than the reference measures.
+        scheduling="fixed",
         draft_workers={
             "autoscaling": {
                 "min_replicas": 1,
