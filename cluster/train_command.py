@@ -53,6 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("--num-layers", type=int, default=1)
     fit.add_argument("--block-size", type=int, default=7, help="γ")
     fit.add_argument("--markov-rank", type=int, default=32)
+    fit.add_argument(
+        "--state-input",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="dspark/dflash: block slot inputs carry the target's last context state (H_ctx at anchor−1)",
+    )
     fit.add_argument("--epochs", type=int, default=2)
     fit.add_argument("--lr", type=float, default=6e-4)
     fit.add_argument("--sequences-per-step", type=int, default=4)
@@ -122,6 +128,7 @@ def run_fit(args: argparse.Namespace) -> int:
             num_layers=args.num_layers,
             block_size=args.block_size,
             markov_rank=args.markov_rank,
+            state_input=args.state_input,
             epochs=args.epochs,
             lr=args.lr,
             sequences_per_step=args.sequences_per_step,

@@ -46,6 +46,7 @@ class FitConfig:
     num_layers: int = 1
     block_size: int = 7
     markov_rank: int = 32
+    state_input: bool = False  # block drafters: slot inputs carry H_ctx at anchor−1 (see DrafterConfig)
     epochs: int = 2
     lr: float = 6e-4
     warmup: float = 0.04
@@ -92,6 +93,7 @@ def drafter_config(config: FitConfig, target: LoadedModel, feature_layers: tuple
         num_layers=config.num_layers,
         block_size=config.block_size,
         markov_rank=config.markov_rank if dspark else 0,
+        state_input=config.state_input and config.kind != "eagle3",
         confidence=dspark,
         mask_token_id=pick_mask_token(target),
         target_name=config.target,

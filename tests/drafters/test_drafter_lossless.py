@@ -12,12 +12,18 @@ from specray.workers.drafters.eagle3 import Eagle3Drafter
 from specray.workers.engine import EngineConfig, LLMEngine
 from specray.workers.sampling import SamplingParams
 
-KINDS = {"dspark": {"markov_rank": 8, "confidence": True}, "dflash": {}, "eagle3": {}}
+KINDS = {
+    "dspark": {"markov_rank": 8, "confidence": True},
+    "dspark-state-input": {"markov_rank": 8, "confidence": True, "state_input": True},
+    "dflash": {},
+    "eagle3": {},
+}
 
 
 def _drafter(kind: str, target):  # noqa: ANN001, ANN202
     torch.manual_seed(1)
-    model = build_model(DrafterConfig.for_target(kind, target.config, 3, mask_token_id=2, **KINDS[kind]))
+    config = DrafterConfig.for_target(kind.split("-")[0], target.config, 3, mask_token_id=2, **KINDS[kind])
+    model = build_model(config)
     return (Eagle3Drafter if kind == "eagle3" else DSparkDrafter)(model, target.model)
 
 

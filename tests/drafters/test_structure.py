@@ -40,8 +40,9 @@ def test_chain_mask_is_causal_within_chain() -> None:
     assert mask[:, 6:].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
 
 
-def test_block_never_sees_later_context_or_other_blocks(tiny_target) -> None:  # noqa: ANN001
-    model = _dspark(tiny_target, markov_rank=8, confidence=True)
+@pytest.mark.parametrize("state_input", [False, True])
+def test_block_never_sees_later_context_or_other_blocks(tiny_target, state_input) -> None:  # noqa: ANN001
+    model = _dspark(tiny_target, markov_rank=8, confidence=True, state_input=state_input)
     features = torch.randn(30, 3 * 32)
     ids = torch.randint(3, 96, (30,))
     anchors = torch.tensor([5, 12, 20])
@@ -57,8 +58,9 @@ def test_block_never_sees_later_context_or_other_blocks(tiny_target) -> None:  #
     assert torch.allclose(changed[1], logits[1], atol=1e-5) and not torch.allclose(changed[2], logits[2])
 
 
-def test_markov_bias_and_confidence_depend_only_on_previous_token(tiny_target) -> None:  # noqa: ANN001
-    model = _dspark(tiny_target, markov_rank=8, confidence=True)
+@pytest.mark.parametrize("state_input", [False, True])
+def test_markov_bias_and_confidence_depend_only_on_previous_token(tiny_target, state_input) -> None:  # noqa: ANN001
+    model = _dspark(tiny_target, markov_rank=8, confidence=True, state_input=state_input)
     features = torch.randn(30, 3 * 32)
     ids = torch.randint(3, 96, (30,))
     anchors = torch.tensor([10])
@@ -123,3 +125,48 @@ def test_a_shorter_draft_is_a_prefix_of_the_full_block(tiny_target) -> None:  # 
         assert torch.equal(short.probs, full.probs[:limit])
         # The confidence head's matmul may round differently over a narrower block.
         assert short.confidence == pytest.approx(full.confidence[:limit], abs=1e-6)
+
+
+def test_state_input_reads_the_last_context_state(tiny_target) -> None:  # noqa: ANN001
+    model = _dspark(tiny_target, markov_rank=8, confidence=True, state_input=True)
+    features = torch.randn(30, 3 * 32)
+    ids = torch.randint(3, 96, (30,))
+    anchors = torch.tensor([12])
+    logits, _ = model.training_outputs(features, ids, anchors, tiny_target.model)
+    # Remove attention's path to the context: only the state input can still carry position 11.
+    for layer in model.layers:
+        torch.nn.init.zeros_(layer.self_attn.v_proj.weight)
+    no_attention, _ = model.training_outputs(features, ids, anchors, tiny_target.model)
+    edited = features.clone()
+    edited[11] += torch.randn(3 * 32)
+    changed, _ = model.training_outputs(edited, ids, anchors, tiny_target.model)
+    assert not torch.allclose(changed, no_attention), "slots ignore H_ctx at anchor−1"
+    edited = features.clone()
+    edited[10] += torch.randn(3 * 32)
+    changed, _ = model.training_outputs(edited, ids, anchors, tiny_target.model)
+    assert torch.allclose(changed, no_attention, atol=1e-5), (
+        "the state input reads a position other than anchor−1"
+    )
+    assert not torch.allclose(logits, no_attention)
+
+
+@pytest.mark.parametrize("state_input", [False, True])
+def test_greedy_draft_is_the_training_argmax(tiny_target, state_input) -> None:  # noqa: ANN001
+    """Inference (cached context, slot-by-slot Markov sampling) drafts what the training forward scores."""
+    from specray.workers.drafters.base import DraftRequest
+    from specray.workers.drafters.dspark import DSparkDrafter
+    from specray.workers.sampling import SamplingParams
+
+    model = _dspark(tiny_target, markov_rank=8, confidence=True, state_input=state_input)
+    drafter = DSparkDrafter(model, tiny_target.model)
+    features = torch.randn(20, 3 * 32)
+    ids = torch.randint(3, 96, (20,))
+    drafter.observe("s", features[:15], 0)
+    request = DraftRequest("s", ids[:16].tolist(), 7, SamplingParams(max_tokens=50), torch.Generator())
+    drafted = drafter.propose([request])[0].tokens
+    # Teacher-force the drafted tokens: slot k's previous token is then the draft x_{k−1}.
+    forced = torch.cat((ids[:16], torch.tensor(drafted)))
+    logits, _ = model.training_outputs(
+        torch.cat((features, torch.randn(3, 3 * 32))), forced, torch.tensor([15]), tiny_target.model
+    )
+    assert logits[0].argmax(-1).tolist() == drafted

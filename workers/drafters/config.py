@@ -43,6 +43,10 @@ class DrafterConfig:
     markov_rank: int = 0  # r; 0 = no Markov head (DFlash, EAGLE-3)
     confidence: bool = False
     mask_token_id: int = 0  # the block's MASK input; a token real text never uses
+    # DSpark/DFlash: every block slot's input is in_proj([norm(embed(x)); H_{anchor−1}]) instead of
+    # the bare embedding. With tied embeddings the bare anchor embedding makes an untrained layer
+    # predict the anchor itself, and the context's last state must otherwise be fetched by attention.
+    state_input: bool = False
     # Per-position calibration temperatures dividing the confidence logit (1 = uncalibrated).
     confidence_temperatures: tuple[float, ...] = field(default=())
     target_name: str = ""
@@ -58,6 +62,8 @@ class DrafterConfig:
             raise ValueError("need num_layers >= 1, block_size >= 1, markov_rank >= 0")
         if not self.feature_layers:
             raise ValueError("a feature drafter needs at least one target feature layer")
+        if self.kind == "eagle3" and self.state_input:
+            raise ValueError("state_input is a block-drafter switch; EAGLE-3 always reads the last state")
         if self.kind != "dspark" and (self.markov_rank or self.confidence):
             raise ValueError(f"{self.kind} has neither Markov nor confidence head (that is dspark)")
         if len(self.confidence_temperatures) != self.block_size or min(self.confidence_temperatures) <= 0:

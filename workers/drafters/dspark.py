@@ -45,6 +45,9 @@ class DSparkModel(nn.Module):
         self.layers = nn.ModuleList(InjectedLayer(layer_config) for _ in range(config.num_layers))
         self.norm = RMSNorm(d, config.rms_norm_eps, False)
         self.rotary = RotaryEmbedding(config.head_dim, layer_config.rope)
+        if config.state_input:
+            self.embed_norm = RMSNorm(d, config.rms_norm_eps, False)
+            self.in_proj = nn.Linear(2 * d, d, bias=False)
         if r:
             self.markov_w1 = nn.Embedding(config.vocab_size, r)
             self.markov_w2 = nn.Linear(r, config.vocab_size, bias=False)
@@ -54,19 +57,35 @@ class DSparkModel(nn.Module):
         if config.confidence:
             self.confidence_head = nn.Linear(d + r, 1)
 
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:
+        """H_ctx: raw target features [T, m·d] → [T, d]."""
+        return self.context_norm(self.fc(features))
+
     def context_kv(self, features: torch.Tensor, start: int) -> list[KV]:
         """Per-layer KV of raw target features [T, m·d] at positions start..start+T−1."""
-        fused = self.context_norm(self.fc(features))
-        rotary = self.rotary(torch.arange(start, start + features.shape[0], device=fused.device), fused.dtype)
+        return self._fused_kv(self.fuse(features), start)
+
+    def _fused_kv(self, fused: torch.Tensor, start: int) -> list[KV]:
+        rotary = self.rotary(torch.arange(start, start + fused.shape[0], device=fused.device), fused.dtype)
         return [layer.context_kv(fused, rotary) for layer in self.layers]
 
     def blocks(
-        self, context: list[KV], anchors: torch.Tensor, anchor_embeds: torch.Tensor, mask_embed: torch.Tensor
+        self,
+        context: list[KV],
+        anchors: torch.Tensor,
+        anchor_embeds: torch.Tensor,
+        mask_embed: torch.Tensor,
+        states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-normed slot states [N, γ, d] for blocks at `anchors` over a shared context."""
+        """Final-normed slot states [N, γ, d] for blocks at `anchors` over a shared context.
+
+        `states` [N, d] is H_ctx at anchor−1 (zeros where there is none), read when `state_input`.
+        """
         n, gamma = anchors.shape[0], self.config.block_size
         x = mask_embed.expand(n, gamma, -1).clone()
         x[:, 0] = anchor_embeds
+        if self.config.state_input:
+            x = self.in_proj(torch.cat((self.embed_norm(x), states.unsqueeze(1).expand(-1, gamma, -1)), -1))
         x = x.reshape(n * gamma, -1)
         positions = (anchors.unsqueeze(1) + torch.arange(gamma, device=anchors.device)).reshape(-1)
         rotary = self.rotary(positions, x.dtype)
@@ -93,9 +112,11 @@ class DSparkModel(nn.Module):
         Markov and confidence heads see what inference sees when the earlier drafts were accepted.
         """
         gamma = self.config.block_size
-        context = self.context_kv(features, 0)
+        fused = self.fuse(features)
+        context = self._fused_kv(fused, 0)
         mask_embed = target.embed(torch.tensor([self.config.mask_token_id], device=ids.device))[0]
-        hidden = self.blocks(context, anchors, target.embed(ids[anchors]), mask_embed)
+        states = torch.cat((torch.zeros_like(fused[:1]), fused))[anchors]  # H_ctx at anchor−1
+        hidden = self.blocks(context, anchors, target.embed(ids[anchors]), mask_embed, states)
         prev_pos = (anchors.unsqueeze(1) + torch.arange(gamma, device=ids.device)).clamp(max=ids.shape[0] - 1)
         prev = ids[prev_pos]
         logits = target.compute_logits(hidden)
@@ -142,7 +163,12 @@ class DSparkDrafter(Drafter):
             context = self.cache.context_kv(r.seq_id, anchor_pos, self.model.context_kv)
             anchor_embed = self.target.embed(torch.tensor([r.token_ids[-1]], device=device)).float()
             anchor_at = torch.tensor([anchor_pos], device=device)
-            hidden.append(self.model.blocks(context, anchor_at, anchor_embed, mask_embed)[0])
+            state = (
+                self.model.fuse(self.cache.features(r.seq_id, anchor_pos - 1, anchor_pos))
+                if self.config.state_input
+                else None
+            )
+            hidden.append(self.model.blocks(context, anchor_at, anchor_embed, mask_embed, state)[0])
         # Slot k's hidden state depends on the whole block (bidirectional attention), but nothing
         # after slot k depends on its logits: only the slots asked for get the LM head, a draft's
         # largest cost, so drafting to a smaller verify budget is cheaper.
