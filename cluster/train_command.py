@@ -1,4 +1,4 @@
-"""`specray train data|cache|fit|calibrate`: the DeepSpec-style drafter training pipeline.
+"""`specray train data|cache|fit|calibrate|score`: the DeepSpec-style drafter training pipeline.
 
 Each step reads the previous one's output directory, is resumable, and shows progress bars.
 """
@@ -74,6 +74,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cal.add_argument("--anchors-per-sequence", type=int, default=64)
     cal.set_defaults(func=run_calibrate)
 
+    score = steps.add_parser(
+        "score", help="estimate drafters' τ on the held-out cache, teacher-forced (seconds, no engine)"
+    )
+    score.add_argument("--drafter", action="append", required=True, help="a checkpoint dir; repeatable")
+    score.add_argument("--target", default=DEFAULT_MODEL)
+    score.add_argument("--cache", type=Path, default=WORK / "cache")
+    score.add_argument("--json", type=Path, help="write both reports here (+ a PNG per temperature)")
+    score.set_defaults(func=run_score)
+
 
 def run_data(args: argparse.Namespace) -> int:
     from specray.training.regenerate import DataConfig, regenerate
@@ -139,6 +148,27 @@ def run_fit(args: argparse.Namespace) -> int:
         )
     )
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from specray.training.acceptance_estimate import score_drafters
+    from specray.training.evaluate import plot_acceptance
+    from specray.workers.models.loader import load_model
+
+    reports = score_drafters(args.drafter, load_model(args.target), args.target, args.cache)
+    for report in reports:
+        print(f"T={report['temperature']:g}")
+        for r in report["results"]:
+            print(
+                f"  {r['drafter']:<28} τ={r['tau']:.3f}  "
+                + " ".join(f"{a:.3f}" for a in r["accept_by_position"])
+            )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(reports, indent=1) + "\n")
+        for report in reports:
+            plot_acceptance(report, args.json.with_name(f"{args.json.stem}-t{report['temperature']:g}.png"))
     return 0
 
 

@@ -8,9 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from specray.training.acceptance_estimate import score_drafters
 from specray.training.fit import FitConfig, fit
 from specray.training.target_cache import CacheConfig, TargetCache, build_cache
-from specray.workers.drafters.checkpoint import load_drafter, load_drafter_model
+from specray.workers.drafters.checkpoint import (
+    build_model,
+    load_drafter,
+    load_drafter_model,
+    save_drafter_model,
+)
+from specray.workers.drafters.config import DrafterConfig
 from specray.workers.engine import EngineConfig, LLMEngine
 from specray.workers.sampling import SamplingParams
 
@@ -48,10 +55,11 @@ def test_cache_holds_features_and_masks(tiny_cache, tiny_target) -> None:  # noq
     assert sample.loss_mask[:8].sum() == 0 and sample.loss_mask[8:].all()
 
 
-@pytest.mark.parametrize("kind", ["dspark", "dflash", "eagle3"])
+@pytest.mark.parametrize("kind", ["dspark", "dspark-state-input", "dflash", "eagle3"])
 def test_fit_reduces_loss_and_round_trips(kind, tiny_cache, tiny_target, tmp_path) -> None:  # noqa: ANN001
     config = FitConfig(
-        kind=kind,
+        kind=kind.split("-")[0],
+        state_input=kind.endswith("state-input"),
         cache_dir=tiny_cache,
         out_dir=tmp_path / kind,
         markov_rank=8,
@@ -96,3 +104,39 @@ def test_time_budget_shortens_the_schedule(tiny_cache, tiny_target, tmp_path) ->
     # 12 sequences, 3 per step, 6 epochs plan 24 steps; a spent budget stops after the 10 timed ones.
     assert summary["steps"] == 10, f"the budget did not cut the 24 planned steps: {summary['steps']}"
     assert (tmp_path / "budget" / "model.safetensors").exists(), "no checkpoint written at the cut"
+
+
+def test_score_ranks_a_trained_drafter_above_its_untrained_start(tiny_cache, tiny_target, tmp_path) -> None:  # noqa: ANN001
+    config = FitConfig(
+        kind="dspark",
+        state_input=True,
+        cache_dir=tiny_cache,
+        out_dir=tmp_path / "trained",
+        markov_rank=8,
+        epochs=6,
+        lr=3e-3,
+        warmup=0.1,
+        sequences_per_step=3,
+        anchors_per_sequence=8,
+    )
+    fit(config, tiny_target, progress=False)
+    torch.manual_seed(0)
+    save_drafter_model(
+        build_model(DrafterConfig.load(tmp_path / "trained" / "config.json")), tmp_path / "untrained"
+    )
+    # Scored on its training split: a tiny random target's text is learnt, not generalised from.
+    reports = score_drafters(
+        [tmp_path / "untrained", tmp_path / "trained"], tiny_target, "tiny", tiny_cache, split="train"
+    )
+    assert [r["temperature"] for r in reports] == [0.0, 1.0]
+    # Each of the 40 response tokens of the 12 sequences is the first label of one anchor.
+    assert all(r["anchors"] == 12 * 40 for report in reports for r in report["results"])
+    for report in reports:
+        untrained, trained = report["results"]
+        for r in (untrained, trained):
+            by_position = r["accept_by_position"]
+            assert all(a >= b for a, b in zip(by_position, by_position[1:])), (
+                f"not a prefix rate: {by_position}"
+            )
+            assert r["tau"] == pytest.approx(1 + sum(by_position))
+        assert trained["tau"] > untrained["tau"], f"T={report['temperature']}: training did not raise τ"
