@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,8 +81,10 @@ def convert_gguf(gguf_path: Path) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = out.with_name(out.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
+    # A private directory per process, renamed into place whole: concurrent first loads (test
+    # workers, replicas) each convert, and a reader never sees a half-written copy.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".partial", dir=out.parent))
     model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
     )
@@ -94,10 +97,15 @@ def convert_gguf(gguf_path: Path) -> Path:
         state.pop("lm_head.weight", None)
     save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
     AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    (out / "complete").write_text(str(gguf_path))
+    (tmp / "complete").write_text(str(gguf_path))
+    if out.exists() and not (out / "complete").exists():
+        shutil.rmtree(out, ignore_errors=True)  # left by a converter that died mid-way
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not (out / "complete").exists():
+            raise
+        shutil.rmtree(tmp)  # another process finished first; its copy is identical
     return out
 
 
