@@ -50,9 +50,10 @@ clean:
 drafter: $(STAMP)
 	$(VENV)/bin/specray train data --num-train 112 --num-valid 24 --max-new-tokens 64 --batch-size 48
 	$(VENV)/bin/specray train cache --num-features 5
-	# DSpark, DFlash and EAGLE-3 on the same data and budget (block drafters with the state input).
+	# DSpark, DFlash and EAGLE-3 on the same data and budget (block drafters with the state input;
+	# the Markov flags apply to DSpark only).
 	for kind in dspark dflash eagle3; do \
-	  $(VENV)/bin/specray train fit --kind $$kind --out $(SCRATCH)/train/$$kind --markov-rank 32 --state-input --epochs 4 --sequences-per-step 4 --anchors-per-sequence 16 --lr 1e-3 || exit 1; \
+	  $(VENV)/bin/specray train fit --kind $$kind --out $(SCRATCH)/train/$$kind --markov-rank 256 --markov-tied --state-input --epochs 4 --sequences-per-step 4 --anchors-per-sequence 16 --lr 1e-3 || exit 1; \
 	done
 	$(VENV)/bin/specray train score --drafter $(SCRATCH)/train/dspark --drafter $(SCRATCH)/train/dflash --drafter $(SCRATCH)/train/eagle3 --json $(SCRATCH)/train/score.json
 	$(VENV)/bin/specray train calibrate --drafter $(SCRATCH)/train/dspark
@@ -67,6 +68,6 @@ drafter-gpu: $(STAMP)
 	$(VENV)/bin/specray train data --out $(GPU_TRAIN)/data --num-train 2000 --num-valid 160 --max-prompt-tokens 256 --max-new-tokens 256 --batch-size 512 --device cuda --dtype bfloat16
 	$(VENV)/bin/specray train cache --data $(GPU_TRAIN)/data --out $(GPU_TRAIN)/cache --num-features 5 --shard-records 512 --batch-tokens 32768 --device cuda --dtype bfloat16
 	for kind in dspark dflash eagle3; do \
-	  $(VENV)/bin/specray train fit --kind $$kind --cache $(GPU_TRAIN)/cache --out $(GPU_TRAIN)/$$kind --markov-rank 32 --state-input --epochs 4 --anchors-per-sequence 32 --sequences-per-step 8 --lr 1e-3 --device cuda --time-budget-minutes 4 & \
+	  $(VENV)/bin/specray train fit --kind $$kind --cache $(GPU_TRAIN)/cache --out $(GPU_TRAIN)/$$kind --markov-rank 256 --markov-tied --state-input --epochs 4 --anchors-per-sequence 32 --sequences-per-step 8 --lr 1e-3 --device cuda --time-budget-minutes 4 & \
 	done; wait
 	$(VENV)/bin/specray train calibrate --drafter $(GPU_TRAIN)/dspark --cache $(GPU_TRAIN)/cache

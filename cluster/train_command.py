@@ -59,6 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=False,
         help="dspark/dflash: block slot inputs carry the target's last context state (H_ctx at anchor−1)",
     )
+    fit.add_argument(
+        "--markov-tied",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="dspark: the Markov head's W1/W2 factor through the target's embedding and LM head",
+    )
     fit.add_argument("--epochs", type=int, default=2)
     fit.add_argument("--lr", type=float, default=6e-4)
     fit.add_argument("--sequences-per-step", type=int, default=4)
@@ -138,6 +144,7 @@ def run_fit(args: argparse.Namespace) -> int:
             block_size=args.block_size,
             markov_rank=args.markov_rank,
             state_input=args.state_input,
+            markov_tied=args.markov_tied,
             epochs=args.epochs,
             lr=args.lr,
             sequences_per_step=args.sequences_per_step,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from specray.training.objective import block_labels, choose_anchors
+from specray.training.objective import choose_anchors, teacher_forced_blocks
 from specray.training.target_cache import TargetCache
 from specray.workers.drafters.checkpoint import load_drafter_model
 from specray.workers.models.loader import LoadedModel
@@ -39,13 +39,10 @@ def score_drafter(
         at = choose_anchors(sample.loss_mask, sample.ids.shape[0], torch.Generator(), min_anchor=1)
         if at.numel() == 0:
             continue
-        labels, supervised, target_pos = block_labels(sample.ids, sample.loss_mask, at, gamma)
-        logits, _ = model.training_outputs(sample.features.float(), sample.ids, at, target.model)
-        p_t = target.model.compute_logits(sample.final_hidden[target_pos].float()).float().softmax(-1)
-        survive = (1 - 0.5 * (logits.float().softmax(-1) - p_t).abs().sum(-1)).clamp(0, 1)
-        hit = (logits.argmax(-1) == labels) & supervised
+        blocks = teacher_forced_blocks(model, target.model, sample, at)
+        hit = (blocks.logits.argmax(-1) == blocks.labels) & blocks.supervised
         greedy += hit.long().cumprod(1).sum(0).float()
-        sampled += (survive * supervised).cumprod(1).sum(0)
+        sampled += (blocks.survival() * blocks.supervised).cumprod(1).sum(0)
         anchors += at.numel()
     name = Path(drafter).name
     reports = {}

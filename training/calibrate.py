@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from specray.training.objective import block_labels, choose_anchors
+from specray.training.objective import choose_anchors, teacher_forced_blocks
 from specray.training.target_cache import TargetCache
 from specray.workers.drafters.checkpoint import load_drafter_model, resolve_drafter_path
 from specray.workers.drafters.dspark import DSparkModel
@@ -74,17 +74,11 @@ def collect(
         anchors = choose_anchors(sample.loss_mask, config.anchors_per_sequence, gen)
         if anchors.numel() == 0:
             continue
-        labels, supervised, target_pos = block_labels(
-            sample.ids, sample.loss_mask, anchors, model.config.block_size
-        )
-        full = supervised.all(dim=1)
-        if not full.any():
-            continue
-        logits, confidence = model.training_outputs(sample.features, sample.ids, anchors, target.model)
-        p_t = target.model.compute_logits(sample.final_hidden[target_pos]).float().softmax(-1)
-        survive = 1.0 - 0.5 * (logits.float().softmax(-1) - p_t).abs().sum(-1)
+        blocks = teacher_forced_blocks(model, target.model, sample, anchors)
+        full = blocks.supervised.all(dim=1)
+        survive = blocks.survival()
         drawn = (torch.rand(survive.shape, generator=gen) < survive).float().cumprod(dim=1)
-        logits_out.append(confidence[full])
+        logits_out.append(blocks.confidence[full])
         accept_out.append(drawn[full])
     return torch.cat(logits_out), torch.cat(accept_out)
 

@@ -23,9 +23,9 @@ from specray.training.objective import (
     DSPARK_LOSS,
     EAGLE3_LOSS,
     LossWeights,
-    block_labels,
     choose_anchors,
     drafter_loss,
+    teacher_forced_blocks,
 )
 from specray.training.target_cache import CachedSample, TargetCache
 from specray.workers.drafters.checkpoint import DrafterModel, build_model, save_drafter_model
@@ -47,6 +47,7 @@ class FitConfig:
     block_size: int = 7
     markov_rank: int = 32
     state_input: bool = False  # block drafters: slot inputs carry H_ctx at anchor−1 (see DrafterConfig)
+    markov_tied: bool = False  # DSpark: Markov tables through the target's embedding (see DrafterConfig)
     epochs: int = 2
     lr: float = 6e-4
     warmup: float = 0.04
@@ -94,6 +95,7 @@ def drafter_config(config: FitConfig, target: LoadedModel, feature_layers: tuple
         block_size=config.block_size,
         markov_rank=config.markov_rank if dspark else 0,
         state_input=config.state_input and config.kind != "eagle3",
+        markov_tied=config.markov_tied and dspark and config.markov_rank > 0,
         confidence=dspark,
         mask_token_id=pick_mask_token(target),
         target_name=config.target,
@@ -110,14 +112,10 @@ def sequence_loss(
     weights: LossWeights,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one cached sequence over the given anchors."""
-    gamma = model.config.block_size
-    labels, supervised, target_pos = block_labels(sample.ids, sample.loss_mask, anchors, gamma)
-    logits, confidence = model.training_outputs(sample.features, sample.ids, anchors, target)
-    # Each target position serves up to γ slots: project it through the LM head once.
-    unique, inverse = target_pos.unique(return_inverse=True)
-    with torch.no_grad():
-        target_logits = target.compute_logits(sample.final_hidden[unique])[inverse]
-    return drafter_loss(logits, confidence, target_logits, labels, supervised, weights)
+    blocks = teacher_forced_blocks(model, target, sample, anchors)
+    return drafter_loss(
+        blocks.logits, blocks.confidence, blocks.target_logits, blocks.labels, blocks.supervised, weights
+    )
 
 
 def lr_factor(step: int, total: int, warmup: float) -> float:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from specray.training.target_cache import CachedSample
+
 
 @dataclass(frozen=True)
 class LossWeights:
@@ -56,6 +58,37 @@ def block_labels(
     clamped = label_pos.clamp(max=length - 1)
     supervised = (inside & loss_mask[clamped]).long().cumprod(dim=1).bool()
     return ids[clamped], supervised, clamped - 1
+
+
+@dataclass
+class TeacherForcedBlocks:
+    """A drafter's blocks over one cached sequence, slot k's previous token the true x_{k−1}."""
+
+    labels: torch.Tensor  # [N, γ] the true tokens at anchor+k+1
+    supervised: torch.Tensor  # [N, γ] bool
+    logits: torch.Tensor  # [N, γ, V] Markov-corrected draft logits
+    confidence: torch.Tensor | None  # [N, γ] confidence logits (DSpark)
+    target_logits: torch.Tensor  # [N, γ, V] the target's logits for the same positions
+
+    def survival(self) -> torch.Tensor:
+        """[N, γ] P(a sampled draft survives verification at T = 1) = 1 − ½‖p_d − p_t‖₁."""
+        l1 = (self.logits.float().softmax(-1) - self.target_logits.float().softmax(-1)).abs().sum(-1)
+        return (1.0 - 0.5 * l1).clamp(0.0, 1.0)
+
+
+def teacher_forced_blocks(
+    model: torch.nn.Module, target: torch.nn.Module, sample: CachedSample, anchors: torch.Tensor
+) -> TeacherForcedBlocks:
+    """Score a drafter's blocks at `anchors` of a cached sequence; the target never runs its layers."""
+    labels, supervised, target_pos = block_labels(
+        sample.ids, sample.loss_mask, anchors, model.config.block_size
+    )
+    logits, confidence = model.training_outputs(sample.features, sample.ids, anchors, target)
+    # Each target position serves up to γ slots: project it through the LM head once.
+    unique, inverse = target_pos.unique(return_inverse=True)
+    with torch.no_grad():
+        target_logits = target.compute_logits(sample.final_hidden[unique])[inverse]
+    return TeacherForcedBlocks(labels, supervised, logits, confidence, target_logits)
 
 
 def drafter_loss(

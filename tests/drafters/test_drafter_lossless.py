@@ -15,6 +15,7 @@ from specray.workers.sampling import SamplingParams
 KINDS = {
     "dspark": {"markov_rank": 8, "confidence": True},
     "dspark-state-input": {"markov_rank": 8, "confidence": True, "state_input": True},
+    "dspark-tied": {"markov_rank": 8, "confidence": True, "state_input": True, "markov_tied": True},
     "dflash": {},
     "eagle3": {},
 }

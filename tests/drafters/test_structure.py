@@ -16,8 +16,12 @@ def _dspark(tiny_target, **kwargs) -> DSparkModel:  # noqa: ANN001
     config = DrafterConfig.for_target("dspark", tiny_target.config, 3, mask_token_id=2, **kwargs)
     model = DSparkModel(config).eval()
     with torch.no_grad():  # a non-zero W2 so the Markov path is exercised
-        model.markov_w2.weight.normal_()
+        (model.markov_out if config.markov_tied else model.markov_w2).weight.normal_()
     return model
+
+
+# (state_input, markov_tied): the bare and state-input block inputs, free and embedding-tied tables.
+VARIANTS = [(False, False), (True, False), (True, True)]
 
 
 def test_feature_layers_follow_the_dspark_rule() -> None:
@@ -58,9 +62,13 @@ def test_block_never_sees_later_context_or_other_blocks(tiny_target, state_input
     assert torch.allclose(changed[1], logits[1], atol=1e-5) and not torch.allclose(changed[2], logits[2])
 
 
-@pytest.mark.parametrize("state_input", [False, True])
-def test_markov_bias_and_confidence_depend_only_on_previous_token(tiny_target, state_input) -> None:  # noqa: ANN001
-    model = _dspark(tiny_target, markov_rank=8, confidence=True, state_input=state_input)
+@pytest.mark.parametrize("state_input,markov_tied", VARIANTS)
+def test_markov_bias_and_confidence_depend_only_on_previous_token(
+    tiny_target, state_input, markov_tied
+) -> None:  # noqa: ANN001
+    model = _dspark(
+        tiny_target, markov_rank=8, confidence=True, state_input=state_input, markov_tied=markov_tied
+    )
     features = torch.randn(30, 3 * 32)
     ids = torch.randint(3, 96, (30,))
     anchors = torch.tensor([10])
@@ -150,14 +158,16 @@ def test_state_input_reads_the_last_context_state(tiny_target) -> None:  # noqa:
     assert not torch.allclose(logits, no_attention)
 
 
-@pytest.mark.parametrize("state_input", [False, True])
-def test_greedy_draft_is_the_training_argmax(tiny_target, state_input) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("state_input,markov_tied", VARIANTS)
+def test_greedy_draft_is_the_training_argmax(tiny_target, state_input, markov_tied) -> None:  # noqa: ANN001
     """Inference (cached context, slot-by-slot Markov sampling) drafts what the training forward scores."""
     from specray.workers.drafters.base import DraftRequest
     from specray.workers.drafters.dspark import DSparkDrafter
     from specray.workers.sampling import SamplingParams
 
-    model = _dspark(tiny_target, markov_rank=8, confidence=True, state_input=state_input)
+    model = _dspark(
+        tiny_target, markov_rank=8, confidence=True, state_input=state_input, markov_tied=markov_tied
+    )
     drafter = DSparkDrafter(model, tiny_target.model)
     features = torch.randn(20, 3 * 32)
     ids = torch.randint(3, 96, (20,))
@@ -170,3 +180,19 @@ def test_greedy_draft_is_the_training_argmax(tiny_target, state_input) -> None: 
         torch.cat((features, torch.randn(3, 3 * 32))), forced, torch.tensor([15]), tiny_target.model
     )
     assert logits[0].argmax(-1).tolist() == drafted
+
+
+def test_tied_markov_tables_give_the_training_bias(tiny_target) -> None:  # noqa: ANN001
+    """The sampler's materialised [V, r] tables reproduce the factored head for every previous token."""
+    model = _dspark(tiny_target, markov_rank=8, confidence=True, markov_tied=True)
+    w1, w2 = model.markov_tables(tiny_target.model)
+    vocab = torch.arange(tiny_target.config.vocab_size)
+    with torch.no_grad():
+        code = model.markov_code(vocab, tiny_target.model)
+        bias = model.markov_bias(code, tiny_target.model)
+    assert w1.shape == w2.shape == (tiny_target.config.vocab_size, 8)
+    assert torch.allclose(w1, code, atol=1e-6), "W1 table differs from the embedding-tied code"
+    assert torch.allclose(w1 @ w2.T, bias, rtol=1e-4, atol=1e-3), "W2·W1 tables differ from the training bias"
+    assert sum(p.numel() for n, p in model.named_parameters() if n.startswith("markov")) < 3 * 32 * 8, (
+        "a tied Markov head should hold O(d·r) parameters, not a V×r table"
+    )

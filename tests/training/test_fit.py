@@ -55,11 +55,13 @@ def test_cache_holds_features_and_masks(tiny_cache, tiny_target) -> None:  # noq
     assert sample.loss_mask[:8].sum() == 0 and sample.loss_mask[8:].all()
 
 
-def _short_fit(kind: str, state_input: bool, cache: Path, out: Path) -> FitConfig:
-    """A few epochs on the tiny cache, enough for the loss to fall."""
+def _short_fit(kind: str, recipe: bool, cache: Path, out: Path) -> FitConfig:
+    """A few epochs on the tiny cache, enough for the loss to fall; `recipe` adds `make drafter`'s
+    switches (state input, embedding-tied Markov head)."""
     return FitConfig(
         kind=kind,
-        state_input=state_input,
+        state_input=recipe,
+        markov_tied=recipe,
         cache_dir=cache,
         out_dir=out,
         markov_rank=8,
@@ -71,9 +73,9 @@ def _short_fit(kind: str, state_input: bool, cache: Path, out: Path) -> FitConfi
     )
 
 
-@pytest.mark.parametrize("kind", ["dspark", "dspark-state-input", "dflash", "eagle3"])
+@pytest.mark.parametrize("kind", ["dspark", "dspark-recipe", "dflash", "eagle3"])
 def test_fit_reduces_loss_and_round_trips(kind, tiny_cache, tiny_target, tmp_path) -> None:  # noqa: ANN001
-    config = _short_fit(kind.split("-")[0], kind.endswith("state-input"), tiny_cache, tmp_path / kind)
+    config = _short_fit(kind.split("-")[0], kind.endswith("recipe"), tiny_cache, tmp_path / kind)
     summary = fit(config, tiny_target, progress=False)
     history = json.loads((tmp_path / kind / "train_log.json").read_text())["history"]
     first = sum(h["ce"] for h in history[:4]) / 4

@@ -47,6 +47,10 @@ class DrafterConfig:
     # the bare embedding. With tied embeddings the bare anchor embedding makes an untrained layer
     # predict the anchor itself, and the context's last state must otherwise be fetched by attention.
     state_input: bool = False
+    # DSpark: the Markov head's tables factor through the target's frozen token geometry,
+    # W1[x] = A·norm(embed(x)) and W2 = lm_head·B, so the bigram it learns generalises to tokens
+    # the training data rarely shows; otherwise W1 and W2 are free V×r tables.
+    markov_tied: bool = False
     # Per-position calibration temperatures dividing the confidence logit (1 = uncalibrated).
     confidence_temperatures: tuple[float, ...] = field(default=())
     target_name: str = ""
@@ -64,6 +68,8 @@ class DrafterConfig:
             raise ValueError("a feature drafter needs at least one target feature layer")
         if self.kind == "eagle3" and self.state_input:
             raise ValueError("state_input is a block-drafter switch; EAGLE-3 always reads the last state")
+        if self.markov_tied and not self.markov_rank:
+            raise ValueError("markov_tied needs a Markov head (markov_rank >= 1)")
         if self.kind != "dspark" and (self.markov_rank or self.confidence):
             raise ValueError(f"{self.kind} has neither Markov nor confidence head (that is dspark)")
         if len(self.confidence_temperatures) != self.block_size or min(self.confidence_temperatures) <= 0:

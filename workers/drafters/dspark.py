@@ -11,6 +11,7 @@ reads the previous token, never x_k. Embedding and LM head are the target's, fro
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from specray.kernels import sample_markov_block
@@ -48,11 +49,16 @@ class DSparkModel(nn.Module):
         if config.state_input:
             self.embed_norm = RMSNorm(d, config.rms_norm_eps, False)
             self.in_proj = nn.Linear(2 * d, d, bias=False)
-        if r:
+        if r and config.markov_tied:
+            self.markov_norm = RMSNorm(d, config.rms_norm_eps, False)
+            self.markov_in = nn.Linear(d, r, bias=False)
+            self.markov_out = nn.Linear(r, d, bias=False)
+            # Zero B (hence W2): training starts from the plain backbone distribution.
+            nn.init.zeros_(self.markov_out.weight)
+        elif r:
             self.markov_w1 = nn.Embedding(config.vocab_size, r)
             self.markov_w2 = nn.Linear(r, config.vocab_size, bias=False)
             nn.init.normal_(self.markov_w1.weight, std=r**-0.5)
-            # Zero W2: training starts from the plain backbone distribution.
             nn.init.zeros_(self.markov_w2.weight)
         if config.confidence:
             self.confidence_head = nn.Linear(d + r, 1)
@@ -94,13 +100,35 @@ class DSparkModel(nn.Module):
             x = layer(x, rotary, kv, mask)
         return self.norm(x).view(n, gamma, -1)
 
-    def markov_bias(self, prev: torch.Tensor) -> torch.Tensor | None:
-        return self.markov_w2(self.markov_w1(prev)) if self.config.markov_rank else None
+    def markov_code(self, prev: torch.Tensor, target: DecoderModel) -> torch.Tensor | None:
+        """W1[x_{k−1}]: the r-dim code of the previous token that the Markov and confidence heads read."""
+        if not self.config.markov_rank:
+            return None
+        if self.config.markov_tied:
+            return self.markov_in(self.markov_norm(target.embed(prev).to(self.markov_in.weight.dtype)))
+        return self.markov_w1(prev)
 
-    def confidence_logits(self, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor | None:
+    def markov_bias(self, code: torch.Tensor, target: DecoderModel) -> torch.Tensor:
+        """W2·W1[x_{k−1}] [.., V], the Markov head's logit correction."""
+        if self.config.markov_tied:
+            return F.linear(self.markov_out(code), target.lm_head.weight.to(code.dtype))
+        return self.markov_w2(code)
+
+    def markov_tables(self, target: DecoderModel) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(W1, W2), both [V, r] fp32, the tables the block sampler reads."""
+        if not self.config.markov_rank:
+            return None
+        if not self.config.markov_tied:
+            return self.markov_w1.weight.float(), self.markov_w2.weight.float()
+        vocab = torch.arange(self.config.vocab_size, device=self.markov_in.weight.device)
+        w1 = self.markov_code(vocab, target).float()
+        w2 = target.lm_head.weight.float() @ self.markov_out.weight.float()
+        return w1, w2
+
+    def confidence_logits(self, hidden: torch.Tensor, code: torch.Tensor | None) -> torch.Tensor | None:
         if not self.config.confidence:
             return None
-        inputs = torch.cat((hidden, self.markov_w1(prev)), -1) if self.config.markov_rank else hidden
+        inputs = hidden if code is None else torch.cat((hidden, code), -1)
         return self.confidence_head(inputs).squeeze(-1)
 
     def training_outputs(
@@ -118,12 +146,11 @@ class DSparkModel(nn.Module):
         states = torch.cat((torch.zeros_like(fused[:1]), fused))[anchors]  # H_ctx at anchor−1
         hidden = self.blocks(context, anchors, target.embed(ids[anchors]), mask_embed, states)
         prev_pos = (anchors.unsqueeze(1) + torch.arange(gamma, device=ids.device)).clamp(max=ids.shape[0] - 1)
-        prev = ids[prev_pos]
         logits = target.compute_logits(hidden)
-        bias = self.markov_bias(prev)
-        if bias is not None:
-            logits = logits + bias
-        return logits, self.confidence_logits(hidden, prev)
+        code = self.markov_code(ids[prev_pos], target)
+        if code is not None:
+            logits = logits + self.markov_bias(code, target)
+        return logits, self.confidence_logits(hidden, code)
 
 
 class DSparkDrafter(Drafter):
@@ -136,6 +163,8 @@ class DSparkDrafter(Drafter):
         self.name = model.config.kind
         self.feature_layers = model.config.feature_layers
         self.cache = ContextCache()
+        with torch.inference_mode():
+            self.markov_tables = model.markov_tables(target)
 
     def observe(self, seq_id: str, features: torch.Tensor, start: int) -> None:
         self.cache.observe(seq_id, features.float(), start)
@@ -182,13 +211,14 @@ class DSparkDrafter(Drafter):
             [torch.rand(self.config.block_size, generator=requests[i].generator) for i in ready]
         )[:, :width].to(device)
         m = self.model
+        w1, w2 = self.markov_tables or (None, None)
         draft = sample_markov_block(
             logits,
             anchors,
             temperature,
             uniforms,
-            w1=m.markov_w1.weight if self.config.markov_rank else None,
-            w2=m.markov_w2.weight if self.config.markov_rank else None,
+            w1=w1,
+            w2=w2,
             hidden=hidden,
             conf_weight=m.confidence_head.weight[0] if self.config.confidence else None,
             conf_bias=float(m.confidence_head.bias) if self.config.confidence else 0.0,
