@@ -47,18 +47,19 @@ clean:
 
 # The default DSpark drafter for SmolLM2-135M (drafters/smollm2-135m-dspark): every step resumes.
 .PHONY: drafter
+TRAIN := $(SCRATCH)/train
 drafter: $(STAMP)
-	$(VENV)/bin/specray train data --num-train 112 --num-valid 24 --max-new-tokens 64 --batch-size 48
-	$(VENV)/bin/specray train cache --num-features 5
+	$(VENV)/bin/specray train data --out $(TRAIN)/data --num-train 448 --num-valid 24 --max-new-tokens 64 --batch-size 48
+	$(VENV)/bin/specray train cache --data $(TRAIN)/data --out $(TRAIN)/cache --num-features 5
 	# DSpark, DFlash and EAGLE-3 on the same data and budget (block drafters with the state input;
 	# the Markov flags apply to DSpark only).
 	for kind in dspark dflash eagle3; do \
-	  $(VENV)/bin/specray train fit --kind $$kind --out $(SCRATCH)/train/$$kind --markov-rank 256 --markov-tied --state-input --epochs 4 --sequences-per-step 4 --anchors-per-sequence 16 --lr 1e-3 || exit 1; \
+	  $(VENV)/bin/specray train fit --kind $$kind --cache $(TRAIN)/cache --out $(TRAIN)/$$kind --markov-rank 256 --markov-tied --state-input --epochs 4 --sequences-per-step 4 --anchors-per-sequence 16 --lr 1e-3 || exit 1; \
 	done
-	$(VENV)/bin/specray train score --drafter $(SCRATCH)/train/dspark --drafter $(SCRATCH)/train/dflash --drafter $(SCRATCH)/train/eagle3 --json $(SCRATCH)/train/score.json
-	$(VENV)/bin/specray train calibrate --drafter $(SCRATCH)/train/dspark
+	$(VENV)/bin/specray train score --cache $(TRAIN)/cache --drafter $(TRAIN)/dspark --drafter $(TRAIN)/dflash --drafter $(TRAIN)/eagle3 --json $(TRAIN)/score.json
+	$(VENV)/bin/specray train calibrate --cache $(TRAIN)/cache --drafter $(TRAIN)/dspark
 	mkdir -p drafters/smollm2-135m-dspark
-	cp $(SCRATCH)/train/dspark/config.json $(SCRATCH)/train/dspark/model.safetensors $(SCRATCH)/train/dspark/calibration.json drafters/smollm2-135m-dspark/
+	cp $(TRAIN)/dspark/config.json $(TRAIN)/dspark/model.safetensors $(TRAIN)/dspark/calibration.json drafters/smollm2-135m-dspark/
 
 # The same pipeline at GPU scale (one H100: ~4 min of data, 20 s of cache, 4 min per drafter).
 # Writes to .scratch/train-gpu; copy a drafter from there into drafters/ to bundle it.
