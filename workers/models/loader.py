@@ -79,27 +79,18 @@ def convert_gguf(gguf_path: Path) -> Path:
     out = cache_dir() / "models" / f"{gguf_path.stem}-{digest}"
     if (out / "complete").exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     # A private directory per process, renamed into place whole: concurrent first loads (test
     # workers, replicas) each convert, and a reader never sees a half-written copy.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".partial", dir=out.parent))
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    hf_config = model.config.to_dict()
-    # The weights are dense tensors now: the copy is an ordinary checkpoint, not a GGUF one.
-    hf_config.pop("quantization_config", None)
-    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-    state = model.state_dict()
-    if hf_config.get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
-    AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(tmp)
+    try:
+        _write_dense_copy(gguf_path, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (tmp / "complete").write_text(str(gguf_path))
     if out.exists() and not (out / "complete").exists():
-        shutil.rmtree(out, ignore_errors=True)  # left by a converter that died mid-way
+        shutil.rmtree(out, ignore_errors=True)  # an older specray renamed before marking complete
     try:
         tmp.rename(out)
     except OSError:
@@ -107,6 +98,24 @@ def convert_gguf(gguf_path: Path) -> Path:
             raise
         shutil.rmtree(tmp)  # another process finished first; its copy is identical
     return out
+
+
+def _write_dense_copy(gguf_path: Path, out: Path) -> None:
+    """Dequantize the GGUF into `out` as config.json + model.safetensors + tokenizer files."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    hf_config = model.config.to_dict()
+    # The weights are dense tensors now: the copy is an ordinary checkpoint, not a GGUF one.
+    hf_config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    state = model.state_dict()
+    if hf_config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors")
+    AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(out)
 
 
 @dataclass
