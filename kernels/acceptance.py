@@ -51,13 +51,13 @@ def accept_drafts(
     Returns (num_accepted [B], emitted [B, γ+1]): row b emits `num_accepted[b] + 1` tokens, the
     accepted drafts followed by the correction or bonus token; the rest of the row is -1.
     """
-    batch, gamma = draft_tokens.shape
+    batch, num_slots = draft_tokens.shape
     device = draft_tokens.device
-    positions = torch.arange(gamma, device=device)
+    positions = torch.arange(num_slots, device=device)
     valid = positions.unsqueeze(0) < num_drafts.unsqueeze(1)
     tokens = draft_tokens.clamp(min=0)
 
-    p_target_draft = target_probs[:, :gamma].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    p_target_draft = target_probs[:, :num_slots].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     if draft_probs is None:
         p_draft_draft = torch.ones_like(p_target_draft)
     else:
@@ -65,8 +65,8 @@ def accept_drafts(
 
     target_argmax = target_probs.argmax(dim=-1)
     # Accept test per position: u < p_t / p_d  <=>  u * p_d < p_t (no division by a zero p_d).
-    sampled_ok = uniforms[:, :gamma] * p_draft_draft < p_target_draft
-    greedy_ok = tokens == target_argmax[:, :gamma]
+    sampled_ok = uniforms[:, :num_slots] * p_draft_draft < p_target_draft
+    greedy_ok = tokens == target_argmax[:, :num_slots]
     passed = torch.where(greedy.unsqueeze(1), greedy_ok, sampled_ok) & valid
     # Accepted length = length of the leading run of passes.
     num_accepted = passed.to(torch.long).cumprod(dim=1).sum(dim=1)
@@ -89,10 +89,10 @@ def accept_drafts(
         empty = residual[rejected_rows].sum(dim=-1) <= RESIDUAL_EPS
         residual[rejected_rows[empty]] = p_t_next[rejected_rows[empty]]
 
-    sampled_next = sample_from_probs(residual, uniforms[:, gamma])
+    sampled_next = sample_from_probs(residual, uniforms[:, num_slots])
     next_token = torch.where(greedy, target_argmax[rows, num_accepted], sampled_next)
 
-    emitted = torch.full((batch, gamma + 1), -1, dtype=torch.long, device=device)
-    emitted[:, :gamma] = torch.where(positions.unsqueeze(0) < num_accepted.unsqueeze(1), tokens, -1)
+    emitted = torch.full((batch, num_slots + 1), -1, dtype=torch.long, device=device)
+    emitted[:, :num_slots] = torch.where(positions.unsqueeze(0) < num_accepted.unsqueeze(1), tokens, -1)
     emitted[rows, num_accepted] = next_token
     return num_accepted, emitted

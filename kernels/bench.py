@@ -49,7 +49,7 @@ def add_bench_kernels_parser(subparsers: argparse._SubParsersAction) -> argparse
     parser = subparsers.add_parser("kernels", help="Triton kernels vs their PyTorch twins (GPU)")
     parser.add_argument("--shapes", default="smollm2,qwen3-8b", help=f"comma list of {', '.join(SHAPES)}")
     parser.add_argument("--batch-sizes", default="1,8,32,128,256")
-    parser.add_argument("--gamma", type=int, default=7)
+    parser.add_argument("--num_slots", type=int, default=7)
     parser.add_argument("--context", type=int, default=1024, help="KV length per sequence for attention")
     parser.add_argument("--block-size", type=int, default=16, help="KV cache page size")
     parser.add_argument("--device", default=None, help="cuda (default when present) or cpu (twins only)")
@@ -89,7 +89,7 @@ def run_bench_kernels(args: argparse.Namespace) -> dict:
     result = {
         "device": torch.cuda.get_device_name(device) if with_kernels else "cpu",
         "peak_gbps": peak,
-        "gamma": args.gamma,
+        "num_slots": args.num_slots,
         "context": args.context,
         "rows": rows,
     }
@@ -156,21 +156,22 @@ def _bench_acceptance(
     shape: Shape, batch: int, args: argparse.Namespace, device: torch.device, with_kernels: bool
 ) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
-    gamma, vocab = args.gamma, shape.vocab
-    target = torch.softmax(torch.randn(batch, gamma + 1, vocab, device=device, generator=g), -1)
+    num_slots, vocab = args.num_slots, shape.vocab
+    target = torch.softmax(torch.randn(batch, num_slots + 1, vocab, device=device, generator=g), -1)
     # Drafts close to the target so that rows accept a few tokens, as a trained drafter does.
     draft = torch.softmax(
-        target.log()[:, :gamma] + 0.5 * torch.randn(batch, gamma, vocab, device=device, generator=g), -1
+        target.log()[:, :num_slots] + 0.5 * torch.randn(batch, num_slots, vocab, device=device, generator=g),
+        -1,
     )
-    tokens = torch.multinomial(draft.view(-1, vocab), 1, generator=g).view(batch, gamma)
+    tokens = torch.multinomial(draft.view(-1, vocab), 1, generator=g).view(batch, num_slots)
     greedy = torch.arange(batch, device=device) % 2 == 0
     inputs = (
         tokens,
-        torch.full((batch,), gamma, device=device),
+        torch.full((batch,), num_slots, device=device),
         target,
         draft,
         greedy,
-        torch.rand(batch, gamma + 1, device=device, generator=g),
+        torch.rand(batch, num_slots + 1, device=device, generator=g),
     )
     kernel = None
     if with_kernels:
@@ -184,15 +185,15 @@ def _bench_markov(
     shape: Shape, batch: int, args: argparse.Namespace, device: torch.device, with_kernels: bool
 ) -> dict:
     g = torch.Generator(device=device).manual_seed(1)
-    gamma, vocab, rank, dtype = args.gamma, shape.vocab, shape.markov_rank, torch.bfloat16
+    num_slots, vocab, rank, dtype = args.num_slots, shape.vocab, shape.markov_rank, torch.bfloat16
     kwargs = {
-        "logits": (4 * torch.randn(batch, gamma, vocab, device=device, generator=g)).to(dtype),
+        "logits": (4 * torch.randn(batch, num_slots, vocab, device=device, generator=g)).to(dtype),
         "anchor": torch.randint(0, vocab, (batch,), device=device, generator=g),
         "temperature": torch.ones(batch, device=device),
-        "uniforms": torch.rand(batch, gamma, device=device, generator=g),
+        "uniforms": torch.rand(batch, num_slots, device=device, generator=g),
         "w1": (0.05 * torch.randn(vocab, rank, device=device, generator=g)).to(dtype),
         "w2": (0.05 * torch.randn(vocab, rank, device=device, generator=g)).to(dtype),
-        "hidden": torch.randn(batch, gamma, shape.hidden, device=device, generator=g).to(dtype),
+        "hidden": torch.randn(batch, num_slots, shape.hidden, device=device, generator=g).to(dtype),
         "conf_weight": (0.02 * torch.randn(shape.hidden + rank, device=device, generator=g)).to(dtype),
         "return_probs": True,
     }
@@ -215,7 +216,7 @@ def _bench_attention(
 ) -> dict:
     g = torch.Generator(device=device).manual_seed(2)
     dtype, block_size, context = torch.bfloat16, args.block_size, args.context
-    query_len = args.gamma + 1
+    query_len = args.num_slots + 1
     pages = -(-context // block_size)
     table = torch.randperm(batch * pages, device=device, generator=g).view(batch, pages).to(torch.int32)
     meta = build_attention_metadata(table, [query_len] * batch, [context] * batch, block_size)

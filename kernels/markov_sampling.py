@@ -82,7 +82,7 @@ def sample_markov_block(
     return_probs      also return the full per-slot distributions (needed for rejection sampling)
     """
     check_markov_inputs(logits, w1, w2, hidden, conf_weight)
-    batch, gamma, vocab = logits.shape
+    batch, num_slots, vocab = logits.shape
     greedy = temperature <= 0
     inv_temp = torch.where(greedy, 1.0, 1.0 / temperature.float().clamp(min=1e-30)).unsqueeze(1)
     w1f = None if w1 is None else w1.float()
@@ -94,14 +94,18 @@ def sample_markov_block(
         conf_h = hidden.float() @ conf_weight[:d_model].float() + conf_bias
         conf_e = conf_weight[d_model:].float()
 
-    tokens = torch.empty(batch, gamma, dtype=torch.long, device=logits.device)
-    token_probs = torch.empty(batch, gamma, dtype=torch.float32, device=logits.device)
+    tokens = torch.empty(batch, num_slots, dtype=torch.long, device=logits.device)
+    token_probs = torch.empty(batch, num_slots, dtype=torch.float32, device=logits.device)
     probs_out = (
-        torch.empty(batch, gamma, vocab, dtype=torch.float32, device=logits.device) if return_probs else None
+        torch.empty(batch, num_slots, vocab, dtype=torch.float32, device=logits.device)
+        if return_probs
+        else None
     )
-    confidence = torch.empty(batch, gamma, dtype=torch.float32, device=logits.device) if with_conf else None
+    confidence = (
+        torch.empty(batch, num_slots, dtype=torch.float32, device=logits.device) if with_conf else None
+    )
     prev = anchor.long()
-    for k in range(gamma):
+    for k in range(num_slots):
         z = logits[:, k].float()
         conf_logit = conf_h[:, k] if with_conf else None
         if w1f is not None:

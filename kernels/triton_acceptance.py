@@ -98,7 +98,7 @@ def _accept_kernel(
     uniforms_ptr,
     num_accepted_ptr,
     emitted_ptr,
-    gamma,
+    num_slots,
     vocab,
     stride_draft_b,
     stride_target_b,
@@ -152,7 +152,7 @@ def _accept_kernel(
             dprobs_row + k * stride_dprobs_k,
             rejected_token,
             rejected,
-            tl.load(uniform_row + gamma),
+            tl.load(uniform_row + num_slots),
             vocab,
             residual_eps,
             HAS_DRAFT_PROBS,
@@ -162,7 +162,7 @@ def _accept_kernel(
     pos = tl.arange(0, BLOCK_G)
     drafts = tl.load(drafts_ptr + pos, mask=pos < k, other=-1).to(tl.int64)
     out = tl.where(pos == k, next_token.to(tl.int64), tl.where(pos < k, drafts, -1))
-    tl.store(emitted_ptr + row * stride_emitted_b + pos, out, mask=pos <= gamma)
+    tl.store(emitted_ptr + row * stride_emitted_b + pos, out, mask=pos <= num_slots)
     tl.store(num_accepted_ptr + row, k.to(tl.int64))
 
 
@@ -176,7 +176,7 @@ def accept_drafts_triton(
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `acceptance.accept_drafts`; `block_v` overrides the vocabulary tile (tests)."""
-    batch, gamma = draft_tokens.shape
+    batch, num_slots = draft_tokens.shape
     vocab = target_probs.shape[-1]
     # The kernel indexes the vocabulary with unit stride and the other small tensors row by row.
     target_probs = target_probs if target_probs.stride(-1) == 1 else target_probs.contiguous()
@@ -190,7 +190,7 @@ def accept_drafts_triton(
         draft_probs = draft_probs.contiguous()
     dprobs = target_probs if draft_probs is None else draft_probs
     num_accepted = torch.empty(batch, dtype=torch.long, device=device)
-    emitted = torch.empty(batch, gamma + 1, dtype=torch.long, device=device)
+    emitted = torch.empty(batch, num_slots + 1, dtype=torch.long, device=device)
     if batch == 0:
         return num_accepted, emitted
     block_v = block_v or min(triton.next_power_of_2(vocab), 4096)
@@ -203,7 +203,7 @@ def accept_drafts_triton(
         uniforms,
         num_accepted,
         emitted,
-        gamma,
+        num_slots,
         vocab,
         draft_tokens.stride(0),
         target_probs.stride(0),
@@ -215,7 +215,7 @@ def accept_drafts_triton(
         RESIDUAL_EPS,
         HAS_DRAFT_PROBS=draft_probs is not None,
         BLOCK_V=block_v,
-        BLOCK_G=triton.next_power_of_2(gamma + 1),
+        BLOCK_G=triton.next_power_of_2(num_slots + 1),
         num_warps=8 if block_v >= 2048 else 4,
     )
     return num_accepted, emitted

@@ -117,7 +117,7 @@ def _select_kernel(
     stats_ptr,
     conf_bias,
     k,
-    gamma,
+    num_slots,
     vocab,
     rank,
     d_model,
@@ -141,7 +141,7 @@ def _select_kernel(
     prev = tl.load(prev_ptr + row * stride_prev).to(tl.int64)
     temp = tl.load(temperature_ptr + row).to(tl.float32)
     r_offs = tl.arange(0, BLOCK_R)
-    out = row * gamma + k
+    out = row * num_slots + k
 
     if HAS_CONF:
         # c_k sees x_{k-1} (prev), never x_k.
@@ -213,7 +213,7 @@ def _normalize_kernel(
     stats_ptr,
     tokens_ptr,
     temperature_ptr,
-    gamma,
+    num_slots,
     vocab,
     BLOCK_V: tl.constexpr,
 ):
@@ -221,7 +221,7 @@ def _normalize_kernel(
     k = tl.program_id(1)
     row = tl.program_id(2).to(tl.int64)
     col_ok = cols < vocab
-    out = row * gamma + k
+    out = row * num_slots + k
     ptrs = probs_ptr + out * vocab + cols
     z = tl.load(ptrs, mask=col_ok, other=0.0)
     p = tl.exp(z - tl.load(stats_ptr + out * 2)) / tl.load(stats_ptr + out * 2 + 1)
@@ -246,7 +246,7 @@ def sample_markov_block_triton(
 ) -> MarkovDraft:
     """Same contract as `markov_sampling.sample_markov_block`; `block_v` overrides the vocabulary tile."""
     check_markov_inputs(logits, w1, w2, hidden, conf_weight)
-    batch, gamma, vocab = logits.shape
+    batch, num_slots, vocab = logits.shape
     device = logits.device
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     # Per-row parameters may arrive from the host; the kernels read them from the logits' device.
@@ -265,12 +265,12 @@ def sample_markov_block_triton(
         conf_weight = conf_weight.contiguous()
     d_model = hidden.shape[-1] if has_conf else 0
 
-    tokens = torch.empty(batch, gamma, dtype=torch.long, device=device)
-    token_probs = torch.empty(batch, gamma, dtype=torch.float32, device=device)
-    confidence = torch.empty(batch, gamma, dtype=torch.float32, device=device) if has_conf else None
-    probs = torch.empty(batch, gamma, vocab, dtype=torch.float32, device=device) if return_probs else None
-    stats = torch.empty(batch, gamma, 2, dtype=torch.float32, device=device) if return_probs else None
-    if batch == 0 or gamma == 0:
+    tokens = torch.empty(batch, num_slots, dtype=torch.long, device=device)
+    token_probs = torch.empty(batch, num_slots, dtype=torch.float32, device=device)
+    confidence = torch.empty(batch, num_slots, dtype=torch.float32, device=device) if has_conf else None
+    probs = torch.empty(batch, num_slots, vocab, dtype=torch.float32, device=device) if return_probs else None
+    stats = torch.empty(batch, num_slots, 2, dtype=torch.float32, device=device) if return_probs else None
+    if batch == 0 or num_slots == 0:
         return MarkovDraft(tokens=tokens, token_probs=token_probs, probs=probs, confidence=confidence)
 
     # Wider row tiles read W2 fewer times at large batch; narrower vocabulary tiles keep registers in check.
@@ -286,7 +286,7 @@ def sample_markov_block_triton(
     dot_dtype = tl.float32 if interpreting or not has_markov else _DOT_DTYPES[w2.dtype]
     dummy = token_probs  # stands in for absent optional tensors; never read
 
-    for k in range(gamma):
+    for k in range(num_slots):
         prev = anchor if k == 0 else tokens[:, k - 1]
         _partial_kernel[(triton.cdiv(batch, block_b), num_tiles)](
             logits,
@@ -335,7 +335,7 @@ def sample_markov_block_triton(
             stats if return_probs else dummy,
             float(conf_bias),
             k,
-            gamma,
+            num_slots,
             vocab,
             rank,
             d_model,
@@ -356,7 +356,7 @@ def sample_markov_block_triton(
             BLOCK_D=min(1024, triton.next_power_of_2(max(d_model, 1))),
         )
     if return_probs:
-        _normalize_kernel[(num_tiles, gamma, batch)](
-            probs, stats, tokens, temperature, gamma, vocab, BLOCK_V=block_v
+        _normalize_kernel[(num_tiles, num_slots, batch)](
+            probs, stats, tokens, temperature, num_slots, vocab, BLOCK_V=block_v
         )
     return MarkovDraft(tokens=tokens, token_probs=token_probs, probs=probs, confidence=confidence)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from specray.cluster.limits import RequestLimits
+from specray.cluster.runtime.limits import RequestLimits
 from specray.router.errors import Overloaded
 
 

@@ -16,14 +16,14 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import Any
 
 from ray.exceptions import RayError
 from redis.exceptions import RedisError
 
-from specray.cluster.failover_config import Failover
-from specray.cluster.session_store import SessionStore, VerifierInfo
+from specray.cluster.runtime.failover_config import Failover
+from specray.cluster.runtime.session_store import SessionStore, VerifierInfo
 from specray.router.errors import RequestError, Unavailable
+from specray.workers.draft_worker.messages import SessionChunk
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +31,10 @@ logger = logging.getLogger(__name__)
 # a failed step) are the path's, and the request may go on elsewhere.
 CLIENT_ERRORS = frozenset({"INVALID", "STALE", "NOT_OPEN"})
 
-Chunk = dict[str, Any]
 # (avoid these verifier ids, resuming?) -> the verifier to use
 Place = Callable[[set[str], bool], Awaitable[VerifierInfo]]
 # (verifier, committed output so far) -> the draft worker's chunks for that path
-OpenPath = Callable[[VerifierInfo, list[int]], AsyncIterator[Chunk]]
+OpenPath = Callable[[VerifierInfo, list[int]], AsyncIterator[SessionChunk]]
 
 
 class _PathLost(Exception):
@@ -51,7 +50,7 @@ async def resumable_chunks(
     open_path: OpenPath,
     store: SessionStore,
     policy: Failover,
-) -> AsyncIterator[Chunk]:
+) -> AsyncIterator[SessionChunk]:
     """The draft worker's chunks for one request, resumed after failures (at most policy.max_resumes)."""
     received: list[int] = []
     avoid: set[str] = set()
@@ -75,16 +74,16 @@ async def resumable_chunks(
             async with aclosing(open_path(verifier, received)) as chunks:
                 opened = False
                 async for chunk in chunks:
-                    if "error" in chunk:
+                    if chunk.failed:
                         # A resumed open may race the old stream's cleanup ("already open"): retry.
-                        if chunk["code"] in CLIENT_ERRORS and (opened or not resuming):
-                            raise RequestError(chunk["error"])
-                        failed = verifier.verifier_id if chunk["code"] == "UNAVAILABLE" else None
-                        raise _PathLost(chunk["error"], failed)
+                        if chunk.code in CLIENT_ERRORS and (opened or not resuming):
+                            raise RequestError(chunk.error)
+                        failed = verifier.verifier_id if chunk.code == "UNAVAILABLE" else None
+                        raise _PathLost(chunk.error, failed)
                     opened = True
-                    received += chunk["tokens"]
+                    received += chunk.tokens
                     yield chunk
-                    if chunk["finished"]:
+                    if chunk.finished:
                         return
         except RayError as err:  # the draft worker died or was removed mid-request
             lost = err
@@ -109,13 +108,6 @@ async def _ahead_in_store(
     return committed[len(received) :]
 
 
-def _catch_up(tokens: list[int]) -> Chunk:
+def _catch_up(tokens: list[int]) -> SessionChunk:
     # Committed but never delivered: no verify step of this router's stats produced them.
-    return {
-        "tokens": tokens,
-        "num_drafts": 0,
-        "accepted": 0,
-        "finished": False,
-        "finish_reason": None,
-        "stop_text_len": None,
-    }
+    return SessionChunk(tokens=tuple(tokens))

@@ -13,7 +13,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 
 from opentelemetry.trace import SpanKind
@@ -21,16 +21,18 @@ from ray.serve.handle import DeploymentHandle
 from redis.exceptions import RedisError
 from transformers import PreTrainedTokenizerBase
 
-from specray.cluster import tracing
-from specray.cluster.failover_config import Failover
-from specray.cluster.limits import RequestLimits
-from specray.cluster.session_store import SessionStore, VerifierInfo
+from specray.cluster.runtime import tracing
+from specray.cluster.runtime.failover_config import Failover
+from specray.cluster.runtime.limits import RequestLimits
+from specray.cluster.runtime.session_store import SessionStore, VerifierInfo
 from specray.router.admission import Admission
 from specray.router.errors import Overloaded, RequestError, Unavailable
 from specray.router.failover import resumable_chunks
 from specray.router.metrics import RouterMetrics
 from specray.router.request_checks import check_request
-from specray.workers.sampling import SamplingParams
+from specray.workers.draft_worker.messages import SessionChunk, SessionRequest
+from specray.workers.engine.request_limits import check_context
+from specray.workers.engine.sampling import SamplingParams
 
 __all__ = ["Delta", "Generation", "GenerationRequest", "Overloaded", "RequestError", "Unavailable"]
 
@@ -122,11 +124,10 @@ class Generation:
             prompt_ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if not prompt_ids:
             raise RequestError("the prompt is empty")
-        if len(prompt_ids) + params.max_tokens > self.max_context:
-            raise RequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                f"context of {self.max_context} tokens"
-            )
+        try:
+            check_context(len(prompt_ids), params.max_tokens, self.max_context)
+        except ValueError as err:
+            raise RequestError(str(err)) from err
         return GenerationRequest(prompt_ids, params, session_id or f"sess-{uuid.uuid4().hex}")
 
     # ---- placement ------------------------------------------------------------------------------
@@ -168,20 +169,20 @@ class Generation:
         trace_context: dict[str, str],
         verifier: VerifierInfo,
         output_ids: list[int],
-    ) -> AsyncIterator[dict]:
+    ) -> AsyncIterator[SessionChunk]:
         """One attempt: the draft worker's chunks for `request` on `verifier`, after `output_ids`."""
         self._in_flight[verifier.verifier_id] += 1
         chunks = self.draft_workers.options(stream=True).generate.remote(
-            {
-                "session_id": request.session_id,
-                "verifier_address": verifier.address,
-                "prompt_ids": request.prompt_ids,
-                "output_ids": list(output_ids),
-                "params": asdict(request.params),
-                "max_context": self.max_context,
+            SessionRequest(
+                session_id=request.session_id,
+                verifier_address=verifier.address,
+                prompt_ids=tuple(request.prompt_ids),
+                params=request.params,
+                max_context=self.max_context,
+                output_ids=tuple(output_ids),
                 # The W3C traceparent: the draft worker's spans join this request's trace.
-                "trace_context": trace_context,
-            }
+                trace_context=trace_context,
+            )
         )
         try:
             async for chunk in chunks:
@@ -212,14 +213,14 @@ class Generation:
             hold = max(map(len, request.params.stop), default=1) - 1
             async with aclosing(chunks):
                 async for chunk in chunks:
-                    output_ids += chunk["tokens"]
+                    output_ids += chunk.tokens
                     steps += 1
-                    drafts += chunk["num_drafts"]
-                    accepted += chunk["accepted"]
-                    tracked.step(len(chunk["tokens"]), chunk["num_drafts"], chunk["accepted"])
+                    drafts += chunk.num_drafts
+                    accepted += chunk.accepted
+                    tracked.step(len(chunk.tokens), chunk.num_drafts, chunk.accepted)
                     text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
-                    if chunk["finished"]:
-                        tracked.finish(chunk["finish_reason"])
+                    if chunk.finished:
+                        tracked.finish(chunk.finish_reason)
                         span.set_attributes(
                             {
                                 "specray.completion_tokens": len(output_ids),
@@ -228,12 +229,12 @@ class Generation:
                                 tracing.ACCEPTED: accepted,
                             }
                         )
-                        if chunk["stop_text_len"] is not None:
-                            text = text[: chunk["stop_text_len"]]
+                        if chunk.stop_text_len is not None:
+                            text = text[: chunk.stop_text_len]
                         yield Delta(
                             text[sent:],
-                            chunk["tokens"],
-                            chunk["finish_reason"],
+                            list(chunk.tokens),
+                            chunk.finish_reason,
                             len(output_ids),
                             steps,
                             drafts,
@@ -242,8 +243,8 @@ class Generation:
                         return
                     # A trailing U+FFFD is a partial UTF-8 character the next token completes.
                     visible = len(text) - (1 if text.endswith("\ufffd") else 0) - hold
-                    if visible > sent or chunk["tokens"]:
-                        yield Delta(text[sent : max(visible, sent)], chunk["tokens"])
+                    if visible > sent or chunk.tokens:
+                        yield Delta(text[sent : max(visible, sent)], list(chunk.tokens))
                         sent = max(visible, sent)
 
     async def complete(self, request: GenerationRequest) -> Delta:

@@ -11,23 +11,20 @@ settings through the app: it sets them on this class (one Router replica per pro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from specray.router.auth import authorized
+from specray.router.openai_schema import error_body
 
 
 @dataclass(frozen=True)
 class GuardSettings:
     api_key: str | None
     max_body_bytes: int
-
-
-def _error(message: str, code: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
 
 
 class HttpGuard:
@@ -50,7 +47,9 @@ class HttpGuard:
             settings.api_key, headers.get("authorization")
         ):
             response = JSONResponse(
-                _error("a valid API key is required (Authorization: Bearer <key>)", "invalid_api_key"),
+                error_body(
+                    "a valid API key is required (Authorization: Bearer <key>)", code="invalid_api_key"
+                ),
                 status_code=401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
@@ -59,7 +58,8 @@ class HttpGuard:
         too_large = f"the request body exceeds {settings.max_body_bytes} bytes"
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > settings.max_body_bytes:
-            await JSONResponse(_error(too_large, "body_too_large"), status_code=413)(scope, receive, send)
+            response = JSONResponse(error_body(too_large, code="body_too_large"), status_code=413)
+            await response(scope, receive, send)
             return
         seen = 0
 

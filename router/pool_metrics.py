@@ -1,6 +1,6 @@
 """The draft-worker and verifier pools' metrics on the router's `/metrics`, one series per replica.
 
-The replicas publish their counters to Redis (`cluster/stats_board.py`); the router reads them at
+The replicas publish their counters to Redis (`cluster/runtime/stats_board.py`); the router reads them at
 scrape time and this collector turns the latest reports into Prometheus families labelled
 `model_name`, `pool` and `replica`. Sum over `replica` for a pool's totals.
 """
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from specray.cluster.stats_board import DRAFT_POOL, VERIFIER_POOL, ReplicaReport
+from specray.cluster.runtime.stats_board import DRAFT_POOL, VERIFIER_POOL, ReplicaReport
 
 # (pool or None for both, report key, family name, counter?, help); counters get `_total` on exposition.
 _FAMILIES = (

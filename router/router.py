@@ -6,7 +6,6 @@ replica's own server on the configured host and port.
 
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,10 +18,10 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import AutoTokenizer
 
-from specray.cluster import tracing
-from specray.cluster.config import ClusterConfig
-from specray.cluster.session_store import SessionStore
-from specray.cluster.stats_board import StatsBoard
+from specray.cluster.runtime import tracing
+from specray.cluster.runtime.config import ClusterConfig
+from specray.cluster.runtime.session_store import SessionStore
+from specray.cluster.runtime.stats_board import StatsBoard
 from specray.router.auth import ApiKeyInterceptor, resolve_api_key
 from specray.router.generation import Generation, GenerationRequest, Overloaded, RequestError, Unavailable
 from specray.router.grpc_api import GenerationServicer, add_generation_service
@@ -37,7 +36,7 @@ from specray.router.openai_schema import (
     error_body,
 )
 from specray.router.pool_metrics import PoolMetricsCollector
-from specray.workers.models.loader import resolve_model_dir
+from specray.workers.models.loader import load_config
 
 app = FastAPI(title="specray")
 app.add_middleware(HttpGuard)  # API key and body size, before FastAPI reads a request
@@ -93,9 +92,10 @@ class Router:
         # The verifier pool is bound here so Serve deploys it; requests reach verifiers by the gRPC
         # addresses they register in Redis, not through this handle.
         self.verifiers = verifiers
-        model_dir = resolve_model_dir(config.model)
+        model_dir, model_config = load_config(config.model)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        max_context = json.loads((Path(model_dir) / "config.json").read_text())["max_position_embeddings"]
+        # The context the verifiers run with: the same typed config they load (no weights read).
+        max_context = model_config.max_position_embeddings
         self.metrics = RouterMetrics(config.model, config.num_speculative_tokens)
         self.pool_metrics = PoolMetricsCollector(config.model)
         self.metrics.registry.register(self.pool_metrics)

@@ -31,8 +31,8 @@ def score_drafter(
 ) -> dict[float, dict]:
     """{temperature: {"drafter", "tau", "accept_by_position", "anchors"}} for T = 0 and T = 1."""
     model = load_drafter_model(drafter).eval()
-    gamma = model.config.block_size
-    greedy, sampled, anchors = torch.zeros(gamma), torch.zeros(gamma), 0
+    block_len = model.config.draft_block_size
+    greedy, sampled, anchors = torch.zeros(block_len), torch.zeros(block_len), 0
     # EAGLE-3's first step reads position anchor−1, so anchors start at 1 for every kind alike.
     for i in tqdm(range(len(cache)), desc=f"score {Path(drafter).name}", disable=not progress):
         sample = cache[i]

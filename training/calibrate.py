@@ -20,7 +20,7 @@ from tqdm import tqdm
 from specray.training.objective import choose_anchors, teacher_forced_blocks
 from specray.training.target_cache import TargetCache
 from specray.workers.drafters.checkpoint import load_drafter_model, resolve_drafter_path
-from specray.workers.drafters.dspark import DSparkModel
+from specray.workers.drafters.kinds import DrafterModel, trained_kind
 from specray.workers.models.loader import LoadedModel, load_model
 
 
@@ -61,7 +61,7 @@ def auc(score: torch.Tensor, label: torch.Tensor) -> float | None:
 
 @torch.no_grad()
 def collect(
-    model: DSparkModel, target: LoadedModel, config: CalibrateConfig
+    model: DrafterModel, target: LoadedModel, config: CalibrateConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Confidence logits [M, γ] and observed prefix acceptance [M, γ] over full blocks of the split."""
     data = TargetCache(config.cache_dir, config.split)
@@ -88,12 +88,12 @@ def fit_temperatures(
 ) -> tuple[list[float], dict]:
     """Sequential temperature scaling; returns the temperatures and ECE/AUC per position."""
     grid = grid if grid is not None else torch.logspace(-1, 1, 81)
-    gamma = conf_logits.shape[1]
+    block_len = conf_logits.shape[1]
     temperatures: list[float] = []
     before_prod = torch.sigmoid(conf_logits).cumprod(dim=1)
     survival = torch.ones(conf_logits.shape[0])
     report = {"position": [], "ece_before": [], "ece_after": [], "auc_before": [], "auc_after": []}
-    for k in range(gamma):
+    for k in range(block_len):
         best = min(
             grid.tolist(),
             key=lambda t: expected_calibration_error(
@@ -114,8 +114,10 @@ def calibrate(config: CalibrateConfig, target: LoadedModel | None = None) -> dic
     """Fit the temperatures, write them into the drafter's config.json, and save calibration.json."""
     path = resolve_drafter_path(config.drafter)
     model = load_drafter_model(path).eval()
-    if not isinstance(model, DSparkModel) or not model.config.confidence:
-        raise ValueError(f"{path} has no confidence head to calibrate (only dspark drafters do)")
+    if not trained_kind(model.config.kind).confidence_head or not model.config.confidence:
+        raise ValueError(
+            f"{path} has no confidence head to calibrate (only kinds with one, such as dspark, do)"
+        )
     target = target or load_model(model.config.target_name or "smollm2-135m")
     # Calibrate the raw head: earlier temperatures must not leak into a re-run.
     conf_logits, accepted = collect(model, target, config)

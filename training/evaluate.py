@@ -13,14 +13,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from specray.training.prompt_sets import humaneval_prompts, jsonl_prompts
 from specray.training.sharegpt import sharegpt_prompts
-from specray.workers.drafters.base import Drafter
-from specray.workers.drafters.checkpoint import is_drafter_checkpoint, load_drafter, resolve_drafter_path
-from specray.workers.drafters.ngram import NgramDrafter
-from specray.workers.engine import EngineConfig, LLMEngine
+from specray.workers.drafters.checkpoint import resolve_drafter_path
+from specray.workers.drafters.registry import build_drafter
+from specray.workers.engine.config import EngineConfig
+from specray.workers.engine.llm_engine import LLMEngine
+from specray.workers.engine.sampling import SamplingParams
 from specray.workers.models.loader import LoadedModel, load_model
-from specray.workers.prompt_sets import humaneval_prompts, jsonl_prompts
-from specray.workers.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,6 @@ def load_prompts(dataset: str, limit: int) -> list:
     raise FileNotFoundError(f"unknown dataset {dataset!r}: sharegpt-heldout, humaneval or a JSONL file")
 
 
-def build_eval_drafter(spec: str, target: LoadedModel) -> Drafter:
-    if spec == "ngram":
-        return NgramDrafter()
-    if is_drafter_checkpoint(spec):
-        return load_drafter(spec, target)
-    raise FileNotFoundError(f"drafter {spec!r} is neither 'ngram' nor a drafter checkpoint directory")
-
-
 def default_label(spec: str) -> str:
     if spec == "ngram":
         return "ngram"
@@ -92,7 +84,7 @@ def evaluate(config: EvalConfig, target: LoadedModel | None = None) -> dict:
     labels = config.labels or tuple(default_label(d) for d in config.drafters)
     results = []
     for spec, label in tqdm(list(zip(config.drafters, labels)), desc="eval drafters"):
-        engine = LLMEngine(target, build_eval_drafter(spec, target), engine_config)
+        engine = LLMEngine(target, build_drafter(spec, target), engine_config)
         seqs = engine.generate(prompts, params)
         steps = sum(s.stats.verify_steps for s in seqs)
         accepted = sum(s.stats.accepted_tokens for s in seqs)

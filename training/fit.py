@@ -18,18 +18,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from specray.training.objective import (
-    DFLASH_LOSS,
-    DSPARK_LOSS,
-    EAGLE3_LOSS,
-    LossWeights,
-    choose_anchors,
-    drafter_loss,
-    teacher_forced_blocks,
-)
+from specray.training.objective import choose_anchors, drafter_loss, teacher_forced_blocks
 from specray.training.target_cache import CachedSample, TargetCache
 from specray.workers.drafters.checkpoint import DrafterModel, build_model, save_drafter_model
-from specray.workers.drafters.config import DrafterConfig, DrafterKind
+from specray.workers.drafters.config import DrafterConfig
+from specray.workers.drafters.kinds import TrainedKind, trained_kind
+from specray.workers.drafters.loss_weights import LossWeights
 from specray.workers.models.decoder import DecoderModel
 from specray.workers.models.loader import LoadedModel, load_model
 
@@ -39,12 +33,12 @@ _MASK_CANDIDATES = ("<mask>", "<|mask|>", "<repo_name>", "<reponame>", "<unused0
 
 @dataclass(frozen=True)
 class FitConfig:
-    kind: DrafterKind = "dspark"
+    kind: str = "dspark"  # an entry of the drafter table (workers/drafters/kinds.py)
     target: str = "smollm2-135m"
     cache_dir: Path = Path(".scratch/train/cache")
     out_dir: Path = Path(".scratch/train/dspark")
     num_layers: int = 1
-    block_size: int = 7
+    draft_block_size: int = 7
     markov_rank: int = 32
     state_input: bool = False  # block drafters: slot inputs carry H_ctx at anchor−1 (see DrafterConfig)
     markov_tied: bool = False  # DSpark: Markov tables through the target's embedding (see DrafterConfig)
@@ -63,18 +57,21 @@ class FitConfig:
     def __post_init__(self) -> None:
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError("time_budget_s must be > 0")
-        if self.kind not in ("dspark", "dflash", "eagle3"):
-            raise ValueError(f"unknown drafter kind {self.kind!r}")
-        if min(self.num_layers, self.block_size, self.epochs, self.sequences_per_step) < 1:
-            raise ValueError("num_layers, block_size, epochs and sequences_per_step must be >= 1")
+        trained_kind(self.kind)
+        if min(self.num_layers, self.draft_block_size, self.epochs, self.sequences_per_step) < 1:
+            raise ValueError("num_layers, draft_block_size, epochs and sequences_per_step must be >= 1")
         if self.anchors_per_sequence < 1 or self.lr <= 0 or not 0 <= self.warmup < 1 or self.grad_clip <= 0:
             raise ValueError("need anchors_per_sequence >= 1, lr > 0, 0 <= warmup < 1, grad_clip > 0")
         if self.markov_rank < 0:
             raise ValueError("markov_rank must be >= 0")
 
     @property
+    def drafter_kind(self) -> TrainedKind:
+        return trained_kind(self.kind)
+
+    @property
     def loss_weights(self) -> LossWeights:
-        return {"dspark": DSPARK_LOSS, "dflash": DFLASH_LOSS, "eagle3": EAGLE3_LOSS}[self.kind]
+        return self.drafter_kind.loss
 
 
 def pick_mask_token(target: LoadedModel) -> int:
@@ -86,17 +83,17 @@ def pick_mask_token(target: LoadedModel) -> int:
 
 
 def drafter_config(config: FitConfig, target: LoadedModel, feature_layers: tuple[int, ...]) -> DrafterConfig:
-    dspark = config.kind == "dspark"
+    kind = config.drafter_kind
     built = DrafterConfig.for_target(
         config.kind,
         target.config,
         len(feature_layers),
         num_layers=config.num_layers,
-        block_size=config.block_size,
-        markov_rank=config.markov_rank if dspark else 0,
-        state_input=config.state_input and config.kind != "eagle3",
-        markov_tied=config.markov_tied and dspark and config.markov_rank > 0,
-        confidence=dspark,
+        draft_block_size=config.draft_block_size,
+        markov_rank=config.markov_rank if kind.markov_head else 0,
+        state_input=config.state_input and kind.block_slots,
+        markov_tied=config.markov_tied and kind.markov_head and config.markov_rank > 0,
+        confidence=kind.confidence_head,
         mask_token_id=pick_mask_token(target),
         target_name=config.target,
     )
@@ -171,7 +168,7 @@ def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = T
         for i in chunk.tolist():
             sample = data[i]
             rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 131 + i)
-            min_anchor = 1 if config.kind == "eagle3" else 0
+            min_anchor = config.drafter_kind.first_anchor
             # Anchors are drawn on the CPU (the seeded generator lives there), then moved with the sample.
             anchors = choose_anchors(sample.loss_mask, config.anchors_per_sequence, rng, min_anchor)
             sample, anchors = sample.to(config.device), anchors.to(config.device)

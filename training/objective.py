@@ -15,24 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from specray.training.target_cache import CachedSample
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    ce: float = 0.1
-    l1: float = 0.9
-    bce: float = 1.0
-    decay: float = 4.0  # position weight exp(−k/decay)
-
-    def __post_init__(self) -> None:
-        if min(self.ce, self.l1, self.bce) < 0 or self.ce + self.l1 == 0 or self.decay <= 0:
-            raise ValueError("loss weights must be >= 0 with ce or l1 > 0, and decay > 0")
-
-
-# DSpark's loss; DeepSpec trains DFlash with CE only; EAGLE-3 distils like DSpark, without confidence.
-DSPARK_LOSS = LossWeights()
-DFLASH_LOSS = LossWeights(ce=1.0, l1=0.0, bce=0.0)
-EAGLE3_LOSS = LossWeights(bce=0.0)
+from specray.workers.drafters.loss_weights import LossWeights
 
 
 def choose_anchors(
@@ -49,11 +32,11 @@ def choose_anchors(
 
 
 def block_labels(
-    ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tensor, block_size: int
+    ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tensor, draft_block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Labels [N, γ], supervised [N, γ] bool and the target's predicting positions [N, γ]."""
     length = ids.shape[0]
-    label_pos = anchors.unsqueeze(1) + 1 + torch.arange(block_size, device=anchors.device)
+    label_pos = anchors.unsqueeze(1) + 1 + torch.arange(draft_block_size, device=anchors.device)
     inside = label_pos < length
     clamped = label_pos.clamp(max=length - 1)
     supervised = (inside & loss_mask[clamped]).long().cumprod(dim=1).bool()
@@ -81,7 +64,7 @@ def teacher_forced_blocks(
 ) -> TeacherForcedBlocks:
     """Score a drafter's blocks at `anchors` of a cached sequence; the target never runs its layers."""
     labels, supervised, target_pos = block_labels(
-        sample.ids, sample.loss_mask, anchors, model.config.block_size
+        sample.ids, sample.loss_mask, anchors, model.config.draft_block_size
     )
     logits, confidence = model.training_outputs(sample.features, sample.ids, anchors, target)
     # Each target position serves up to γ slots: project it through the LM head once.
@@ -100,8 +83,10 @@ def drafter_loss(
     weights: LossWeights,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss over [N, γ, V] draft logits (Markov-corrected) against the target's [N, γ, V] logits."""
-    gamma = logits.shape[1]
-    position_weight = torch.tensor([math.exp(-k / weights.decay) for k in range(gamma)], device=logits.device)
+    block_len = logits.shape[1]
+    position_weight = torch.tensor(
+        [math.exp(-k / weights.decay) for k in range(block_len)], device=logits.device
+    )
     w = position_weight.unsqueeze(0) * supervised.float()
     total = w.sum().clamp(min=1e-9)
     log_pd = logits.float().log_softmax(-1)

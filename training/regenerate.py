@@ -16,9 +16,10 @@ import torch
 from tqdm import tqdm
 
 from specray.training.sharegpt import Split, sharegpt_prompts
-from specray.workers.engine import EngineConfig, LLMEngine
+from specray.workers.engine.config import EngineConfig
+from specray.workers.engine.llm_engine import LLMEngine
+from specray.workers.engine.sampling import SamplingParams
 from specray.workers.models.loader import load_model
-from specray.workers.sampling import SamplingParams
 
 # DeepSpec regenerates with T = 0.7, top-p 0.8, top-k 20 (the Qwen3 recommendation).
 RECOMMENDED_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}

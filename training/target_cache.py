@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from specray.training.regenerate import read_responses, responses_path
 from specray.workers.drafters.config import spread_feature_layers
-from specray.workers.model_runner import ModelRunner, ScheduledSequence
+from specray.workers.engine.model_runner import ModelRunner, ScheduledSequence
 from specray.workers.models.loader import LoadedModel, load_model
 
 MIN_LOSS_TOKENS = 14  # DeepSpec drops samples with fewer supervised tokens

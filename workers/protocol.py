@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from specray.protos.specray.v1 import verify_pb2
-from specray.workers.sampling import SamplingParams
+from specray.workers.engine.sampling import SamplingParams
 
 
 def encode_tensor(tensor: torch.Tensor) -> verify_pb2.Tensor:

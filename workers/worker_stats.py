@@ -1,15 +1,15 @@
 """Load and speculation counters of one draft-worker or verifier replica.
 
-Two readers: the router's `/metrics` (the cumulative values, through Redis: `cluster/stats_board.py`)
+Two readers: the router's `/metrics` (the cumulative values, through Redis: `cluster/runtime/stats_board.py`)
 and Serve's autoscaler (`record_autoscaling_stats`: per-report deltas, which Serve averages over its
-look-back window for `cluster/autoscaling_policy.py`).
+look-back window for `cluster/runtime/autoscaling_policy.py`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from specray.cluster.autoscaling_policy import (
+from specray.cluster.runtime.autoscaling_policy import (
     ACCEPTED_TOKENS,
     BUDGET_UTILIZATION,
     DRAFT_TOKENS,

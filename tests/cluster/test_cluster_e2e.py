@@ -16,14 +16,15 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from specray.cluster import cli
-from specray.cluster.config import ClusterConfig
-from specray.cluster.launcher import LocalCluster
+from specray.cluster.app.launcher import LocalCluster
+from specray.cluster.commands import cli
+from specray.cluster.runtime.config import ClusterConfig
 from specray.protos.specray.v1 import generate_pb2, generate_pb2_grpc, verify_pb2, verify_pb2_grpc
 from specray.workers.drafters.ngram import NgramDrafter
-from specray.workers.engine import EngineConfig, LLMEngine
+from specray.workers.engine.config import EngineConfig
+from specray.workers.engine.llm_engine import LLMEngine
+from specray.workers.engine.sampling import SamplingParams
 from specray.workers.protocol import encode_params
-from specray.workers.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 PROMPTS = [

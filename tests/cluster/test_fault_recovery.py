@@ -16,12 +16,13 @@ import pytest
 import ray
 import redis
 
-from specray.cluster.config import ClusterConfig
-from specray.cluster.launcher import LocalCluster
-from specray.cluster.redis_server import LocalRedis
+from specray.cluster.app.launcher import LocalCluster
+from specray.cluster.app.redis_server import LocalRedis
+from specray.cluster.runtime.config import ClusterConfig
 from specray.workers.drafters.ngram import NgramDrafter
-from specray.workers.engine import EngineConfig, LLMEngine
-from specray.workers.sampling import SamplingParams
+from specray.workers.engine.config import EngineConfig
+from specray.workers.engine.llm_engine import LLMEngine
+from specray.workers.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 PROMPTS = [

@@ -19,12 +19,13 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
-from specray.cluster.config import ClusterConfig
-from specray.cluster.launcher import LocalCluster
-from specray.cluster.serve_config import APP_NAME
+from specray.cluster.app.launcher import LocalCluster
+from specray.cluster.app.serve_config import APP_NAME
+from specray.cluster.runtime.config import ClusterConfig
 from specray.workers.drafters.ngram import NgramDrafter
-from specray.workers.engine import EngineConfig, LLMEngine
-from specray.workers.sampling import SamplingParams
+from specray.workers.engine.config import EngineConfig
+from specray.workers.engine.llm_engine import LLMEngine
+from specray.workers.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 48
@@ -169,8 +170,11 @@ def test_one_request_is_one_trace_across_the_three_roles(cluster, collector):
             return None
         members = [(r, s) for r, s in found if s.trace_id == roots[0].trace_id]
         names = {s.name for _, s in members}
-        # The verifier exports the last step's spans after the router has answered: wait for them.
+        # The verifier exports its step spans in batches, the last after the router has answered:
+        # wait until every verify step's span has arrived.
+        steps = sum(s.name == "specray.verify" for _, s in members)
         done = {"specray.draft_session", "specray.draft", "specray.verify", "specray.accept"} <= names
+        done = done and steps >= reply["speculation"]["verify_steps"]
         return members if done else None
 
     members = _wait_for(trace_of_request, "the request's spans from all three roles", timeout_s=60)

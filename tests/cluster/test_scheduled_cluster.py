@@ -12,11 +12,12 @@ import grpc
 import pytest
 import redis
 
-from specray.cluster.config import ClusterConfig
-from specray.cluster.launcher import LocalCluster
+from specray.cluster.app.launcher import LocalCluster
+from specray.cluster.runtime.config import ClusterConfig
 from specray.protos.specray.v1 import verify_pb2, verify_pb2_grpc
-from specray.workers.engine import EngineConfig, LLMEngine
-from specray.workers.sampling import SamplingParams
+from specray.workers.engine.config import EngineConfig
+from specray.workers.engine.llm_engine import LLMEngine
+from specray.workers.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 GAMMA = 5

@@ -28,15 +28,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from specray.cluster.config import ClusterConfig
-from specray.cluster.launcher import LocalCluster
+from specray.cluster.app.launcher import LocalCluster
+from specray.cluster.runtime.config import ClusterConfig
 from specray.protos.specray.v1 import generate_pb2 as gpb
 from specray.protos.specray.v1 import generate_pb2_grpc, verify_pb2_grpc
 from specray.protos.specray.v1 import verify_pb2 as vpb
 from specray.workers.drafters.ngram import NgramDrafter
-from specray.workers.engine import EngineConfig, LLMEngine
+from specray.workers.engine.config import EngineConfig
+from specray.workers.engine.llm_engine import LLMEngine
+from specray.workers.engine.sampling import SamplingParams
 from specray.workers.protocol import encode_params, encode_tensor
-from specray.workers.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 API_KEY = "sk-test-5f1c9e"

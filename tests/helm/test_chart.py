@@ -10,8 +10,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from specray.cluster.config import ClusterConfig
-from specray.cluster.serve_config import serve_config
+from specray.cluster.app.serve_config import serve_config
+from specray.cluster.runtime.config import ClusterConfig
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "specray"
 GPU_EXAMPLE = CHART / "examples" / "gpu-production.yaml"

@@ -11,7 +11,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def acceptance_inputs(
     batch: int,
-    gamma: int,
+    num_slots: int,
     vocab: int,
     dtype: torch.dtype,
     seed: int,
@@ -22,31 +22,31 @@ def acceptance_inputs(
 ) -> dict:
     """Arguments of `accept_drafts`; `accept` steers the outcome: "mixed", "all" or "none"."""
     g = torch.Generator().manual_seed(seed)
-    target = torch.softmax(torch.randn(batch, gamma + 1, vocab, generator=g) * 3, dim=-1)
-    draft = torch.softmax(torch.randn(batch, gamma, vocab, generator=g) * 3, dim=-1)
-    tokens = torch.multinomial(draft.reshape(-1, vocab), 1, generator=g).view(batch, gamma)
+    target = torch.softmax(torch.randn(batch, num_slots + 1, vocab, generator=g) * 3, dim=-1)
+    draft = torch.softmax(torch.randn(batch, num_slots, vocab, generator=g) * 3, dim=-1)
+    tokens = torch.multinomial(draft.reshape(-1, vocab), 1, generator=g).view(batch, num_slots)
     greedy = torch.arange(batch) % 2 == 0
-    uniforms = torch.rand(batch, gamma + 1, generator=g)
-    argmax = target[:, :gamma].argmax(dim=-1)
+    uniforms = torch.rand(batch, num_slots + 1, generator=g)
+    argmax = target[:, :num_slots].argmax(dim=-1)
     if accept == "all":
         # Greedy rows draft the argmax; sampled rows draft from p_d = p_t, where min(1, p_t/p_d) = 1.
-        draft = target[:, :gamma].clone()
+        draft = target[:, :num_slots].clone()
         tokens = torch.where(greedy.unsqueeze(1), argmax, tokens)
-        uniforms[:, :gamma] = 0.0
+        uniforms[:, :num_slots] = 0.0
     elif accept == "none":
         tokens = torch.where(greedy.unsqueeze(1), (argmax + 1) % vocab, tokens)
-        uniforms[:, :gamma] = 1.0 - 1e-7
+        uniforms[:, :num_slots] = 1.0 - 1e-7
         draft.scatter_(2, tokens.unsqueeze(-1), 1.0)
     else:
         # Half the greedy drafts hit the argmax so that greedy rows accept some.
-        hit = torch.rand(batch, gamma, generator=g) < 0.7
+        hit = torch.rand(batch, num_slots, generator=g) < 0.7
         tokens = torch.where(greedy.unsqueeze(1) & hit, argmax, tokens)
     if num_drafts is None:
-        lengths = torch.randint(0, gamma + 1, (batch,), generator=g)
+        lengths = torch.randint(0, num_slots + 1, (batch,), generator=g)
     else:
         lengths = torch.tensor(num_drafts)
     # Padding past num_drafts is -1, as the engine sends it.
-    tokens = torch.where(torch.arange(gamma).unsqueeze(0) < lengths.unsqueeze(1), tokens, -1)
+    tokens = torch.where(torch.arange(num_slots).unsqueeze(0) < lengths.unsqueeze(1), tokens, -1)
     return {
         "draft_tokens": tokens.to(device),
         "num_drafts": lengths.to(device),
@@ -59,7 +59,7 @@ def acceptance_inputs(
 
 def markov_inputs(
     batch: int,
-    gamma: int,
+    num_slots: int,
     vocab: int,
     rank: int,
     d_model: int,
@@ -72,19 +72,19 @@ def markov_inputs(
     g = torch.Generator().manual_seed(seed)
     temperature = torch.tensor([0.0, 1.0, 0.7, 1.3])[torch.arange(batch) % 4]
     args = {
-        "logits": (torch.randn(batch, gamma, vocab, generator=g) * 2).to(dtype).to(device),
+        "logits": (torch.randn(batch, num_slots, vocab, generator=g) * 2).to(dtype).to(device),
         "anchor": torch.randint(0, vocab, (batch,), generator=g).to(device),
         "temperature": temperature.to(device),
-        "uniforms": torch.rand(batch, gamma, generator=g).to(device),
+        "uniforms": torch.rand(batch, num_slots, generator=g).to(device),
     }
     if rank:
         args["w1"] = (torch.randn(vocab, rank, generator=g) * 0.5).to(dtype).to(device)
         args["w2"] = (torch.randn(vocab, rank, generator=g) * 0.5).to(dtype).to(device)
     if with_conf:
-        args["hidden"] = torch.randn(batch, gamma, d_model, generator=g).to(dtype).to(device)
+        args["hidden"] = torch.randn(batch, num_slots, d_model, generator=g).to(dtype).to(device)
         args["conf_weight"] = (torch.randn(d_model + rank, generator=g) * 0.2).to(dtype).to(device)
         args["conf_bias"] = 0.25
-        args["conf_temperature"] = torch.linspace(1.0, 2.0, gamma).to(device)
+        args["conf_temperature"] = torch.linspace(1.0, 2.0, num_slots).to(device)
     return args
 
 

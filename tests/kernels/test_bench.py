@@ -24,7 +24,7 @@ def test_cpu_run_times_the_twins(tmp_path) -> None:
             "tiny",
             "--batch-sizes",
             "1,3",
-            "--gamma",
+            "--num_slots",
             "2",
             "--context",
             "20",

@@ -18,8 +18,9 @@ from specray.workers.drafters.checkpoint import (
     save_drafter_model,
 )
 from specray.workers.drafters.config import DrafterConfig
-from specray.workers.engine import EngineConfig, LLMEngine
-from specray.workers.sampling import SamplingParams
+from specray.workers.engine.config import EngineConfig
+from specray.workers.engine.llm_engine import LLMEngine
+from specray.workers.engine.sampling import SamplingParams
 
 
 def _write_responses(target, data_dir: Path, n: int, seed: int) -> None:  # noqa: ANN001

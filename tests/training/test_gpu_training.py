@@ -14,9 +14,10 @@ import torch
 from specray.training.fit import FitConfig, fit
 from specray.training.target_cache import CacheConfig, TargetCache, build_cache
 from specray.workers.drafters.checkpoint import load_drafter
-from specray.workers.engine import EngineConfig, LLMEngine
+from specray.workers.engine.config import EngineConfig
+from specray.workers.engine.llm_engine import LLMEngine
+from specray.workers.engine.sampling import SamplingParams
 from specray.workers.models.loader import LoadedModel
-from specray.workers.sampling import SamplingParams
 
 pytestmark = [
     pytest.mark.gpu,

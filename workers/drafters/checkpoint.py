@@ -1,30 +1,33 @@
 """Drafter checkpoints: a directory of config.json + model.safetensors (the drafter's own weights).
 
 The frozen target embedding and LM head are not stored: the loader takes them from the target.
+Bundled drafters ship inside the package (`specray.drafters`), so they resolve from a wheel too.
 """
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from specray.workers.drafters.base import Drafter
 from specray.workers.drafters.config import DrafterConfig
-from specray.workers.drafters.dspark import DSparkDrafter, DSparkModel
-from specray.workers.drafters.eagle3 import Eagle3Drafter, Eagle3Model
+from specray.workers.drafters.kinds import DrafterModel, trained_kind
+from specray.workers.engine.drafter import Drafter
 from specray.workers.models.loader import LoadedModel
 
-# The repository's trained drafters, by the name `--drafter` accepts.
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BUNDLED_DRAFTERS = {"smollm2-135m-dspark": REPO_ROOT / "drafters" / "smollm2-135m-dspark"}
-
-DrafterModel = DSparkModel | Eagle3Model
+_BUNDLED_ROOT = resources.files("specray.drafters")
+# The bundled trained drafters, by the name `--drafter` accepts.
+BUNDLED_DRAFTERS = {
+    entry.name: Path(str(entry))
+    for entry in _BUNDLED_ROOT.iterdir()
+    if entry.is_dir() and entry.joinpath("config.json").is_file()
+}
 
 
 def build_model(config: DrafterConfig) -> DrafterModel:
-    return Eagle3Model(config) if config.kind == "eagle3" else DSparkModel(config)
+    return trained_kind(config.kind).build(config)
 
 
 def save_drafter_model(model: DrafterModel, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
@@ -36,8 +39,13 @@ def save_drafter_model(model: DrafterModel, path: str | Path, dtype: torch.dtype
     save_file(state, path / "model.safetensors", metadata={"kind": model.config.kind})
 
 
-def load_drafter_model(path: str | Path, device: str | torch.device = "cpu") -> DrafterModel:
-    path = resolve_drafter_path(path)
+def load_drafter_config(path_or_name: str | Path) -> DrafterConfig:
+    """A checkpoint's config alone (e.g. its feature layers), without building the model."""
+    return DrafterConfig.load(resolve_drafter_path(path_or_name) / "config.json")
+
+
+def load_drafter_model(path_or_name: str | Path, device: str | torch.device = "cpu") -> DrafterModel:
+    path = resolve_drafter_path(path_or_name)
     model = build_model(DrafterConfig.load(path / "config.json"))
     model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
     return model.to(device).float()
@@ -61,9 +69,7 @@ def is_drafter_checkpoint(path_or_name: str | Path) -> bool:
 
 
 def load_drafter(path_or_name: str | Path, target: LoadedModel) -> Drafter:
-    """A trained drafter (DSpark, DFlash or EAGLE-3) ready for the engine, bound to its target."""
+    """A trained drafter (any kind of the table) ready for the engine, bound to its target."""
     model = load_drafter_model(path_or_name, next(target.model.parameters()).device)
     model.config.check_target(target.config)
-    if isinstance(model, Eagle3Model):
-        return Eagle3Drafter(model, target.model)
-    return DSparkDrafter(model, target.model)
+    return trained_kind(model.config.kind).drafter(model, target.model)

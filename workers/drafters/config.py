@@ -9,11 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 from specray.workers.models.config import ModelConfig, RopeConfig
-
-DrafterKind = Literal["dspark", "dflash", "eagle3"]
 
 
 def spread_feature_layers(num_target_layers: int, m: int) -> tuple[int, ...]:
@@ -27,7 +24,7 @@ def spread_feature_layers(num_target_layers: int, m: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class DrafterConfig:
-    kind: DrafterKind
+    kind: str  # an entry of the drafter table (kinds.py), which checks what the kind may switch on
     # Target shapes (the drafter runs at the target's width, heads and RoPE).
     vocab_size: int
     hidden_size: int
@@ -39,7 +36,9 @@ class DrafterConfig:
     rope_theta: float
     feature_layers: tuple[int, ...]
     num_layers: int = 1
-    block_size: int = 7  # γ: slots per block (DSpark/DFlash) or chain steps (EAGLE-3)
+    # Slots per drafted block (DSpark/DFlash) or chain steps (EAGLE-3): the most drafts it proposes,
+    # so serving checks num_speculative_tokens <= draft_block_size at start-up.
+    draft_block_size: int = 7
     markov_rank: int = 0  # r; 0 = no Markov head (DFlash, EAGLE-3)
     confidence: bool = False
     mask_token_id: int = 0  # the block's MASK input; a token real text never uses
@@ -58,27 +57,24 @@ class DrafterConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "feature_layers", tuple(self.feature_layers))
         if not self.confidence_temperatures:
-            object.__setattr__(self, "confidence_temperatures", (1.0,) * self.block_size)
+            object.__setattr__(self, "confidence_temperatures", (1.0,) * self.draft_block_size)
         object.__setattr__(self, "confidence_temperatures", tuple(map(float, self.confidence_temperatures)))
-        if self.kind not in ("dspark", "dflash", "eagle3"):
-            raise ValueError(f"unknown drafter kind {self.kind!r}")
-        if self.num_layers < 1 or self.block_size < 1 or self.markov_rank < 0:
-            raise ValueError("need num_layers >= 1, block_size >= 1, markov_rank >= 0")
+        if self.num_layers < 1 or self.draft_block_size < 1 or self.markov_rank < 0:
+            raise ValueError("need num_layers >= 1, draft_block_size >= 1, markov_rank >= 0")
         if not self.feature_layers:
             raise ValueError("a feature drafter needs at least one target feature layer")
-        if self.kind == "eagle3" and self.state_input:
-            raise ValueError("state_input is a block-drafter switch; EAGLE-3 always reads the last state")
         if self.markov_tied and not self.markov_rank:
             raise ValueError("markov_tied needs a Markov head (markov_rank >= 1)")
-        if self.kind != "dspark" and (self.markov_rank or self.confidence):
-            raise ValueError(f"{self.kind} has neither Markov nor confidence head (that is dspark)")
-        if len(self.confidence_temperatures) != self.block_size or min(self.confidence_temperatures) <= 0:
+        if (
+            len(self.confidence_temperatures) != self.draft_block_size
+            or min(self.confidence_temperatures) <= 0
+        ):
             raise ValueError("need one positive confidence temperature per block position")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id {self.mask_token_id} outside the vocabulary")
 
     @classmethod
-    def for_target(cls, kind: DrafterKind, target: ModelConfig, num_features: int, **kwargs) -> DrafterConfig:
+    def for_target(cls, kind: str, target: ModelConfig, num_features: int, **kwargs) -> DrafterConfig:
         return cls(
             kind=kind,
             vocab_size=target.vocab_size,
@@ -123,4 +119,9 @@ class DrafterConfig:
 
     @classmethod
     def load(cls, path: Path) -> DrafterConfig:
-        return cls(**json.loads(Path(path).read_text()))
+        fields = json.loads(Path(path).read_text())
+        if "block_size" in fields:
+            raise ValueError(
+                f"{path}: `block_size` is now `draft_block_size` (block_size names KV pages only)"
+            )
+        return cls(**fields)

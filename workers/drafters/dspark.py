@@ -15,17 +15,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from specray.kernels import sample_markov_block
-from specray.workers.drafters.base import Drafter, DraftProposal, DraftRequest
 from specray.workers.drafters.config import DrafterConfig
 from specray.workers.drafters.context_cache import ContextCache
 from specray.workers.drafters.layers import KV, InjectedLayer
+from specray.workers.engine.drafter import Drafter, DraftProposal, DraftRequest
 from specray.workers.models.decoder import DecoderModel, RMSNorm, RotaryEmbedding
 
 
-def block_mask(anchors: torch.Tensor, context_len: int, block_size: int) -> torch.Tensor:
+def block_mask(anchors: torch.Tensor, context_len: int, draft_block_size: int) -> torch.Tensor:
     """[N·γ, L + N·γ] bool: slot of block i sees context j < anchors[i] and all of block i only."""
     n = anchors.shape[0]
-    block_of = torch.arange(n, device=anchors.device).repeat_interleave(block_size)
+    block_of = torch.arange(n, device=anchors.device).repeat_interleave(draft_block_size)
     sees_context = torch.arange(context_len, device=anchors.device).unsqueeze(0) < anchors[
         block_of
     ].unsqueeze(1)
@@ -36,8 +36,6 @@ def block_mask(anchors: torch.Tensor, context_len: int, block_size: int) -> torc
 class DSparkModel(nn.Module):
     def __init__(self, config: DrafterConfig) -> None:
         super().__init__()
-        if config.kind not in ("dspark", "dflash"):
-            raise ValueError(f"DSparkModel builds dspark/dflash drafters, not {config.kind}")
         self.config = config
         layer_config = config.layer_config()
         d, r = config.hidden_size, config.markov_rank
@@ -87,18 +85,20 @@ class DSparkModel(nn.Module):
 
         `states` [N, d] is H_ctx at anchor−1 (zeros where there is none), read when `state_input`.
         """
-        n, gamma = anchors.shape[0], self.config.block_size
-        x = mask_embed.expand(n, gamma, -1).clone()
+        n, block_len = anchors.shape[0], self.config.draft_block_size
+        x = mask_embed.expand(n, block_len, -1).clone()
         x[:, 0] = anchor_embeds
         if self.config.state_input:
-            x = self.in_proj(torch.cat((self.embed_norm(x), states.unsqueeze(1).expand(-1, gamma, -1)), -1))
-        x = x.reshape(n * gamma, -1)
-        positions = (anchors.unsqueeze(1) + torch.arange(gamma, device=anchors.device)).reshape(-1)
+            x = self.in_proj(
+                torch.cat((self.embed_norm(x), states.unsqueeze(1).expand(-1, block_len, -1)), -1)
+            )
+        x = x.reshape(n * block_len, -1)
+        positions = (anchors.unsqueeze(1) + torch.arange(block_len, device=anchors.device)).reshape(-1)
         rotary = self.rotary(positions, x.dtype)
-        mask = block_mask(anchors, context[0][0].shape[0], gamma)
+        mask = block_mask(anchors, context[0][0].shape[0], block_len)
         for layer, kv in zip(self.layers, context):
             x = layer(x, rotary, kv, mask)
-        return self.norm(x).view(n, gamma, -1)
+        return self.norm(x).view(n, block_len, -1)
 
     def markov_code(self, prev: torch.Tensor, target: DecoderModel) -> torch.Tensor | None:
         """W1[x_{k−1}]: the r-dim code of the previous token that the Markov and confidence heads read."""
@@ -139,13 +139,15 @@ class DSparkModel(nn.Module):
         Slot k's previous token is the true token at anchor+k (the anchor itself for k = 0): the
         Markov and confidence heads see what inference sees when the earlier drafts were accepted.
         """
-        gamma = self.config.block_size
+        block_len = self.config.draft_block_size
         fused = self.fuse(features)
         context = self._fused_kv(fused, 0)
         mask_embed = target.embed(torch.tensor([self.config.mask_token_id], device=ids.device))[0]
         states = torch.cat((torch.zeros_like(fused[:1]), fused))[anchors]  # H_ctx at anchor−1
         hidden = self.blocks(context, anchors, target.embed(ids[anchors]), mask_embed, states)
-        prev_pos = (anchors.unsqueeze(1) + torch.arange(gamma, device=ids.device)).clamp(max=ids.shape[0] - 1)
+        prev_pos = (anchors.unsqueeze(1) + torch.arange(block_len, device=ids.device)).clamp(
+            max=ids.shape[0] - 1
+        )
         logits = target.compute_logits(hidden)
         code = self.markov_code(ids[prev_pos], target)
         if code is not None:
@@ -201,14 +203,14 @@ class DSparkDrafter(Drafter):
         # Slot k's hidden state depends on the whole block (bidirectional attention), but nothing
         # after slot k depends on its logits: only the slots asked for get the LM head, a draft's
         # largest cost, so drafting to a smaller verify budget is cheaper.
-        width = max(min(requests[i].max_tokens, self.config.block_size) for i in ready)
+        width = max(min(requests[i].max_tokens, self.config.draft_block_size) for i in ready)
         hidden = torch.stack(hidden)[:, :width]
         logits = self.target.compute_logits(hidden.to(self._target_dtype)).float()
         anchors = torch.tensor([requests[i].token_ids[-1] for i in ready], device=device)
         temperature = torch.tensor([requests[i].params.temperature for i in ready], device=device)
         # A whole block's worth of draws whatever the width: a request's random stream advances alike.
         uniforms = torch.stack(
-            [torch.rand(self.config.block_size, generator=requests[i].generator) for i in ready]
+            [torch.rand(self.config.draft_block_size, generator=requests[i].generator) for i in ready]
         )[:, :width].to(device)
         m = self.model
         w1, w2 = self.markov_tables or (None, None)
@@ -227,7 +229,7 @@ class DSparkDrafter(Drafter):
         )
         for row, i in enumerate(ready):
             r = requests[i]
-            k = min(r.max_tokens, self.config.block_size)
+            k = min(r.max_tokens, self.config.draft_block_size)
             proposals[i] = DraftProposal(
                 tokens=draft.tokens[row, :k].tolist(),
                 probs=None if r.params.greedy else draft.probs[row, :k],

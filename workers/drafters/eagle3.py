@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from specray.kernels import sample_markov_block
-from specray.workers.drafters.base import Drafter, DraftProposal, DraftRequest
 from specray.workers.drafters.config import DrafterConfig
 from specray.workers.drafters.context_cache import ContextCache
 from specray.workers.drafters.layers import KV, InjectedLayer
+from specray.workers.engine.drafter import Drafter, DraftProposal, DraftRequest
 from specray.workers.models.decoder import DecoderModel, RMSNorm, RotaryEmbedding
 
 
@@ -36,8 +36,6 @@ def chain_mask(anchors: torch.Tensor, context_len: int, steps: int) -> torch.Ten
 class Eagle3Model(nn.Module):
     def __init__(self, config: DrafterConfig) -> None:
         super().__init__()
-        if config.kind != "eagle3":
-            raise ValueError(f"Eagle3Model builds eagle3 drafters, not {config.kind}")
         self.config = config
         layer_config = config.layer_config()
         d = config.hidden_size
@@ -78,14 +76,14 @@ class Eagle3Model(nn.Module):
         self, features: torch.Tensor, ids: torch.Tensor, anchors: torch.Tensor, target: DecoderModel
     ) -> tuple[torch.Tensor, None]:
         """Logits [N, γ, V] of the unrolled chain, teacher-forced on the true tokens."""
-        gamma, length = self.config.block_size, ids.shape[0]
+        block_len, length = self.config.draft_block_size, ids.shape[0]
         fused = self.fuse(features)
         # Step input at t pairs H_t with x_{t+1}; the last position has no next token (never used).
         next_ids = torch.cat((ids[1:], ids[-1:]))
         all_inputs = self.step_inputs(target.embed(next_ids), fused)
         context = self.context_kv(all_inputs, 0)
         inputs = all_inputs[anchors - 1].unsqueeze(1)
-        for j in range(1, gamma):
+        for j in range(1, block_len):
             outputs = self.chains(context, anchors, inputs)
             token = ids[(anchors + j).clamp(max=length - 1)]
             inputs = torch.cat(
@@ -132,7 +130,7 @@ class Eagle3Drafter(Drafter):
             self._embed(torch.tensor([ids[-1]], device=device)), m.fuse(features)
         ).unsqueeze(0)
         anchors = torch.tensor([anchor_pos], device=device)
-        steps = min(r.max_tokens, self.config.block_size)
+        steps = min(r.max_tokens, self.config.draft_block_size)
         tokens, probs = [], []
         for j in range(steps):
             out = m.chains(context, anchors, inputs)[:, -1]

@@ -6,7 +6,7 @@ the tokens that followed it. Deterministic, so the engine verifies it with a one
 
 from __future__ import annotations
 
-from specray.workers.drafters.base import Drafter, DraftProposal, DraftRequest
+from specray.workers.engine.drafter import Drafter, DraftProposal, DraftRequest
 
 
 class NgramDrafter(Drafter):

@@ -127,14 +127,18 @@ class LoadedModel:
     stop_token_ids: tuple[int, ...]
 
 
+def load_config(name_or_path: str = DEFAULT_MODEL) -> tuple[Path, ModelConfig]:
+    """The model's directory and typed config, without loading its weights."""
+    path = resolve_model_dir(name_or_path)
+    return path, ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> LoadedModel:
     from transformers import AutoTokenizer
 
-    path = resolve_model_dir(name_or_path)
-    hf_config = json.loads((path / "config.json").read_text())
-    config = ModelConfig.from_hf(hf_config)
+    path, config = load_config(name_or_path)
     with torch.device("meta"):
         model = DecoderModel(config)
     state: dict[str, torch.Tensor] = {}

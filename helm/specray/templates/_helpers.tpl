@@ -40,10 +40,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 
-{{/* The Serve config: cluster/serve_config.py's serve_config() of the specray values. */}}
+{{/* The Serve config: cluster/app/serve_config.py's serve_config() of the specray values. */}}
 {{- define "specray.serveConfig" -}}
 {{- $args := merge (dict "host" "0.0.0.0" "redis_url" (include "specray.redisUrl" .)) (deepCopy .Values.specray) -}}
-{{- $app := dict "name" "specray" "route_prefix" "/" "import_path" "specray.cluster.app:app_builder" "args" $args -}}
+{{- $app := dict "name" "specray" "route_prefix" "/" "import_path" "specray.cluster.app.application:app_builder" "args" $args -}}
 {{- toYaml (dict "http_options" (dict "host" "0.0.0.0" "port" .Values.specray.http_port) "applications" (list $app)) -}}
 {{- end -}}
 

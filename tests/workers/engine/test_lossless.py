@@ -1,0 +1,197 @@
+"""Speculative decoding is lossless.
+
+Greedy: token-identical to autoregressive decoding in the same engine and to Hugging Face
+`generate`, with the real SmolLM2, at batch 1 and in mixed batches of 8.
+Sampling: on a tiny model with a small vocabulary, the distribution of speculative outputs equals
+the target's exact distribution (chi-square), with deliberately bad drafters so rejections happen.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from tiny_models import tiny_hf_model
+
+from specray.training.prompt_sets import humaneval_prompts
+from specray.workers.drafters.ngram import NgramDrafter
+from specray.workers.engine.config import EngineConfig
+from specray.workers.engine.drafter import Drafter, DraftProposal, DraftRequest
+from specray.workers.engine.llm_engine import LLMEngine
+from specray.workers.engine.sampling import SamplingParams, target_distribution
+from specray.workers.models.loader import load_model
+
+CHATS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List the first five prime numbers.",
+    "Explain what a hash table is in two sentences.",
+    "Translate 'good morning' into Spanish and German.",
+    "Repeat the word 'echo' five times.",
+    "Write a Python function that returns the square of a number.",
+    "Give me three tips for writing clear code.",
+]
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2):
+    engine = LLMEngine(smollm2)
+    chats = [[{"role": "user", "content": c}] for c in CHATS] + humaneval_prompts(12)
+    return [engine.encode_prompt(messages=m) for m in chats]
+
+
+@pytest.fixture(scope="module")
+def autoregressive(smollm2, prompts):
+    engine = LLMEngine(smollm2, None, EngineConfig(num_speculative_tokens=0, max_num_seqs=1))
+    return [engine.generate([p], SamplingParams(max_tokens=MAX_TOKENS))[0].output_ids for p in prompts]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_autoregressive_equals_hf_generate(smollm2, prompts, autoregressive):
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(smollm2.path, dtype=torch.float32).eval()
+    for i, ids in enumerate(prompts):
+        with torch.no_grad():
+            out = hf_model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=MAX_TOKENS,
+                do_sample=False,
+                eos_token_id=list(smollm2.stop_token_ids),
+                pad_token_id=smollm2.stop_token_ids[0],
+            )
+        assert out[0, len(ids) :].tolist() == autoregressive[i], (
+            f"prompt {i}: our greedy output differs from HF generate"
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_num_seqs", [1, 8], ids=["batch1", "batch8"])
+def test_greedy_speculative_equals_autoregressive(smollm2, prompts, autoregressive, max_num_seqs):
+    engine = LLMEngine(
+        smollm2, NgramDrafter(), EngineConfig(num_speculative_tokens=5, max_num_seqs=max_num_seqs)
+    )
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS))
+    for i, seq in enumerate(seqs):
+        assert seq.output_ids == autoregressive[i], (
+            f"prompt {i}: speculative output differs from autoregressive"
+        )
+    accepted = sum(s.stats.accepted_tokens for s in seqs)
+    assert accepted > 0, "no draft was ever accepted: the test would not exercise acceptance"
+
+
+# ---- sampling: distribution ------------------------------------------------------------------------
+VOCAB = 8
+PROMPT = [1, 3, 5]
+NUM_SAMPLES = 3000
+ALPHA = 1e-3  # significance: a lossless engine fails this seeded test with probability 0.1%
+
+
+class SkewedDrafter(Drafter):
+    """Samples drafts from a fixed distribution unrelated to the target, so many are rejected."""
+
+    name = "skewed"
+
+    def __init__(self, vocab: int, num_speculative_tokens: int) -> None:
+        g = torch.Generator().manual_seed(7)
+        weights = torch.rand(num_speculative_tokens, vocab, generator=g) ** 4
+        self.probs = weights / weights.sum(-1, keepdim=True)
+
+    def propose(self, requests: list[DraftRequest]) -> list[DraftProposal]:
+        out = []
+        for r in requests:
+            k = min(r.max_tokens, self.probs.shape[0])
+            tokens = [int(torch.multinomial(self.probs[i], 1, generator=r.generator)) for i in range(k)]
+            out.append(DraftProposal(tokens=tokens, probs=self.probs[:k].clone()))
+        return out
+
+
+class ConstantDrafter(Drafter):
+    """Deterministically proposes the same token (one-hot p_d, like n-gram lookup)."""
+
+    name = "constant"
+
+    def propose(self, requests: list[DraftRequest]) -> list[DraftProposal]:
+        return [DraftProposal(tokens=[4] * r.max_tokens) for r in requests]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_target(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tiny_hf_model("llama", path, vocab_size=VOCAB, seed=3)
+    return load_model(str(path))
+
+
+def _exact_joint(target, params: SamplingParams, length: int) -> dict[tuple[int, ...], float]:
+    """P(x_1..x_length | prompt) under the target's sampling distribution, by enumeration."""
+    from specray.workers.engine.model_runner import ModelRunner, ScheduledSequence
+
+    probs = {}
+    for seq in itertools.product(range(VOCAB), repeat=length - 1):
+        runner = ModelRunner(target.model, kv_cache_tokens=64, block_size=4)
+        logits = runner.run([ScheduledSequence("s", PROMPT + list(seq), length)]).logits[0]
+        dist = target_distribution(logits, params)
+        prefix_p = 1.0
+        for k, tok in enumerate(seq):
+            prefix_p *= float(dist[k, tok])
+        for last in range(VOCAB):
+            probs[seq + (last,)] = prefix_p * float(dist[-1, last])
+    return probs
+
+
+@pytest.mark.parametrize(
+    "drafter_cls,params",
+    [
+        (SkewedDrafter, SamplingParams(max_tokens=2, temperature=1.0, ignore_eos=True)),
+        (SkewedDrafter, SamplingParams(max_tokens=2, temperature=0.7, top_k=5, top_p=0.9, ignore_eos=True)),
+        (ConstantDrafter, SamplingParams(max_tokens=2, temperature=1.0, ignore_eos=True)),
+    ],
+    ids=["skewed-T1", "skewed-topk-topp", "one-hot"],
+)
+def test_sampled_speculative_output_follows_target_distribution(tiny_llama_target, drafter_cls, params):
+    num_speculative_tokens = 3
+    drafter = drafter_cls(VOCAB, num_speculative_tokens) if drafter_cls is SkewedDrafter else drafter_cls()
+    engine = LLMEngine(
+        tiny_llama_target,
+        drafter,
+        EngineConfig(
+            num_speculative_tokens=num_speculative_tokens,
+            max_num_seqs=256,
+            max_num_batched_tokens=2048,
+            kv_cache_tokens=16384,
+        ),
+    )
+    seqs = engine.generate(
+        [PROMPT] * NUM_SAMPLES, [SamplingParams(**{**params.__dict__, "seed": s}) for s in range(NUM_SAMPLES)]
+    )
+    rejected = sum(s.stats.draft_tokens - s.stats.accepted_tokens for s in seqs)
+    assert rejected > NUM_SAMPLES // 10, "the drafter was not bad enough to exercise rejection sampling"
+
+    exact = _exact_joint(tiny_llama_target, params, 2)
+    counts = dict.fromkeys(exact, 0)
+    for s in seqs:
+        counts[tuple(s.output_ids)] += 1
+    impossible = [o for o in exact if exact[o] == 0.0 and counts[o] > 0]
+    assert not impossible, f"sampled outcomes the target can never produce: {impossible[:5]}"
+    # Pool outcomes with tiny expected counts into one bin, as chi-square needs.
+    outcomes = sorted((o for o in exact if exact[o] > 0.0), key=exact.get, reverse=True)
+    big = [o for o in outcomes if exact[o] * NUM_SAMPLES >= 5]
+    small = [o for o in outcomes if o not in big]
+    observed = [counts[o] for o in big] + ([sum(counts[o] for o in small)] if small else [])
+    expected = [exact[o] * NUM_SAMPLES for o in big] + (
+        [sum(exact[o] for o in small) * NUM_SAMPLES] if small else []
+    )
+    scale = sum(observed) / sum(expected)
+    p_value = chisquare(observed, [e * scale for e in expected]).pvalue
+    assert p_value > ALPHA, f"speculative samples deviate from the target distribution (p = {p_value:.2e})"
+
+
+def test_seeded_sampling_repeats(tiny_llama_target):
+    engine = LLMEngine(tiny_llama_target, SkewedDrafter(VOCAB, 3), EngineConfig(num_speculative_tokens=3))
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=11, ignore_eos=True)
+    first = engine.generate([PROMPT], params)[0].output_ids
+    assert engine.generate([PROMPT], params)[0].output_ids == first, "the same seed gave a different output"

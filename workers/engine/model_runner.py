@@ -1,0 +1,101 @@
+"""Runs the target model over a ragged batch and keeps its paged KV cache.
+
+Each scheduled sequence brings its new tokens (a prefill chunk, one decode token, or an anchor plus
+γ drafts) starting where its cached KV ends, and asks for logits at its last `num_logits` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specray.kernels import build_attention_metadata
+from specray.workers.engine.kv_cache import PagedKVCache
+from specray.workers.models.decoder import DecoderModel
+
+
+@dataclass
+class ScheduledSequence:
+    seq_id: str
+    token_ids: list[int]
+    num_logits: int
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            raise ValueError(f"sequence {self.seq_id} scheduled with no tokens")
+        if not 0 <= self.num_logits <= len(self.token_ids):
+            raise ValueError(
+                f"sequence {self.seq_id}: {self.num_logits} logits for {len(self.token_ids)} tokens"
+            )
+
+
+@dataclass
+class RunOutput:
+    logits: list[torch.Tensor]  # per sequence [num_logits, V] (fp32)
+    features: list[torch.Tensor] | None  # per sequence [len(token_ids), m*d]
+    final_hidden: list[torch.Tensor] | None  # per sequence [len(token_ids), d]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: DecoderModel,
+        kv_cache_tokens: int = 16384,
+        block_size: int = 16,
+        feature_layers: tuple[int, ...] = (),
+    ) -> None:
+        self.model = model
+        self.config = model.config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.kv = PagedKVCache(
+            self.config, -(-kv_cache_tokens // block_size), block_size, self.dtype, self.device
+        )
+        self.feature_layers = tuple(sorted(feature_layers))
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSequence], return_final_hidden: bool = False) -> RunOutput:
+        seq_ids = [s.seq_id for s in batch]
+        starts = [self.kv.length(s.seq_id) for s in batch]
+        query_lens = [len(s.token_ids) for s in batch]
+        seq_lens = [start + n for start, n in zip(starts, query_lens)]
+        for seq, total in zip(batch, seq_lens):
+            self.kv.reserve(seq.seq_id, total)
+        meta = build_attention_metadata(
+            self.kv.block_tables(seq_ids), query_lens, seq_lens, self.kv.block_size
+        )
+
+        input_ids = torch.tensor(
+            [t for s in batch for t in s.token_ids], dtype=torch.long, device=self.device
+        )
+        positions = torch.cat([torch.arange(start, end) for start, end in zip(starts, seq_lens)]).to(
+            self.device
+        )
+        ends = torch.tensor(query_lens).cumsum(0).tolist()
+        logits_rows = [row for seq, end in zip(batch, ends) for row in range(end - seq.num_logits, end)]
+        out = self.model(
+            input_ids,
+            positions,
+            self.kv.layers,
+            meta,
+            torch.tensor(logits_rows, dtype=torch.long, device=self.device),
+            self.feature_layers,
+            return_final_hidden,
+        )
+        for seq, total in zip(batch, seq_lens):
+            self.kv.set_length(seq.seq_id, total)
+
+        logits = out.logits.float().split([s.num_logits for s in batch])
+        return RunOutput(
+            logits=list(logits),
+            features=list(out.features.split(query_lens)) if out.features is not None else None,
+            final_hidden=list(out.final_hidden.split(query_lens)) if out.final_hidden is not None else None,
+        )
+
+    def rollback(self, seq_id: str, length: int) -> None:
+        """Keep only the first `length` cached positions of the sequence (drop rejected drafts)."""
+        self.kv.set_length(seq_id, length)
+
+    def free(self, seq_id: str) -> None:
+        self.kv.free(seq_id)
