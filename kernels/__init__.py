@@ -1,7 +1,8 @@
 """The hot operations of a speculative step, one function each.
 
 Each picks the Triton kernel for CUDA tensors when Triton is installed (the `gpu` extra) and the
-plain-PyTorch twin otherwise, with the same arguments and results. Triton is imported only on the
+plain-PyTorch twin otherwise, with the same arguments and results; attention on the CPU runs a
+compiled, batch-invariant C++ kernel (`cpu_attention.py`) where a compiler is available. Triton is imported only on the
 first CUDA call, so a CPU-only install never needs it.
 """
 
@@ -12,7 +13,7 @@ import importlib.util
 
 import torch
 
-from specray.kernels import acceptance, attention, markov_sampling
+from specray.kernels import acceptance, attention, cpu_attention, markov_sampling
 from specray.kernels.acceptance import sample_from_probs
 from specray.kernels.attention import AttentionMetadata, build_attention_metadata, write_kv
 from specray.kernels.markov_sampling import MarkovDraft
@@ -104,4 +105,6 @@ def paged_attention(
         from specray.kernels.triton_attention import paged_attention_triton
 
         return paged_attention_triton(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
+    if q.device.type == "cpu" and cpu_attention.extension() is not None:
+        return cpu_attention.paged_attention_cpu(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
     return attention.paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, softcap)

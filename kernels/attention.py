@@ -8,11 +8,13 @@ Layout (shared with the Triton kernel):
 - query i of sequence b sits at position `seq_lens[b] - q_len[b] + i` and sees keys at positions
   `<=` its own (causal among the new tokens), and only the last `sliding_window` of them when set.
 
-The metadata that is the same for every layer (gather indices, masks) is built once per forward.
+The metadata that is the same for every layer is built once per forward; this reference path's
+padded layout (gather indices, masks) only when it runs.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,13 +22,9 @@ import torch.nn.functional as F
 
 
 @dataclass
-class AttentionMetadata:
-    block_tables: torch.Tensor  # [B, max_blocks] int32
-    query_start_loc: torch.Tensor  # [B+1] int32
-    seq_lens: torch.Tensor  # [B] int32, KV length including the new tokens
-    slot_mapping: torch.Tensor  # [T] long, flat cache slot of each new token
-    block_size: int
-    # Reference-path helpers (padded layout), built once per forward.
+class PaddedLayout:
+    """The reference path's padded view of a ragged batch (built only when that path runs)."""
+
     key_slots: torch.Tensor  # [B, K_max] long, flat cache slot of each key (0 where padded)
     query_index: torch.Tensor  # [B, Q_max] long, row of q for each padded query (0 where padded)
     query_valid: torch.Tensor  # [B, Q_max] bool
@@ -34,7 +32,7 @@ class AttentionMetadata:
     key_valid: torch.Tensor  # [B, K_max] bool
     key_pos: torch.Tensor  # [K_max] long
     # First flat slot when the batch is one sequence whose pages are consecutive: its keys are then
-    # a view of the cache, no gather needed (the common single-request decode on CPU).
+    # a view of the cache, no gather needed.
     contiguous_start: int | None = None
 
     def mask(self, sliding_window: int | None) -> torch.Tensor | None:
@@ -53,40 +51,73 @@ class AttentionMetadata:
         return allowed.unsqueeze(1)
 
 
+@dataclass
+class AttentionMetadata:
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    query_start_loc: torch.Tensor  # [B+1] int32
+    seq_lens: torch.Tensor  # [B] int32, KV length including the new tokens
+    slot_mapping: torch.Tensor  # [T] long, flat cache slot of each new token
+    block_size: int
+    query_lens: list[int]
+    seq_lens_list: list[int]
+
+    @functools.cached_property
+    def padded(self) -> PaddedLayout:
+        """The same for every layer of a forward, so built once, and only where it is used."""
+        return _padded_layout(self.block_tables, self.query_lens, self.seq_lens_list, self.block_size)
+
+
 def build_attention_metadata(
     block_tables: torch.Tensor, query_lens: list[int], seq_lens: list[int], block_size: int
 ) -> AttentionMetadata:
     """Metadata for a ragged batch: per sequence its number of new tokens and its KV length after them."""
+    device = block_tables.device
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    tables = block_tables.tolist()
+    # The flat cache slot of every new token, computed on the host: it is T small integers.
+    slots = [
+        tables[b][pos // block_size] * block_size + pos % block_size
+        for b, (n, total) in enumerate(zip(query_lens, seq_lens))
+        for pos in range(total - n, total)
+    ]
+    return AttentionMetadata(
+        block_tables=block_tables.to(torch.int32),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        block_size=block_size,
+        query_lens=list(query_lens),
+        seq_lens_list=list(seq_lens),
+    )
+
+
+def _padded_layout(
+    block_tables: torch.Tensor, query_lens: list[int], seq_lens: list[int], block_size: int
+) -> PaddedLayout:
     device = block_tables.device
     batch = len(query_lens)
     q_max = max(query_lens)
     k_max = max(seq_lens)
     q_lens = torch.tensor(query_lens, dtype=torch.long, device=device)
     s_lens = torch.tensor(seq_lens, dtype=torch.long, device=device)
-    query_start_loc = torch.zeros(batch + 1, dtype=torch.long, device=device)
-    query_start_loc[1:] = q_lens.cumsum(0)
-
+    query_start = torch.zeros(batch, dtype=torch.long, device=device)
+    query_start[1:] = q_lens.cumsum(0)[:-1]
     key_pos = torch.arange(k_max, device=device)
     key_valid = key_pos.unsqueeze(0) < s_lens.unsqueeze(1)
     page = block_tables.long().gather(
         1, (key_pos // block_size).clamp(max=block_tables.shape[1] - 1).expand(batch, -1)
     )
     key_slots = torch.where(key_valid, page * block_size + key_pos % block_size, 0)
-
     offsets = torch.arange(q_max, device=device)
     query_valid = offsets.unsqueeze(0) < q_lens.unsqueeze(1)
     query_pos = (s_lens - q_lens).unsqueeze(1) + offsets.unsqueeze(0)
-    query_index = torch.where(query_valid, query_start_loc[:-1].unsqueeze(1) + offsets.unsqueeze(0), 0)
-    slot_mapping = key_slots.gather(1, query_pos.clamp(max=k_max - 1))[query_valid]
+    query_index = torch.where(query_valid, query_start.unsqueeze(1) + offsets.unsqueeze(0), 0)
     contiguous_start = None
     if batch == 1 and (k_max == 1 or bool((key_slots[0, 1:] - key_slots[0, :-1] == 1).all())):
         contiguous_start = int(key_slots[0, 0])
-    return AttentionMetadata(
-        block_tables=block_tables.to(torch.int32),
-        query_start_loc=query_start_loc.to(torch.int32),
-        seq_lens=s_lens.to(torch.int32),
-        slot_mapping=slot_mapping,
-        block_size=block_size,
+    return PaddedLayout(
         key_slots=key_slots,
         query_index=query_index,
         query_valid=query_valid,
@@ -116,20 +147,21 @@ def paged_attention(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention output [T, H, D] for the new query tokens `q` [T, H, D]."""
+    layout = meta.padded
     num_heads, head_dim = q.shape[1:]
     num_kv_heads = k_cache.shape[-2]
     flat_k = k_cache.view(-1, num_kv_heads, head_dim)
     flat_v = v_cache.view(-1, num_kv_heads, head_dim)
-    if meta.contiguous_start is not None:
-        window = slice(meta.contiguous_start, meta.contiguous_start + meta.key_pos.shape[0])
+    if layout.contiguous_start is not None:
+        window = slice(layout.contiguous_start, layout.contiguous_start + layout.key_pos.shape[0])
         keys = flat_k[window].unsqueeze(0).transpose(1, 2).to(q.dtype)  # [1, KVH, K, D]
         values = flat_v[window].unsqueeze(0).transpose(1, 2).to(q.dtype)
         queries = q.unsqueeze(0).transpose(1, 2)  # [1, H, Q, D]
     else:
-        keys = flat_k[meta.key_slots].transpose(1, 2).to(q.dtype)  # [B, KVH, K, D]
-        values = flat_v[meta.key_slots].transpose(1, 2).to(q.dtype)
-        queries = q[meta.query_index].transpose(1, 2)  # [B, H, Q, D]
-    mask = meta.mask(sliding_window)
+        keys = flat_k[layout.key_slots].transpose(1, 2).to(q.dtype)  # [B, KVH, K, D]
+        values = flat_v[layout.key_slots].transpose(1, 2).to(q.dtype)
+        queries = q[layout.query_index].transpose(1, 2)  # [B, H, Q, D]
+    mask = layout.mask(sliding_window)
     if softcap is None:
         out = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
@@ -143,6 +175,6 @@ def paged_attention(
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         out = scores.softmax(dim=-1) @ values
-    if meta.contiguous_start is not None:
+    if layout.contiguous_start is not None:
         return out[0].transpose(0, 1)
-    return out.transpose(1, 2)[meta.query_valid]
+    return out.transpose(1, 2)[layout.query_valid]

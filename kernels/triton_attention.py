@@ -214,12 +214,12 @@ def paged_attention_triton(
     if num_tokens == 0:
         return out
     block_m = max(16, triton.next_power_of_2(group))
-    max_q_len = meta.query_valid.shape[1]
+    max_q_len = max(meta.query_lens)
     # Enough rows for every new token of a verify step (γ+1) in one tile; prefill spreads over tiles.
     block_m = max(block_m, min(triton.next_power_of_2(group * max_q_len), 64))
     block_n = 32 if head_dim > 128 else 64
     q_tiles = triton.cdiv(max_q_len, block_m // group)
-    max_seq_len = meta.key_pos.shape[0]
+    max_seq_len = max(meta.seq_lens_list)
     splits = num_splits or _num_splits(batch * num_kv_heads * q_tiles, max_seq_len, block_n, q.device)
     if splits > 1:
         part_acc = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)

@@ -21,12 +21,21 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 TINY_VOCAB = 96
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_attention_kernel() -> None:
+    """Build (or load) the CPU attention kernel once, under the session's cache dir, before any
+    test points SPECRAY_CACHE_DIR somewhere else."""
+    from specray.kernels import cpu_attention
+
+    cpu_attention.extension()
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> LoadedModel:
     """The real default target, SmolLM2-135M-Instruct (dequantized from the packaged GGUF once)."""
     from specray.workers.models.loader import load_model
 
-    return load_model("smollm2-135m")
+    return load_model("smollm2-135m", "float32")
 
 
 def make_tiny_target(seed: int = 0) -> LoadedModel:

@@ -118,7 +118,7 @@ def calibrate(config: CalibrateConfig, target: LoadedModel | None = None) -> dic
         raise ValueError(
             f"{path} has no confidence head to calibrate (only kinds with one, such as dspark, do)"
         )
-    target = target or load_model(model.config.target_name or "smollm2-135m")
+    target = target or load_model(model.config.target_name or "smollm2-135m", "float32")
     # Calibrate the raw head: earlier temperatures must not leak into a re-run.
     conf_logits, accepted = collect(model, target, config)
     temperatures, report = fit_temperatures(conf_logits, accepted, config.num_bins)

@@ -34,6 +34,7 @@ class EvalConfig:
     num_speculative_tokens: int = 7
     batch_size: int = 16
     seed: int = 0
+    dtype: str = "auto"
     labels: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -63,7 +64,7 @@ def default_label(spec: str) -> str:
 
 
 def evaluate(config: EvalConfig, target: LoadedModel | None = None) -> dict:
-    target = target or load_model(config.target)
+    target = target or load_model(config.target, config.dtype)
     engine_config = EngineConfig(
         num_speculative_tokens=config.num_speculative_tokens,
         max_num_seqs=config.batch_size,

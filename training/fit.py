@@ -125,7 +125,7 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
 def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = True) -> dict:
     """Train and write the drafter to `config.out_dir`; returns a summary (also in train_log.json)."""
     torch.manual_seed(config.seed)
-    target = target or load_model(config.target, device=config.device)
+    target = target or load_model(config.target, "float32", config.device)
     for p in target.model.parameters():
         p.requires_grad_(False)
     data = TargetCache(config.cache_dir, "train")

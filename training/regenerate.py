@@ -12,13 +12,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from specray.training.sharegpt import Split, sharegpt_prompts
 from specray.workers.engine.config import EngineConfig
 from specray.workers.engine.llm_engine import LLMEngine
 from specray.workers.engine.sampling import SamplingParams
+from specray.workers.models.dtype import DTYPE_CHOICES
 from specray.workers.models.loader import load_model
 
 # DeepSpec regenerates with T = 0.7, top-p 0.8, top-k 20 (the Qwen3 recommendation).
@@ -37,15 +37,15 @@ class DataConfig:
     seed: int = 0
     sharegpt: Path | None = None  # a ShareGPT-format file instead of the packaged dataset
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if min(self.num_train, self.num_valid) < 0 or self.num_train + self.num_valid == 0:
             raise ValueError("num_train and num_valid must be >= 0 and not both 0")
         if min(self.max_prompt_tokens, self.max_new_tokens, self.batch_size) < 1:
             raise ValueError("max_prompt_tokens, max_new_tokens and batch_size must be >= 1")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, not {self.dtype!r}")
 
 
 def responses_path(out_dir: Path, split: Split) -> Path:
@@ -67,7 +67,7 @@ def read_responses(path: Path) -> list[dict]:
 
 def regenerate(config: DataConfig) -> dict[str, int]:
     """Write `{split}.jsonl` lines {id, mode, prompt_ids, output_ids}; returns records per split."""
-    target = load_model(config.target, getattr(torch, config.dtype), config.device)
+    target = load_model(config.target, config.dtype, config.device)
     engine = LLMEngine(
         target,
         None,

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from specray.training.regenerate import read_responses, responses_path
 from specray.workers.drafters.config import spread_feature_layers
 from specray.workers.engine.model_runner import ModelRunner, ScheduledSequence
+from specray.workers.models.dtype import DTYPE_CHOICES
 from specray.workers.models.loader import LoadedModel, load_model
 
 MIN_LOSS_TOKENS = 14  # DeepSpec drops samples with fewer supervised tokens
@@ -42,8 +43,8 @@ class CacheConfig:
             raise ValueError("num_features must be in 1..8")
         if self.shard_records < 1 or self.batch_tokens < 1:
             raise ValueError("shard_records and batch_tokens must be >= 1")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, not {self.dtype!r}")
 
 
 @dataclass
@@ -60,7 +61,7 @@ class CachedSample:
 
 
 def build_cache(config: CacheConfig, target: LoadedModel | None = None, progress: bool = True) -> dict:
-    target = target or load_model(config.target, getattr(torch, config.dtype), config.device)
+    target = target or load_model(config.target, config.dtype, config.device)
     layers = spread_feature_layers(target.config.num_layers, config.num_features)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,15 +22,17 @@ from specray.workers.drafters.registry import build_drafter
 from specray.workers.engine.config import EngineConfig
 from specray.workers.engine.llm_engine import LLMEngine
 from specray.workers.engine.sampling import SamplingParams
+from specray.workers.models.dtype import DTYPE_CHOICES, resolve_dtype
 from specray.workers.models.loader import DEFAULT_MODEL, LoadedModel, load_model
 
 
 @dataclass
 class ModeResult:
     name: str
+    dtype: str
     tokens_per_s: float
     tau: float | None
-    matches_autoregressive: bool
+    matches_autoregressive: bool  # token for token, against our autoregressive output in this dtype
 
 
 def register(bench_subparsers: argparse._SubParsersAction) -> None:
@@ -46,16 +48,34 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="speculative mode(s); default: ngram, plus the bundled trained drafter of the default model",
     )
+    p.add_argument(
+        "--dtype",
+        action="append",
+        choices=DTYPE_CHOICES,
+        default=None,
+        help="run every mode in this dtype (repeat for several; default: auto)",
+    )
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers peer")
     p.add_argument("--json", required=True, help="where to write the results (a PNG goes beside it)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    target = load_model(args.model)
+    dtypes = list(dict.fromkeys(str(resolve_dtype(d)).removeprefix("torch.") for d in args.dtype or ["auto"]))
     prompts = (
         jsonl_prompts(args.prompts, args.num_prompts) if args.prompts else humaneval_prompts(args.num_prompts)
     )
+    params = SamplingParams(max_tokens=args.max_tokens)
+    default_drafters = ["ngram", "smollm2-135m-dspark"] if args.model == DEFAULT_MODEL else ["ngram"]
+    modes: list[_Mode] = []
+    for dtype in dtypes:
+        target = load_model(args.model, dtype)
+        modes.append(_engine_mode(target, "autoregressive", None, params, args.num_speculative_tokens))
+        for name in args.drafter or default_drafters:
+            drafter = build_drafter(name, target)
+            modes.append(_engine_mode(target, _mode_name(name), drafter, params, args.num_speculative_tokens))
+        if not args.no_hf:
+            modes += _hf_modes(target, args.max_tokens)
     tokenizer_engine = LLMEngine(target, None, EngineConfig(num_speculative_tokens=0, max_num_seqs=1))
     prompt_ids = [
         tokenizer_engine.encode_prompt(messages=p)
@@ -63,21 +83,12 @@ def run(args: argparse.Namespace) -> int:
         else tokenizer_engine.encode_prompt(prompt=p)
         for p in prompts
     ]
-    params = SamplingParams(max_tokens=args.max_tokens)
-
-    default_drafters = ["ngram", "smollm2-135m-dspark"] if args.model == DEFAULT_MODEL else ["ngram"]
-    modes = [_engine_mode(target, "autoregressive", None, params, args.num_speculative_tokens)]
-    for name in args.drafter or default_drafters:
-        drafter = build_drafter(name, target)
-        modes.append(_engine_mode(target, _mode_name(name), drafter, params, args.num_speculative_tokens))
-    if not args.no_hf:
-        modes += _hf_modes(target, args.max_tokens)
 
     # Warm every mode up once, then interleave them prompt by prompt, so drift in the machine's
     # load hits all modes alike and the ratios stay meaningful.
     for mode in modes:
         mode.generate(prompt_ids[0][:16])
-    outputs: dict[str, list[list[int]]] = {m.name: [] for m in modes}
+    outputs: dict[tuple[str, str], list[list[int]]] = {(m.name, m.dtype): [] for m in modes}
     for ids in tqdm(prompt_ids, desc="prompts"):
         for mode in modes:
             start = time.perf_counter()
@@ -85,14 +96,14 @@ def run(args: argparse.Namespace) -> int:
             mode.elapsed += time.perf_counter() - start
             mode.tokens += len(out)
             mode.steps += steps
-            outputs[mode.name].append(out)
-    reference = outputs["autoregressive"]
+            outputs[(mode.name, mode.dtype)].append(out)
     results = [
         ModeResult(
             m.name,
+            m.dtype,
             m.tokens / m.elapsed,
             m.tokens / m.steps if m.speculative else None,
-            outputs[m.name] == reference,
+            outputs[(m.name, m.dtype)] == outputs[("autoregressive", m.dtype)],
         )
         for m in modes
     ]
@@ -100,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "model": args.model,
         "device": "cpu",
-        "dtype": "float32",
+        "dtypes": dtypes,
+        "torch_threads": torch.get_num_threads(),
         "num_prompts": len(prompt_ids),
         "max_tokens": args.max_tokens,
         "modes": [asdict(r) for r in results],
@@ -114,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
 @dataclass
 class _Mode:
     name: str
+    dtype: str
     generate: Callable[[list[int]], tuple[list[int], int]]  # prompt ids -> (output ids, verify steps)
     speculative: bool
     elapsed: float = 0.0
@@ -138,13 +151,15 @@ def _engine_mode(
         (seq,) = engine.generate([ids], params)
         return seq.output_ids, seq.stats.verify_steps
 
-    return _Mode(name, generate, speculative=drafter is not None)
+    return _Mode(name, _dtype_name(target), generate, speculative=drafter is not None)
 
 
 def _hf_modes(target: LoadedModel, max_tokens: int) -> list[_Mode]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(target.path, dtype=torch.float32).eval()
+    # The peer runs in our dtype, so every ratio compares like with like.
+    dtype = next(target.model.parameters()).dtype
+    model = AutoModelForCausalLM.from_pretrained(target.path, dtype=dtype).eval()
     pad = (
         target.tokenizer.pad_token_id
         if target.tokenizer.pad_token_id is not None
@@ -160,18 +175,27 @@ def _hf_modes(target: LoadedModel, max_tokens: int) -> list[_Mode]:
             out = model.generate(torch.tensor([ids]), **common, **extra)[0, len(ids) :].tolist()
             return out, 0
 
-        return _Mode(name, generate, speculative=False)
+        return _Mode(name, _dtype_name(target), generate, speculative=False)
 
     return [mode("hf_generate", {}), mode("hf_prompt_lookup", {"prompt_lookup_num_tokens": 5})]
 
 
+def _dtype_name(target: LoadedModel) -> str:
+    return str(next(target.model.parameters()).dtype).removeprefix("torch.")
+
+
 def _print_table(results: list[ModeResult]) -> None:
-    base = results[0].tokens_per_s
-    print(f"{'mode':<22}{'tokens/s':>10}{'vs AR':>8}{'tau':>7}  matches AR")
+    """Each mode against our autoregressive decoding in the same dtype, and against the first row."""
+    ar = {r.dtype: r.tokens_per_s for r in results if r.name == "autoregressive"}
+    first = results[0]
+    print(
+        f"{'mode':<22}{'dtype':>10}{'tokens/s':>10}{'vs AR':>8}{'vs ' + first.dtype[:4] + ' AR':>12}{'tau':>7}  matches AR"
+    )
     for r in results:
         tau = f"{r.tau:.2f}" if r.tau is not None else "-"
         print(
-            f"{r.name:<22}{r.tokens_per_s:>10.1f}{r.tokens_per_s / base:>8.2f}{tau:>7}  {r.matches_autoregressive}"
+            f"{r.name:<22}{r.dtype:>10}{r.tokens_per_s:>10.1f}{r.tokens_per_s / ar[r.dtype]:>8.2f}"
+            f"{r.tokens_per_s / first.tokens_per_s:>12.2f}{tau:>7}  {r.matches_autoregressive}"
         )
 
 
@@ -181,11 +205,18 @@ def _plot(results: list[ModeResult], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar([r.name for r in results], [r.tokens_per_s for r in results], color="tab:blue")
+    dtypes = list(dict.fromkeys(r.dtype for r in results))
+    names = list(dict.fromkeys(r.name for r in results))
+    width = 0.8 / len(dtypes)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, dtype in enumerate(dtypes):
+        rows = {r.name: r.tokens_per_s for r in results if r.dtype == dtype}
+        xs = [n + (i - (len(dtypes) - 1) / 2) * width for n in range(len(names))]
+        ax.bar(xs, [rows.get(name, 0.0) for name in names], width, label=dtype, color=f"C{i}")
+    ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set_ylabel("tokens/s (batch 1, greedy)")
     ax.set_title("specray bench engine")
-    ax.tick_params(axis="x", rotation=20)
+    ax.legend(title="dtype")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from specray.workers.models.dtype import DTYPE_CHOICES
 from specray.workers.models.loader import DEFAULT_MODEL
 
 
@@ -24,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--temperature", type=float, default=0.0)
     d.add_argument("--num-speculative-tokens", "-k", type=int, default=7)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 where fast, else fp32")
     d.add_argument("--json", type=Path, required=True, help="report path; the plot goes beside it (.png)")
     d.set_defaults(func=run)
 
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             num_speculative_tokens=args.num_speculative_tokens,
             seed=args.seed,
+            dtype=args.dtype,
         )
     )
     args.json.parent.mkdir(parents=True, exist_ok=True)

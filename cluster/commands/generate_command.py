@@ -14,6 +14,7 @@ from specray.workers.drafters.registry import (
 from specray.workers.engine.config import EngineConfig
 from specray.workers.engine.llm_engine import LLMEngine
 from specray.workers.engine.sampling import SamplingParams
+from specray.workers.models.dtype import DTYPE_CHOICES
 from specray.workers.models.loader import DEFAULT_MODEL, load_model
 
 
@@ -26,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="packaged name, .gguf file or HF directory")
     p.add_argument("--drafter", default="ngram", help=DRAFTER_CHOICES_HELP)
     p.add_argument("--num-speculative-tokens", "-k", type=int, default=5, help="γ: drafts per step")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 where fast, else fp32")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -35,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    target = load_model(args.model)
+    target = load_model(args.model, args.dtype)
     check_num_speculative_tokens(args.drafter, args.num_speculative_tokens)
     drafter = build_drafter(args.drafter, target)
     engine = LLMEngine(target, drafter, EngineConfig(num_speculative_tokens=args.num_speculative_tokens))

@@ -9,6 +9,7 @@ import threading
 from specray.cluster.app.launcher import LocalCluster
 from specray.cluster.runtime.config import ClusterConfig
 from specray.workers.drafters.registry import DRAFTER_CHOICES_HELP, check_num_speculative_tokens
+from specray.workers.models.dtype import DTYPE_CHOICES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,6 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="packaged name, .gguf file or HF directory")
     p.add_argument("--drafter", help=DRAFTER_CHOICES_HELP)
     p.add_argument("--num-speculative-tokens", "-k", type=int)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="engine dtype (default: auto, bf16 where fast)")
     p.add_argument(
         "--scheduling",
         choices=("confidence", "fixed", "off"),
@@ -41,6 +43,7 @@ def load_config(args: argparse.Namespace) -> ClusterConfig:
         "model": args.model,
         "drafter": args.drafter,
         "num_speculative_tokens": args.num_speculative_tokens,
+        "dtype": args.dtype,
         "scheduling": args.scheduling,
         "redis_url": args.redis_url,
         "http_port": args.http_port,

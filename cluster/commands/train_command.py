@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from specray.workers.drafters.kinds import TRAINED_KINDS
+from specray.workers.models.dtype import DTYPE_CHOICES
 from specray.workers.models.loader import DEFAULT_MODEL
 
 WORK = Path(".scratch/train")
@@ -32,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--sharegpt", type=Path, help="a ShareGPT-format JSON/JSONL(.gz) instead of the package"
     )
     data.add_argument("--device", default="cpu")
-    data.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    data.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     data.set_defaults(func=run_data)
 
     cache = steps.add_parser("cache", help="cache the target's features and final hidden states")
@@ -43,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cache.add_argument("--shard-records", type=int, default=32)
     cache.add_argument("--batch-tokens", type=int, default=2048)
     cache.add_argument("--device", default="cpu")
-    cache.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    cache.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
     cache.set_defaults(func=run_cache)
 
     fit = steps.add_parser("fit", help="train a dspark, dflash or eagle3 drafter from the cache")

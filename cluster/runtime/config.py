@@ -117,6 +117,8 @@ class ClusterConfig(_Strict):
     model: str = DEFAULT_MODEL
     drafter: str = "ngram"  # none | ngram | a trained drafter's directory
     num_speculative_tokens: int = Field(5, ge=0, le=32)
+    # The engine's dtype: `auto` is bf16 on CUDA and on CPUs with AMX-BF16, fp32 elsewhere.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # How many drafts each verify step takes: `confidence` (DSpark Algorithm 1 over the step curve
     # each verifier profiles at start-up, cached per model/dtype/device), `fixed` (all γ), `off`
     # (none: autoregressive decoding through the same cluster).

@@ -18,3 +18,12 @@ def local_cluster_settings() -> dict:
     home.mkdir(parents=True, exist_ok=True)
     os.environ["HOME"] = str(home)
     return {"http_port": 0, "grpc_port": 0, "ray_temp_dir": str(REPO / ".scratch" / "ray")}
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default target in the dtype a default cluster serves it in (`auto`), so the
+    in-process references these tests compare the cluster's output with decode in that dtype too."""
+    from specray.workers.models.loader import load_model
+
+    return load_model("smollm2-135m", "auto")

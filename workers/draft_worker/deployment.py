@@ -81,7 +81,7 @@ class DraftWorker:
         if not policy_class(config.scheduling).drafts:  # autoregressive: nothing to draft
             return None
         check_num_speculative_tokens(config.drafter, config.num_speculative_tokens)
-        target = load_model(config.model) if needs_target(config.drafter) else None
+        target = load_model(config.model, config.dtype) if needs_target(config.drafter) else None
         return build_drafter(config.drafter, target)
 
     def _stub(self, address: str) -> verify_pb2_grpc.VerifierStub:

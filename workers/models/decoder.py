@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specray.kernels import AttentionMetadata, paged_attention, write_kv
+from specray.kernels.batch_invariance import invariant_rows
 from specray.workers.models.config import ModelConfig, RopeConfig
 
 
@@ -75,16 +76,22 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         c = self.config
-        tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, c.num_heads, c.head_dim)
-        k = self.k_proj(x).view(tokens, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x).view(tokens, c.num_kv_heads, c.head_dim)
+        rows = x.shape[0]
+        # Rows past the batch's tokens only pad the linear layers (see DecoderModel.forward).
+        tokens = meta.slot_mapping.shape[0]
+        q = self.q_proj(x)[:tokens].view(tokens, c.num_heads, c.head_dim)
+        k = self.k_proj(x)[:tokens].view(tokens, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x)[:tokens].view(tokens, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        cos, sin = rotary
+        q, k = apply_rotary(q, cos[:tokens], sin[:tokens]), apply_rotary(k, cos[:tokens], sin[:tokens])
         write_kv(kv[0], kv[1], k, v, meta)
         out = paged_attention(q, kv[0], kv[1], meta, c.attention_scale, self.window, c.attn_logit_softcapping)
-        return self.o_proj(out.reshape(tokens, c.num_heads * c.head_dim))
+        out = out.reshape(tokens, c.num_heads * c.head_dim)
+        if rows > tokens:
+            out = torch.cat((out, out.new_zeros(rows - tokens, out.shape[1])))
+        return self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -168,18 +175,33 @@ class DecoderModel(nn.Module):
         feature_layers: tuple[int, ...] = (),
         return_final_hidden: bool = False,
     ) -> ForwardOutput:
+        tokens = input_ids.shape[0]
+        # Every linear layer computes at least the row count whose GEMM kernel all batches share,
+        # so a token's result never depends on how many tokens share its step (lossless in every
+        # dtype). The padding rows repeat the last token and are dropped.
+        rows = invariant_rows(tokens, self.lm_head.weight.dtype, input_ids.device)
+        if rows > tokens:
+            input_ids = torch.cat((input_ids, input_ids[-1:].expand(rows - tokens)))
+            positions = torch.cat((positions, positions[-1:].expand(rows - tokens)))
         x = self.embed(input_ids)
         rotary = {key: rope(positions, x.dtype) for key, rope in self.rotary.items()}
         features = []
         for i, layer in enumerate(self.model.layers):
             x = layer(x, rotary[_rope_key(self.config.layer_rope(i))], kv_caches[i], meta)
             if i in feature_layers:
-                features.append(x)
+                features.append(x[:tokens])
         hidden = self.model.norm(x)
+        logits_rows = hidden[logits_indices]
+        logit_rows_needed = invariant_rows(logits_rows.shape[0], logits_rows.dtype, logits_rows.device)
+        if logit_rows_needed > logits_rows.shape[0] and logits_rows.shape[0] > 0:
+            pad = logits_rows[-1:].expand(logit_rows_needed - logits_rows.shape[0], -1)
+            logits = self.compute_logits(torch.cat((logits_rows, pad)))[: logits_rows.shape[0]]
+        else:
+            logits = self.compute_logits(logits_rows)
         return ForwardOutput(
-            logits=self.compute_logits(hidden[logits_indices]),
+            logits=logits,
             features=torch.cat(features, dim=-1) if features else None,
-            final_hidden=hidden if return_final_hidden else None,
+            final_hidden=hidden[:tokens] if return_final_hidden else None,
         )
 
 

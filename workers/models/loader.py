@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from specray.workers.models.chat_templates import FALLBACK_CHAT_TEMPLATES
 from specray.workers.models.config import ModelConfig
 from specray.workers.models.decoder import DecoderModel, build_rotary
+from specray.workers.models.dtype import resolve_dtype
 
 DEFAULT_MODEL = "smollm2-135m"
 # Stop tokens that end a chat turn in the families we ship, beside the configured EOS.
@@ -134,7 +135,7 @@ def load_config(name_or_path: str = DEFAULT_MODEL) -> tuple[Path, ModelConfig]:
 
 
 def load_model(
-    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu"
 ) -> LoadedModel:
     from transformers import AutoTokenizer
 
@@ -160,7 +161,7 @@ def load_model(
         model.lm_head.weight = model.model.embed_tokens.weight
     # RoPE frequencies are buffers, created on the meta device above: build them for real.
     model.rotary = build_rotary(config)
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=resolve_dtype(dtype, device)).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.chat_template is None and config.family in FALLBACK_CHAT_TEMPLATES:
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATES[config.family]

@@ -143,7 +143,7 @@ class Verifier:
         self.server = grpc.aio.server()
         self._tasks: list[asyncio.Task] = []
         tracing.configure_tracing(config.tracing, "verifier")
-        target = await asyncio.to_thread(load_model, config.model)
+        target = await asyncio.to_thread(load_model, config.model, config.dtype)
         pool = config.verifiers
         policy = policy_class(config.scheduling)
         num_speculative_tokens = max(config.num_speculative_tokens, 1)

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_default_drafter_is_lossless_on_smollm2() -> None:
-    target = load_model("smollm2-135m")
+    target = load_model("smollm2-135m", "float32")
     drafter = load_drafter("smollm2-135m-dspark", target)
     assert drafter.name == "dspark" and BUNDLED_DRAFTERS["smollm2-135m-dspark"].is_dir()
     plain = LLMEngine(target, None, EngineConfig(num_speculative_tokens=0))

@@ -144,7 +144,7 @@ def test_engine_greedy_with_confidence_scheduling_equals_autoregressive(tmp_path
     from specray.workers.models.loader import load_model
 
     tiny_hf_model("qwen3", tmp_path, vocab_size=64)
-    target = load_model(str(tmp_path))
+    target = load_model(str(tmp_path), "float32")
     prompts = [[1, 7, 8, 9, 7, 8, 9, 7, 8], [3, 4, 5, 3, 4, 5, 3], [10, 11, 12, 13, 10, 11]]
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     reference = LLMEngine(target, None, EngineConfig(num_speculative_tokens=0)).generate(prompts, params)

@@ -1,9 +1,10 @@
 """Speculative decoding is lossless.
 
-Greedy: token-identical to autoregressive decoding in the same engine and to Hugging Face
-`generate`, with the real SmolLM2, at batch 1 and in mixed batches of 8.
+Greedy: token-identical to autoregressive decoding in the same engine and dtype (fp32 and bf16),
+with the real SmolLM2, at batch 1 and in mixed batches of 8, and in fp32 to Hugging Face `generate`.
 Sampling: on a tiny model with a small vocabulary, the distribution of speculative outputs equals
-the target's exact distribution (chi-square), with deliberately bad drafters so rejections happen.
+the target's exact distribution (chi-square), with deliberately bad drafters so rejections happen,
+in fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from scipy.stats import chisquare
 from tiny_models import tiny_hf_model
 
+from specray.kernels.cpu_features import has_bf16
 from specray.training.prompt_sets import humaneval_prompts
 from specray.workers.drafters.ngram import NgramDrafter
 from specray.workers.engine.config import EngineConfig
@@ -36,6 +38,20 @@ CHATS = [
 MAX_TOKENS = 24
 
 
+def _skip_without_bf16() -> None:
+    if not has_bf16():
+        pytest.skip("this CPU has no native bf16 (AMX or AVX-512 BF16); the engine runs fp32 here")
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def target(request, smollm2):
+    """The real SmolLM2 in each dtype the engine runs."""
+    if request.param == "float32":
+        return smollm2
+    _skip_without_bf16()
+    return load_model("smollm2-135m", "bfloat16")
+
+
 @pytest.fixture(scope="module")
 def prompts(smollm2):
     engine = LLMEngine(smollm2)
@@ -44,25 +60,27 @@ def prompts(smollm2):
 
 
 @pytest.fixture(scope="module")
-def autoregressive(smollm2, prompts):
-    engine = LLMEngine(smollm2, None, EngineConfig(num_speculative_tokens=0, max_num_seqs=1))
+def autoregressive(target, prompts):
+    engine = LLMEngine(target, None, EngineConfig(num_speculative_tokens=0, max_num_seqs=1))
     return [engine.generate([p], SamplingParams(max_tokens=MAX_TOKENS))[0].output_ids for p in prompts]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_autoregressive_equals_hf_generate(smollm2, prompts, autoregressive):
+def test_autoregressive_equals_hf_generate(target, prompts, autoregressive):
     from transformers import AutoModelForCausalLM
 
-    hf_model = AutoModelForCausalLM.from_pretrained(smollm2.path, dtype=torch.float32).eval()
+    if next(target.model.parameters()).dtype != torch.float32:
+        pytest.skip("parity with HF generate is checked in fp32 (HF's bf16 kernels round differently)")
+    hf_model = AutoModelForCausalLM.from_pretrained(target.path, dtype=torch.float32).eval()
     for i, ids in enumerate(prompts):
         with torch.no_grad():
             out = hf_model.generate(
                 torch.tensor([ids]),
                 max_new_tokens=MAX_TOKENS,
                 do_sample=False,
-                eos_token_id=list(smollm2.stop_token_ids),
-                pad_token_id=smollm2.stop_token_ids[0],
+                eos_token_id=list(target.stop_token_ids),
+                pad_token_id=target.stop_token_ids[0],
             )
         assert out[0, len(ids) :].tolist() == autoregressive[i], (
             f"prompt {i}: our greedy output differs from HF generate"
@@ -71,9 +89,9 @@ def test_autoregressive_equals_hf_generate(smollm2, prompts, autoregressive):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("max_num_seqs", [1, 8], ids=["batch1", "batch8"])
-def test_greedy_speculative_equals_autoregressive(smollm2, prompts, autoregressive, max_num_seqs):
+def test_greedy_speculative_equals_autoregressive(target, prompts, autoregressive, max_num_seqs):
     engine = LLMEngine(
-        smollm2, NgramDrafter(), EngineConfig(num_speculative_tokens=5, max_num_seqs=max_num_seqs)
+        target, NgramDrafter(), EngineConfig(num_speculative_tokens=5, max_num_seqs=max_num_seqs)
     )
     seqs = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS))
     for i, seq in enumerate(seqs):
@@ -120,10 +138,15 @@ class ConstantDrafter(Drafter):
 
 
 @pytest.fixture(scope="module")
-def tiny_llama_target(tmp_path_factory):
+def tiny_llama_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
     tiny_hf_model("llama", path, vocab_size=VOCAB, seed=3)
-    return load_model(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_target(tiny_llama_path):
+    return load_model(str(tiny_llama_path), "float32")
 
 
 def _exact_joint(target, params: SamplingParams, length: int) -> dict[tuple[int, ...], float]:
@@ -153,10 +176,20 @@ def _exact_joint(target, params: SamplingParams, length: int) -> dict[tuple[int,
     ids=["skewed-T1", "skewed-topk-topp", "one-hot"],
 )
 def test_sampled_speculative_output_follows_target_distribution(tiny_llama_target, drafter_cls, params):
+    _check_distribution(tiny_llama_target, drafter_cls, params)
+
+
+def test_sampled_speculative_output_follows_target_distribution_in_bf16(tiny_llama_path):
+    _skip_without_bf16()
+    target = load_model(str(tiny_llama_path), "bfloat16")
+    _check_distribution(target, SkewedDrafter, SamplingParams(max_tokens=2, temperature=1.0, ignore_eos=True))
+
+
+def _check_distribution(target, drafter_cls, params: SamplingParams) -> None:  # noqa: ANN001
     num_speculative_tokens = 3
     drafter = drafter_cls(VOCAB, num_speculative_tokens) if drafter_cls is SkewedDrafter else drafter_cls()
     engine = LLMEngine(
-        tiny_llama_target,
+        target,
         drafter,
         EngineConfig(
             num_speculative_tokens=num_speculative_tokens,
@@ -171,7 +204,7 @@ def test_sampled_speculative_output_follows_target_distribution(tiny_llama_targe
     rejected = sum(s.stats.draft_tokens - s.stats.accepted_tokens for s in seqs)
     assert rejected > NUM_SAMPLES // 10, "the drafter was not bad enough to exercise rejection sampling"
 
-    exact = _exact_joint(tiny_llama_target, params, 2)
+    exact = _exact_joint(target, params, 2)
     counts = dict.fromkeys(exact, 0)
     for s in seqs:
         counts[tuple(s.output_ids)] += 1

@@ -134,7 +134,7 @@ def _exact_joint(target, params: SamplingParams) -> dict[tuple[int, ...], float]
 
 def test_sampled_output_with_confidence_scheduling_follows_the_target(tmp_path):
     tiny_hf_model("llama", tmp_path, vocab_size=VOCAB, seed=4)
-    target = load_model(str(tmp_path))
+    target = load_model(str(tmp_path), "float32")
     params = SamplingParams(max_tokens=LENGTH, temperature=1.0, ignore_eos=True)
     drafter = TokenConfidenceDrafter()
     config = EngineConfig(

@@ -23,7 +23,7 @@ def _hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
 def family_pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     hf_model = tiny_hf_model(request.param, path)
-    return request.param, hf_model, load_model(str(path))
+    return request.param, hf_model, load_model(str(path), "float32")
 
 
 def test_family_switches_follow_the_checkpoint(family_pair):
@@ -112,7 +112,7 @@ def test_real_smollm2_logits_match_hf(smollm2):
 def test_packaged_gemma3_270m_loads_and_matches_hf():
     from transformers import AutoModelForCausalLM
 
-    gemma = load_model("gemma3-270m")
+    gemma = load_model("gemma3-270m", "float32")
     assert gemma.config.family == "gemma3" and "sliding_attention" in gemma.config.layer_types
     hf_model = AutoModelForCausalLM.from_pretrained(gemma.path, dtype=torch.float32).eval()
     ids = gemma.tokenizer.apply_chat_template(

@@ -31,7 +31,7 @@ FLAT = StepCurve((1, 64), (5.0, 5.0))
 def target(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_verifier")
     tiny_hf_model("llama", path, vocab_size=64, seed=1)
-    return load_model(str(path))
+    return load_model(str(path), "float32")
 
 
 def _open(session_id: str, prompt: list[int]) -> pb.DraftMessage:

@@ -1,0 +1,80 @@
+"""The CPU's paged attention: a small C++ kernel (`cpu_attention.cpp`), compiled once per machine.
+
+It is batch-invariant by construction (each query row attends over exactly its own keys, in order),
+which the lossless guarantee needs in every dtype: a token's logits must not depend on how many
+drafts or other sequences share its step. The build lives in the specray cache, keyed by the
+CPU's flags (it is compiled for this CPU); without a C++ compiler the plain-PyTorch twin runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from specray.kernels.attention import AttentionMetadata
+from specray.kernels.cpu_features import cpu_flags
+
+logger = logging.getLogger(__name__)
+_SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+
+
+# OpenMP: at::parallel_for then shares torch's intra-op threads (torch.set_num_threads).
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def _build_dir() -> Path:
+    root = Path(os.environ.get("SPECRAY_CACHE_DIR", Path.home() / ".cache" / "specray"))
+    flags = " ".join(sorted(cpu_flags()))
+    recipe = _SOURCE.read_text() + " ".join(_CFLAGS) + flags + torch.__version__
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
+    path = root / "kernels" / f"cpu_attention-{key}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@functools.cache
+def extension() -> ModuleType | None:
+    """The compiled kernel, or None where it cannot be built (no compiler)."""
+    from torch.utils.cpp_extension import load
+
+    try:
+        return load(
+            name="specray_cpu_attention",
+            sources=[str(_SOURCE)],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(_build_dir()),
+            verbose=False,
+        )
+    except Exception as err:  # no compiler, or a failed build: the PyTorch twin still works
+        logger.warning("CPU attention kernel unavailable (%s); using the PyTorch reference", err)
+        return None
+
+
+def paged_attention_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Same contract as `attention.paged_attention`; needs `extension()` to be available."""
+    return extension().paged_attention(
+        q,
+        k_cache,
+        v_cache,
+        meta.block_tables,
+        meta.query_start_loc,
+        meta.seq_lens,
+        scale,
+        sliding_window or 0,
+        softcap or 0.0,
+    )

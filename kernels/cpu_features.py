@@ -1,0 +1,27 @@
+"""What this CPU can do, read from /proc/cpuinfo (empty elsewhere)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def has_fast_bf16() -> bool:
+    """Whether bf16 matmuls run on AMX here (the step then costs about the same for 1 and 16 rows)."""
+    return {"amx_bf16", "amx_tile"} <= cpu_flags()
+
+
+def has_bf16() -> bool:
+    """Whether the CPU computes in bf16 natively at all (AMX or AVX-512 BF16)."""
+    return has_fast_bf16() or "avx512_bf16" in cpu_flags()
