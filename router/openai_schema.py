@@ -10,6 +10,7 @@ otherwise with a 400 naming the field, so frameworks that always send them work.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
@@ -67,7 +68,7 @@ class _Request(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 and 0 mean no cut
     seed: int | None = Field(None, ge=0)
-    stop: str | list[str] | None = None
+    stop: list[str] | None = None  # a string arrives as a list of one
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=MAX_N)
@@ -87,10 +88,17 @@ class _Request(_Strict):
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed when stream is true", "stream_options")
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, value: Any) -> Any:
+        if value is None or isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [value]
+        raise ValueError("stop must be a string or a list of strings")
+
     def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return list(self.stop or ())
 
     @property
     def include_usage(self) -> bool:
@@ -129,7 +137,7 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: list[TextPart]  # a string arrives as one text part
     name: str | None = None
     # An assistant turn as OpenAI clients echo it back; tool calls are not supported.
     tool_calls: _neutral(None, [], why="tool calls are not supported") = None
@@ -147,7 +155,7 @@ class ChatMessage(_Strict):
     @classmethod
     def _text_only(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return value
+            return [{"type": "text", "text": value}]
         if not isinstance(value, list):
             raise ValueError("content must be a string or a list of content parts")
         for i, part in enumerate(value):
@@ -158,7 +166,7 @@ class ChatMessage(_Strict):
 
     def text(self) -> str:
         """The content as one string; text parts are joined with newlines, as vLLM does."""
-        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        return "\n".join(p.text for p in self.content)
 
     def template_dict(self) -> dict[str, str]:
         """The message as the chat template reads it."""
@@ -218,14 +226,37 @@ FIELDS = frozenset(
 )
 
 
-def error_param(loc: tuple[str | int, ...]) -> str | None:
-    """`messages[0].content` for the location ('body', 'messages', 0, 'content', 'str')."""
+def error_param(loc: tuple[str | int, ...], unknown_field: bool = False) -> str | None:
+    """`stop[0]` for the location ('body', 'stop', 'list[str]', 0); `unknown_field`: the last part
+    is a key the client sent that no model has."""
+    parts = loc[1:] if loc and loc[0] == "body" else loc
     param = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        if isinstance(part, int) and param:  # a list index (a JSON syntax error's loc is a position)
-            param += f"[{part}]"
-        elif part in FIELDS:
+    for i, part in enumerate(parts):
+        if isinstance(part, int):
+            if param:  # a list index (a JSON syntax error's loc is a position, not an index)
+                param += f"[{part}]"
+        elif part in FIELDS or (unknown_field and i == len(parts) - 1):
             param += f".{part}" if param else part
-        else:
-            break
+        # Anything else is pydantic's name for a branch of a union: not part of the path.
     return param or None
+
+
+def validation_error_body(errors: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The 400 body of pydantic's errors: one message per field (each branch of a union reports
+    its own), the first field as `param`."""
+    by_param: dict[str | None, list[str]] = {}
+    for error in errors:
+        unknown = error["type"] == "extra_forbidden"
+        messages = by_param.setdefault(error_param(tuple(error["loc"]), unknown), [])
+        if unknown:
+            message = "unknown field (this server does not implement it)"
+        elif error["type"] == "json_invalid":
+            message = f"the body is not valid JSON: {error.get('ctx', {}).get('error', 'cannot parse it')}"
+        elif tuple(error["loc"]) == ("body",) and error["type"] == "model_attributes_type":
+            message = "the body must be a JSON object"
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+        if message not in messages:
+            messages.append(message)
+    text = "; ".join(f"{p}: {' or '.join(m)}" if p else " or ".join(m) for p, m in by_param.items())
+    return error_body(text or "invalid request", param=next(iter(by_param), None))

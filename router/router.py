@@ -34,7 +34,12 @@ from specray.router.grpc_api import GenerationServicer, add_generation_service
 from specray.router.http_guard import GuardSettings, HttpGuard
 from specray.router.metrics import RouterMetrics
 from specray.router.openai_responses import Responder, TokenText
-from specray.router.openai_schema import ChatCompletionRequest, CompletionRequest, error_body, error_param
+from specray.router.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    validation_error_body,
+)
 from specray.router.pool_metrics import PoolMetricsCollector
 from specray.workers.models.loader import load_config
 
@@ -44,20 +49,7 @@ app.add_middleware(HttpGuard)  # API key and body size, before FastAPI reads a r
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-    # One message per field (each branch of a union reports), the first field as `param`.
-    by_param: dict[str | None, list[str]] = {}
-    for error in err.errors():
-        messages = by_param.setdefault(error_param(tuple(error["loc"])), [])
-        if error["type"] == "json_invalid":
-            message = f"the body is not valid JSON: {error.get('ctx', {}).get('error', 'cannot parse it')}"
-        elif tuple(error["loc"]) == ("body",) and error["type"] == "model_attributes_type":
-            message = "the body must be a JSON object"
-        else:
-            message = error["msg"].removeprefix("Value error, ")
-        if message not in messages:
-            messages.append(message)
-    text = "; ".join(f"{p}: {' or '.join(m)}" if p else " or ".join(m) for p, m in by_param.items())
-    return JSONResponse(error_body(text or "invalid request", param=next(iter(by_param), None)), 400)
+    return JSONResponse(validation_error_body(err.errors()), 400)
 
 
 @app.exception_handler(RequestError)
