@@ -13,7 +13,7 @@ from specray.workers.drafters.ngram import NgramDrafter
 from specray.workers.engine.config import EngineConfig
 from specray.workers.engine.llm_engine import LLMEngine
 from specray.workers.engine.sampling import SamplingParams
-from specray.workers.protocol import encode_params
+from specray.workers.protocol import decode_logprobs, decode_params, encode_params
 from specray.workers.verifier.core import VerifierCore
 
 PROMPTS = ["List three colors, separated by commas, three times.", "What is the capital of France?"]
@@ -200,3 +200,43 @@ def test_seeded_session_gives_the_same_output_alone_or_batched(smollm2, prompt_i
         return asyncio.run(_with_loop(core, scenario()))
 
     assert run(False) == run(True)
+
+
+def test_logprobs_and_penalties_cross_the_protocol(smollm2, prompt_ids):
+    """Penalties reach the verifier with the session's params; each VerifyResult carries the
+    target's logprob of each of its tokens (and the prefill the prompt's), equal to the engine's."""
+    params = SamplingParams(
+        max_tokens=10, logprobs=2, prompt_logprobs=1, presence_penalty=0.8, repetition_penalty=1.3
+    )
+    assert decode_params(encode_params(params)) == params
+    (expected,) = LLMEngine(smollm2, NgramDrafter(), EngineConfig(num_speculative_tokens=5)).generate(
+        [prompt_ids[0]], params
+    )
+    core = VerifierCore(smollm2, EngineConfig(kv_cache_tokens=2048))
+
+    async def scenario():
+        results = []
+        session = draft_session(
+            LocalChannel(core), NgramDrafter(), "lp", prompt_ids[0], params, DraftSessionConfig()
+        )
+        async for result in session:
+            results.append(result)
+        return results
+
+    results = asyncio.run(_with_loop(core, scenario()))
+    assert [t for r in results for t in r.tokens] == expected.output_ids
+    logprobs = [lp for r in results for lp in decode_logprobs(r.logprobs)]
+    assert all(len(r.logprobs) == len(r.tokens) for r in results)
+    assert [lp.token for lp in logprobs] == expected.output_ids
+    assert [[t for t, _ in lp.top] for lp in logprobs] == [
+        [t for t, _ in lp.top] for lp in expected.output_logprobs
+    ]
+    for got, want in zip(logprobs, expected.output_logprobs):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+    prompt = decode_logprobs(results[0].prompt_logprobs)
+    assert [lp.token for lp in prompt] == prompt_ids[0][1:] and not any(
+        r.prompt_logprobs for r in results[1:]
+    )
+    assert [lp.logprob for lp in prompt] == pytest.approx(
+        [lp.logprob for lp in expected.prompt_logprobs], abs=1e-4
+    )
