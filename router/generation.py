@@ -250,7 +250,7 @@ class Generation:
             raise Unavailable("no verifier is registered yet")
         if record is not None:
             if record.get("status") == "running" and not resuming:
-                raise RequestError(f"session {session_id} already has a request in flight")
+                raise RequestError(f"session {session_id} already has a request in flight", "session_id")
             owner = next((v for v in verifiers if v.verifier_id == record.get("verifier")), None)
             if owner is not None:
                 return owner
