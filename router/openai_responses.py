@@ -10,13 +10,13 @@ carries the request's usage; without it, each choice's last chunk carries that c
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from specray.router.errors import ModelNotFound, RequestError, Unavailable
+from specray.router.errors import RequestError, Unavailable
 from specray.router.generation import Delta, GenerationRequest
 from specray.router.openai_schema import error_body
 from specray.workers.engine.sampling import TokenLogprob
@@ -30,7 +30,7 @@ class TokenText:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
-        self._cache: dict[int, str] = {}
+        self._cache: dict[int, str] = {}  # at most the vocabulary
 
     def __call__(self, token: int) -> str:
         if token not in self._cache:
@@ -169,7 +169,7 @@ class Responder:
         return body
 
     async def events(
-        self, first: tuple[int, Delta], deltas: AsyncIterator[tuple[int, Delta]]
+        self, first: tuple[int, Delta], deltas: AsyncGenerator[tuple[int, Delta], None]
     ) -> AsyncIterator[str]:
         """The SSE events of a stream whose first delta is `first` (already taken, so that placement
         errors became an HTTP status before the 200 went out)."""
@@ -202,8 +202,6 @@ class Responder:
             yield _sse(error_body(str(err), param=err.param))
         except Unavailable as err:
             yield _sse(error_body(str(err), "server_error", "service_unavailable"))
-        except ModelNotFound as err:
-            yield _sse(error_body(str(err), code="model_not_found", param="model"))
         except Exception as err:  # a fault mid-stream: the client hears of it before [DONE]
             yield _sse(error_body(f"internal error: {err!r}", "server_error", "internal_error"))
         finally:
