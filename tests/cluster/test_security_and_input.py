@@ -158,6 +158,13 @@ def _is_openai_error(body: dict) -> bool:
     )
 
 
+def _json_object(body: bytes | None) -> object:
+    try:
+        return json.loads(body) if body else None
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+
+
 def _grpc_channel(cluster: LocalCluster) -> grpc.Channel:
     return grpc.insecure_channel(cluster.grpc_address)
 
@@ -467,6 +474,9 @@ def test_fuzz_malformed_requests_are_refused_and_the_cluster_still_serves(
         status, _, raw = _send(cluster, path, body, headers, method)
         assert 400 <= status < 500, (path, body[:200] if body else body, status, raw[:300])
         assert _is_openai_error(json.loads(raw)), raw[:300]
+        if status == 400 and isinstance(_json_object(body), dict):
+            # A JSON object that is refused has a field at fault, and the error names it.
+            assert json.loads(raw)["error"]["param"], (body[:200], raw[:300])
         statuses[status] = statuses.get(status, 0) + 1
 
     codes: dict[str, int] = {}
