@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from local_channel import LocalChannel
+from replay_drafter import ReplayDrafter
 
 from specray.protos.specray.v1 import verify_pb2 as pb
 from specray.workers.draft_worker.session import DraftSessionConfig, VerifyFailed, draft_session
@@ -213,11 +214,13 @@ def test_logprobs_and_penalties_cross_the_protocol(smollm2, prompt_ids):
         [prompt_ids[0]], params
     )
     core = VerifierCore(smollm2, EngineConfig(kv_cache_tokens=2048))
+    # Drafts the engine's own output, every third token wrong: accepted drafts, corrections, bonuses.
+    drafter = ReplayDrafter([prompt_ids[0]], [expected.output_ids])
 
     async def scenario():
         results = []
         session = draft_session(
-            LocalChannel(core), NgramDrafter(), "lp", prompt_ids[0], params, DraftSessionConfig()
+            LocalChannel(core), drafter, "lp", prompt_ids[0], params, DraftSessionConfig()
         )
         async for result in session:
             results.append(result)
@@ -225,6 +228,7 @@ def test_logprobs_and_penalties_cross_the_protocol(smollm2, prompt_ids):
 
     results = asyncio.run(_with_loop(core, scenario()))
     assert [t for r in results for t in r.tokens] == expected.output_ids
+    assert sum(r.accepted for r in results) > 0, "no accepted draft: speculation not exercised"
     logprobs = [lp for r in results for lp in decode_logprobs(r.logprobs)]
     assert all(len(r.logprobs) == len(r.tokens) for r in results)
     assert [lp.token for lp in logprobs] == expected.output_ids

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from replay_drafter import ReplayDrafter
 from test_lossless import SkewedDrafter
 from tiny_models import tiny_hf_model
 
 from specray.workers.engine.config import EngineConfig
-from specray.workers.engine.drafter import Drafter, DraftProposal, DraftRequest
 from specray.workers.engine.llm_engine import LLMEngine
 from specray.workers.engine.model_runner import ModelRunner, ScheduledSequence
 from specray.workers.engine.sampling import (
@@ -33,26 +33,6 @@ CHATS = ["Repeat the word 'echo' five times.", "List the first five prime number
 MAX_TOKENS = 16
 # Every penalty active at once: each changes SmolLM2's greedy output on these prompts.
 PENALTIES = {"presence_penalty": 0.4, "frequency_penalty": 0.6, "repetition_penalty": 1.3}
-
-
-class ReplayDrafter(Drafter):
-    """Proposes a known continuation with every third draft wrong: many drafts are accepted (so a
-    position's penalties must count the drafts accepted before it in the same step) and some rejected.
-    An n-gram drafter copies the context, which these penalties reject almost always."""
-
-    name = "replay"
-
-    def __init__(self, prompts: list[list[int]], outputs: list[list[int]]) -> None:
-        self.runs = list(zip(prompts, outputs))
-
-    def propose(self, requests: list[DraftRequest]) -> list[DraftProposal]:
-        proposals = []
-        for r in requests:
-            prompt, output = next((p, o) for p, o in self.runs if r.token_ids[: len(p)] == p)
-            done = len(r.token_ids) - len(prompt)
-            tokens = output[done : done + r.max_tokens]
-            proposals.append(DraftProposal([t + 1 if i % 3 == 2 else t for i, t in enumerate(tokens)]))
-        return proposals
 
 
 def _reference_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]):
