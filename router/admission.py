@@ -19,15 +19,17 @@ class Admission:
         self.active = 0
 
     @contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one of the slots while the block runs; Overloaded when none is free."""
-        if self.active >= self.limits.max_concurrent_requests:
+    def slot(self, count: int = 1) -> Iterator[None]:
+        """Hold `count` slots (one per generation: a request's choices) while the block runs;
+        Overloaded when fewer are free."""
+        if self.active + count > self.limits.max_concurrent_requests:
             raise Overloaded(
-                f"this server is generating {self.active} requests, its limit; retry shortly",
+                f"this server is generating {self.active} requests of its limit of "
+                f"{self.limits.max_concurrent_requests}; retry shortly",
                 self.limits.retry_after_s,
             )
-        self.active += 1
+        self.active += count
         try:
             yield
         finally:
-            self.active -= 1
+            self.active -= count

@@ -50,8 +50,14 @@ async def resumable_chunks(
     open_path: OpenPath,
     store: SessionStore,
     policy: Failover,
+    catch_up: bool = True,
 ) -> AsyncIterator[SessionChunk]:
-    """The draft worker's chunks for one request, resumed after failures (at most policy.max_resumes)."""
+    """The draft worker's chunks for one request, resumed after failures (at most policy.max_resumes).
+
+    `catch_up=False` resumes from the tokens received rather than from Redis: tokens committed but
+    never delivered come without their logprobs (Redis keeps none), so a request that asked for
+    logprobs has them generated again; they were never sent, so the output stays a valid sample.
+    """
     received: list[int] = []
     avoid: set[str] = set()
     lost: Exception | None = None
@@ -59,6 +65,7 @@ async def resumable_chunks(
         resuming = attempt > 0
         if resuming:
             await asyncio.sleep(policy.backoff_s * 2 ** (attempt - 1))
+        if resuming and catch_up:
             ahead = await _ahead_in_store(store, session_id, prompt_ids, received)
             if ahead:
                 received += ahead

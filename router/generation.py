@@ -7,11 +7,14 @@ draft worker is picked by the Serve handle (least loaded of two random replicas)
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import hashlib
 import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,24 +29,40 @@ from specray.cluster.runtime.failover_config import Failover
 from specray.cluster.runtime.limits import RequestLimits
 from specray.cluster.runtime.session_store import SessionStore, VerifierInfo
 from specray.router.admission import Admission
-from specray.router.errors import Overloaded, RequestError, Unavailable
+from specray.router.errors import ModelNotFound, Overloaded, RequestError, Unavailable
 from specray.router.failover import resumable_chunks
 from specray.router.metrics import RouterMetrics
-from specray.router.request_checks import check_request
+from specray.router.request_checks import MAX_SEED, check_request
 from specray.workers.draft_worker.messages import SessionChunk, SessionRequest
 from specray.workers.engine.request_limits import check_context
-from specray.workers.engine.sampling import SamplingParams
+from specray.workers.engine.sampling import ParamError, SamplingParams, TokenLogprob
 
-__all__ = ["Delta", "Generation", "GenerationRequest", "Overloaded", "RequestError", "Unavailable"]
+__all__ = [
+    "Delta",
+    "Generation",
+    "GenerationRequest",
+    "ModelNotFound",
+    "Overloaded",
+    "RequestError",
+    "Unavailable",
+]
+
+# A prompt as the APIs take it: text, or token ids.
+Prompt = str | Sequence[int]
 
 
 @dataclass
 class GenerationRequest:
+    """One choice of a request: one session generating from one prompt. A request's choices share
+    its id and creation time."""
+
     prompt_ids: list[int]
     params: SamplingParams
     session_id: str
     request_id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
+    index: int = 0  # the choice's index in the response
+    prompt_text: str = ""  # what `echo` repeats: the prompt as given, or its ids decoded
 
 
 @dataclass
@@ -56,10 +75,23 @@ class Delta:
     verify_steps: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    # With params.logprobs: one per token of `token_ids`. With params.prompt_logprobs: the prompt's
+    # (tokens 1..), on the first delta.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def tau(self) -> float:
         return (self.accepted_tokens + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice `index`'s seed: the request's own for the first (so n = 1 is unchanged), a distinct one
+    derived from it for the others, so n seeded choices are n different, reproducible samples."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (MAX_SEED + 1)
 
 
 class Generation:
@@ -73,6 +105,7 @@ class Generation:
         metrics: RouterMetrics,
         limits: RequestLimits | None = None,
         failover: Failover | None = None,
+        model: str = "",
     ) -> None:
         self.tokenizer = tokenizer
         self.max_context = max_context
@@ -80,15 +113,22 @@ class Generation:
         self.store = store
         self.draft_workers = draft_workers
         self.metrics = metrics
-        self.admission = Admission(limits or RequestLimits())
+        self.limits = limits or RequestLimits()
+        self.admission = Admission(self.limits)
         self.failover = failover or Failover()
+        self.model = model  # the one model served: requests naming another get ModelNotFound
         self._in_flight: Counter[str] = Counter()  # this router's open sessions per verifier
 
     # ---- request building -----------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        """ModelNotFound unless `model` is empty or the served model's id."""
+        if model and model != self.model:
+            raise ModelNotFound(model)
+
     def build(
         self,
         *,
-        prompt: str | None,
+        prompts: Sequence[Prompt] | None,
         messages: list[dict[str, str]] | None,
         max_tokens: int | None,
         temperature: float | None,
@@ -97,13 +137,34 @@ class Generation:
         seed: int | None,
         stop: list[str],
         session_id: str | None,
-    ) -> GenerationRequest:
-        if (prompt is None) == (messages is None):
-            raise RequestError("give exactly one of prompt or messages")
-        try:
-            check_request(
-                prompt=prompt, messages=messages, stop=stop, seed=seed, top_k=top_k, session_id=session_id
+        n: int = 1,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        id_prefix: str = "cmpl",
+    ) -> list[GenerationRequest]:
+        """The request's choices: n per prompt, prompt by prompt (OpenAI's choice index order)."""
+        if (prompts is None) == (messages is None):
+            raise RequestError("give exactly one of prompt or messages", "prompt" if prompts else "messages")
+        if prompts is not None and not prompts:
+            raise RequestError("the prompt is empty", "prompt")
+        check_request(
+            prompts=prompts,
+            messages=messages,
+            stop=stop,
+            seed=seed,
+            top_k=top_k,
+            session_id=session_id,
+            n=n,
+        )
+        if n * len(prompts or [None]) > self.limits.max_concurrent_requests:
+            raise RequestError(
+                f"this server generates at most {self.limits.max_concurrent_requests} choices at once",
+                "n",
             )
+        try:
             params = SamplingParams(
                 max_tokens=max_tokens or self.default_max_tokens,
                 temperature=1.0 if temperature is None else temperature,
@@ -111,24 +172,69 @@ class Generation:
                 top_k=top_k or 0,
                 seed=seed,
                 stop=tuple(stop),
+                presence_penalty=presence_penalty or 0.0,
+                frequency_penalty=frequency_penalty or 0.0,
+                repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
             )
-        except ValueError as err:
-            raise RequestError(str(err)) from err
+        except ParamError as err:
+            raise RequestError(str(err), err.param) from err
         if messages is not None:
-            prompt_ids = list(
-                self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
-                )
-            )
+            tokenized = [(self._chat_ids(messages), "", "messages")]
         else:
-            prompt_ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if not prompt_ids:
-            raise RequestError("the prompt is empty")
-        try:
-            check_context(len(prompt_ids), params.max_tokens, self.max_context)
-        except ValueError as err:
-            raise RequestError(str(err)) from err
-        return GenerationRequest(prompt_ids, params, session_id or f"sess-{uuid.uuid4().hex}")
+            tokenized = [self._prompt_ids(p, i, len(prompts)) for i, p in enumerate(prompts)]
+        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        requests = []
+        for p, (prompt_ids, prompt_text, param) in enumerate(tokenized):
+            if not prompt_ids:
+                raise RequestError("the prompt is empty", param)
+            try:
+                check_context(len(prompt_ids), params.max_tokens, self.max_context)
+            except ValueError as err:
+                raise RequestError(
+                    str(err), param if len(prompt_ids) >= self.max_context else "max_tokens"
+                ) from err
+            for i in range(n):
+                choice_params = dataclasses.replace(
+                    params,
+                    seed=choice_seed(seed, i),
+                    # The prompt's logprobs are the same for each of its choices: computed once.
+                    prompt_logprobs=prompt_logprobs if i == 0 else None,
+                )
+                requests.append(
+                    GenerationRequest(
+                        prompt_ids,
+                        choice_params,
+                        session_id or f"sess-{uuid.uuid4().hex}",
+                        request_id,
+                        created,
+                        p * n + i,
+                        prompt_text,
+                    )
+                )
+        return requests
+
+    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        # The template sees `developer` as `system`, the role it replaces in OpenAI's API.
+        messages = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
+        return list(
+            self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+
+    def _prompt_ids(self, prompt: Prompt, index: int, count: int) -> tuple[list[int], str, str]:
+        """(token ids, text to echo, the field to name in an error) of one completions prompt."""
+        param = "prompt" if count == 1 else f"prompt[{index}]"
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]), prompt, param
+        ids = list(prompt)
+        vocab = len(self.tokenizer)
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise RequestError(f"{param}: token ids must be integers in [0, {vocab})", param)
+        return ids, self.tokenizer.decode(ids), param
 
     # ---- placement ------------------------------------------------------------------------------
     async def _pick_verifier(
@@ -144,7 +250,7 @@ class Generation:
             raise Unavailable("no verifier is registered yet")
         if record is not None:
             if record.get("status") == "running" and not resuming:
-                raise RequestError(f"session {session_id} already has a request in flight")
+                raise RequestError(f"session {session_id} already has a request in flight", "session_id")
             owner = next((v for v in verifiers if v.verifier_id == record.get("verifier")), None)
             if owner is not None:
                 return owner
@@ -153,15 +259,51 @@ class Generation:
         )
 
     # ---- streaming ------------------------------------------------------------------------------
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Text deltas as the verifier commits tokens; the last one carries finish_reason and stats.
+    async def stream(self, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, Delta]]:
+        """(choice index, text delta) as the verifiers commit tokens, the choices interleaved; each
+        choice's last delta carries its finish_reason and stats.
 
-        Overloaded when this router already generates its limit of requests.
+        Overloaded when this router cannot take all of the request's choices now.
         """
-        with self.admission.slot():
-            async with aclosing(self._stream(request)) as deltas:
-                async for delta in deltas:
-                    yield delta
+        with self.admission.slot(len(requests)):
+            if len(requests) == 1:
+                async with aclosing(self._stream(requests[0])) as deltas:
+                    async for delta in deltas:
+                        yield requests[0].index, delta
+                return
+            async with aclosing(self._merged(requests)) as merged:
+                async for item in merged:
+                    yield item
+
+    async def _merged(self, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, Delta]]:
+        """Every choice's deltas as they come; the first failure ends all of them."""
+        queue: asyncio.Queue[tuple[int, Delta | None, Exception | None]] = asyncio.Queue()
+
+        async def pump(request: GenerationRequest) -> None:
+            try:
+                async with aclosing(self._stream(request)) as deltas:
+                    async for delta in deltas:
+                        await queue.put((request.index, delta, None))
+            except Exception as err:  # handed to the consumer, which raises it
+                await queue.put((request.index, None, err))
+                return
+            await queue.put((request.index, None, None))
+
+        tasks = [asyncio.create_task(pump(r)) for r in requests]
+        try:
+            running = len(tasks)
+            while running:
+                index, delta, err = await queue.get()
+                if err is not None:
+                    raise err
+                if delta is None:
+                    running -= 1
+                else:
+                    yield index, delta
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _path(
         self,
@@ -205,8 +347,12 @@ class Generation:
                 partial(self._path, request, tracing.inject(tracing.child_of(span))),
                 self.store,
                 self.failover,
+                catch_up=request.params.logprobs is None,
             )
             output_ids: list[int] = []
+            logprobs: list[TokenLogprob] = []  # of tokens not yet in a delta
+            prompt_logprobs: list[TokenLogprob] | None = None  # until the first delta takes them
+            prompt_logprobs_seen = False  # a resumed path's prefill brings them again
             sent = 0
             steps = drafts = accepted = 0
             # While stop strings may still match, the last characters are held back (they may be cut).
@@ -214,6 +360,9 @@ class Generation:
             async with aclosing(chunks):
                 async for chunk in chunks:
                     output_ids += chunk.tokens
+                    logprobs += chunk.logprobs
+                    if chunk.prompt_logprobs and not prompt_logprobs_seen:
+                        prompt_logprobs, prompt_logprobs_seen = list(chunk.prompt_logprobs), True
                     steps += 1
                     drafts += chunk.num_drafts
                     accepted += chunk.accepted
@@ -239,26 +388,40 @@ class Generation:
                             steps,
                             drafts,
                             accepted,
+                            logprobs,
+                            prompt_logprobs,
                         )
                         return
                     # A trailing U+FFFD is a partial UTF-8 character the next token completes.
                     visible = len(text) - (1 if text.endswith("\ufffd") else 0) - hold
                     if visible > sent or chunk.tokens:
-                        yield Delta(text[sent : max(visible, sent)], list(chunk.tokens))
+                        yield Delta(
+                            text[sent : max(visible, sent)],
+                            list(chunk.tokens),
+                            logprobs=logprobs,
+                            prompt_logprobs=prompt_logprobs,
+                        )
+                        logprobs, prompt_logprobs = [], None
                         sent = max(visible, sent)
 
-    async def complete(self, request: GenerationRequest) -> Delta:
-        """The whole completion as one delta."""
-        text, tokens = [], []
-        async for delta in self.stream(request):
-            text.append(delta.text)
-            tokens += delta.token_ids
-        return Delta(
-            "".join(text),
-            tokens,
-            delta.finish_reason,
-            delta.completion_tokens,
-            delta.verify_steps,
-            delta.draft_tokens,
-            delta.accepted_tokens,
-        )
+    async def complete(self, requests: list[GenerationRequest]) -> list[Delta]:
+        """Each choice's whole completion as one delta, in choice order."""
+        parts: dict[int, list[Delta]] = {r.index: [] for r in requests}
+        async for index, delta in self.stream(requests):
+            parts[index].append(delta)
+        return [_joined(parts[r.index]) for r in requests]
+
+
+def _joined(deltas: list[Delta]) -> Delta:
+    last = deltas[-1]
+    return Delta(
+        "".join(d.text for d in deltas),
+        [t for d in deltas for t in d.token_ids],
+        last.finish_reason,
+        last.completion_tokens,
+        last.verify_steps,
+        last.draft_tokens,
+        last.accepted_tokens,
+        [lp for d in deltas for lp in d.logprobs],
+        next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None),
+    )

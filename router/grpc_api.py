@@ -17,32 +17,57 @@ from specray.router.generation import (
     Delta,
     Generation,
     GenerationRequest,
+    ModelNotFound,
     Overloaded,
     RequestError,
     Unavailable,
 )
+from specray.router.openai_responses import MIN_LOGPROB, TokenText
+from specray.workers.engine.sampling import TokenLogprob
 
 
 class GenerationServicer(generate_pb2_grpc.GenerationServicer):
     def __init__(self, generation: Generation) -> None:
         self.generation = generation
+        self.text_of = TokenText(generation.tokenizer)
 
-    def _build(self, request: pb.GenerateRequest | None) -> GenerationRequest:
+    def _build(self, request: pb.GenerateRequest | None) -> list[GenerationRequest]:
         if request is None:
             raise RequestError("the request is not a valid specray.v1.GenerateRequest")
+        self.generation.check_model(request.model)
+        inputs = [name for name in ("prompt", "prompt_token_ids", "messages") if getattr(request, name)]
+        if len(inputs) != 1:
+            raise RequestError(
+                "give exactly one of prompt, prompt_token_ids or messages"
+                + (f" (got {' and '.join(inputs)})" if inputs else ""),
+                inputs[-1] if inputs else "prompt",
+            )
         messages = [{"role": m.role, "content": m.content} for m in request.messages] or None
-        if messages is None and not request.prompt:
-            raise RequestError("give a prompt or messages")
+        prompts = None
+        if request.prompt:
+            prompts = [request.prompt]
+        elif request.prompt_token_ids:
+            prompts = [list(request.prompt_token_ids)]
+
+        def optional(name: str) -> float | int | None:
+            return getattr(request, name) if request.HasField(name) else None
+
         return self.generation.build(
-            prompt=None if messages else request.prompt,
+            prompts=prompts,
             messages=messages,
             max_tokens=request.max_tokens or None,
-            temperature=request.temperature if request.HasField("temperature") else None,
-            top_p=request.top_p if request.HasField("top_p") else None,
-            top_k=request.top_k if request.HasField("top_k") else None,
-            seed=request.seed if request.HasField("seed") else None,
+            temperature=optional("temperature"),
+            top_p=optional("top_p"),
+            top_k=optional("top_k"),
+            seed=optional("seed"),
             stop=list(request.stop),
             session_id=request.session_id or None,
+            n=1 if optional("n") is None else request.n,
+            presence_penalty=optional("presence_penalty"),
+            frequency_penalty=optional("frequency_penalty"),
+            repetition_penalty=optional("repetition_penalty"),
+            logprobs=optional("logprobs"),
+            prompt_logprobs=optional("prompt_logprobs"),
         )
 
     async def Generate(
@@ -50,8 +75,21 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
     ) -> pb.GenerateResponse:
         try:
             built = self._build(request)
-            return _response(built, await self.generation.complete(built))
-        except (RequestError, Unavailable, Overloaded) as err:
+            deltas = await self.generation.complete(built)
+            response = self._response(built[0], deltas[0])
+            for choice, delta in zip(built, deltas):
+                response.choices.append(
+                    pb.Choice(
+                        index=choice.index,
+                        text=delta.text,
+                        token_ids=delta.token_ids,
+                        finish_reason=delta.finish_reason or "",
+                        logprobs=self._logprobs(delta.logprobs),
+                    )
+                )
+            _set_totals(response, built, deltas)
+            return response
+        except Exception as err:
             await _abort(context, err)
 
     async def GenerateStream(
@@ -59,18 +97,57 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             built = self._build(request)
-            async for delta in self.generation.stream(built):
-                yield _response(built, delta)
-        except (RequestError, Unavailable, Overloaded) as err:
+            by_index = {r.index: r for r in built}
+            async for index, delta in self.generation.stream(built):
+                response = self._response(by_index[index], delta)
+                if delta.finish_reason:
+                    _set_totals(response, [by_index[index]], [delta])
+                yield response
+        except Exception as err:
             await _abort(context, err)
+
+    def _logprobs(self, logprobs: list[TokenLogprob]) -> list[pb.TokenLogprob]:
+        return [
+            pb.TokenLogprob(
+                token_id=lp.token,
+                token=self.text_of(lp.token),
+                logprob=max(lp.logprob, MIN_LOGPROB),
+                top_logprobs=[
+                    pb.TopLogprob(token_id=t, token=self.text_of(t), logprob=max(v, MIN_LOGPROB))
+                    for t, v in lp.top
+                ],
+            )
+            for lp in logprobs
+        ]
+
+    def _response(self, request: GenerationRequest, delta: Delta) -> pb.GenerateResponse:
+        response = pb.GenerateResponse(
+            request_id=request.request_id,
+            session_id=request.session_id,
+            text=delta.text,
+            token_ids=delta.token_ids,
+            finish_reason=delta.finish_reason or "",
+            index=request.index,
+            logprobs=self._logprobs(delta.logprobs),
+        )
+        if delta.prompt_logprobs is not None:
+            response.prompt_logprobs.extend(self._logprobs(delta.prompt_logprobs))
+        return response
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: Exception) -> None:
     if isinstance(err, Overloaded):
         retry_after = (("retry-after", str(err.retry_after_s)),)
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err), trailing_metadata=retry_after)
-    code = grpc.StatusCode.INVALID_ARGUMENT if isinstance(err, RequestError) else grpc.StatusCode.UNAVAILABLE
-    await context.abort(code, str(err))
+    if isinstance(err, RequestError):
+        message = str(err) if err.param is None or err.param in str(err) else f"{err.param}: {err}"
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+    if isinstance(err, ModelNotFound):
+        await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+    if isinstance(err, Unavailable):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+    # A bug or a failed dependency: the server's fault, never the request's.
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {err!r}")
 
 
 def _lenient(data: bytes) -> pb.GenerateRequest | None:
@@ -102,29 +179,22 @@ def add_generation_service(servicer: GenerationServicer, server: grpc.aio.Server
     server.add_registered_method_handlers("specray.v1.Generation", handlers)
 
 
-def _response(request: GenerationRequest, delta: Delta) -> pb.GenerateResponse:
-    response = pb.GenerateResponse(
-        request_id=request.request_id,
-        session_id=request.session_id,
-        text=delta.text,
-        token_ids=delta.token_ids,
+def _set_totals(
+    response: pb.GenerateResponse, requests: list[GenerationRequest], deltas: list[Delta]
+) -> None:
+    """Usage (each prompt once) and speculation stats over these choices."""
+    prompt = len(requests[0].prompt_ids)  # the gRPC API takes one prompt
+    completion = sum(d.completion_tokens for d in deltas)
+    response.usage.CopyFrom(
+        pb.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
     )
-    if delta.finish_reason:
-        response.finish_reason = delta.finish_reason
-        prompt = len(request.prompt_ids)
-        response.usage.CopyFrom(
-            pb.Usage(
-                prompt_tokens=prompt,
-                completion_tokens=delta.completion_tokens,
-                total_tokens=prompt + delta.completion_tokens,
-            )
+    steps = sum(d.verify_steps for d in deltas)
+    accepted = sum(d.accepted_tokens for d in deltas)
+    response.stats.CopyFrom(
+        pb.SpeculationStats(
+            verify_steps=steps,
+            draft_tokens=sum(d.draft_tokens for d in deltas),
+            accepted_tokens=accepted,
+            tau=(accepted + steps) / steps if steps else 0.0,
         )
-        response.stats.CopyFrom(
-            pb.SpeculationStats(
-                verify_steps=delta.verify_steps,
-                draft_tokens=delta.draft_tokens,
-                accepted_tokens=delta.accepted_tokens,
-                tau=delta.tau,
-            )
-        )
-    return response
+    )

@@ -3,6 +3,8 @@
 - `/v1/*` without the API key (when one is set): 401 with an OpenAI error body.
 - A body over `limits.max_body_bytes`: 413, by its Content-Length or, for a chunked body, as soon as
   the bytes read pass the limit.
+- A POST to `/v1/*` whose Content-Type is not JSON (curl's `-d` sends a form): 415 saying so, as
+  vLLM answers, instead of a validation error about a "dictionary". No Content-Type is read as JSON.
 
 Serve runs a frozen copy of the FastAPI app, so the Router replica cannot hand the middleware its
 settings through the app: it sets them on this class (one Router replica per process).
@@ -59,6 +61,21 @@ class HttpGuard:
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > settings.max_body_bytes:
             response = JSONResponse(error_body(too_large, code="body_too_large"), status_code=413)
+            await response(scope, receive, send)
+            return
+        media_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if (
+            scope["method"] == "POST"
+            and scope["path"].startswith("/v1/")
+            and media_type != "application/json"
+        ):
+            response = JSONResponse(
+                error_body(
+                    f"the request body must be JSON sent with Content-Type: application/json, not {media_type!r}",
+                    code="unsupported_media_type",
+                ),
+                status_code=415,
+            )
             await response(scope, receive, send)
             return
         seen = 0

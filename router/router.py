@@ -4,8 +4,7 @@ HTTP arrives through Ray Serve's proxy (bound to 127.0.0.1 by the launcher); gRP
 replica's own server on the configured host and port.
 """
 
-import json
-from collections.abc import AsyncIterator
+import time
 from typing import Any
 
 import grpc
@@ -23,17 +22,23 @@ from specray.cluster.runtime.config import ClusterConfig
 from specray.cluster.runtime.session_store import SessionStore
 from specray.cluster.runtime.stats_board import StatsBoard
 from specray.router.auth import ApiKeyInterceptor, resolve_api_key
-from specray.router.generation import Generation, GenerationRequest, Overloaded, RequestError, Unavailable
+from specray.router.generation import (
+    Generation,
+    GenerationRequest,
+    ModelNotFound,
+    Overloaded,
+    RequestError,
+    Unavailable,
+)
 from specray.router.grpc_api import GenerationServicer, add_generation_service
 from specray.router.http_guard import GuardSettings, HttpGuard
 from specray.router.metrics import RouterMetrics
+from specray.router.openai_responses import Responder, TokenText
 from specray.router.openai_schema import (
     ChatCompletionRequest,
-    ChunkBuilder,
     CompletionRequest,
-    chat_chunk,
-    completion_chunk,
     error_body,
+    validation_error_body,
 )
 from specray.router.pool_metrics import PoolMetricsCollector
 from specray.workers.models.loader import load_config
@@ -44,18 +49,22 @@ app.add_middleware(HttpGuard)  # API key and body size, before FastAPI reads a r
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-    message = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in err.errors())
-    return JSONResponse(error_body(message or "invalid request"), status_code=400)
+    return JSONResponse(validation_error_body(err.errors()), 400)
 
 
 @app.exception_handler(RequestError)
 async def _request_error(request: Request, err: RequestError) -> JSONResponse:
-    return JSONResponse(error_body(str(err)), status_code=400)
+    return JSONResponse(error_body(str(err), param=err.param), status_code=400)
+
+
+@app.exception_handler(ModelNotFound)
+async def _model_not_found(request: Request, err: ModelNotFound) -> JSONResponse:
+    return JSONResponse(error_body(str(err), code="model_not_found", param="model"), status_code=404)
 
 
 @app.exception_handler(Unavailable)
 async def _unavailable(request: Request, err: Unavailable) -> JSONResponse:
-    return JSONResponse(error_body(str(err), "service_unavailable"), status_code=503)
+    return JSONResponse(error_body(str(err), "server_error", "service_unavailable"), status_code=503)
 
 
 @app.exception_handler(Overloaded)
@@ -67,7 +76,14 @@ async def _overloaded(request: Request, err: Overloaded) -> JSONResponse:
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
     # Unknown path, wrong method, a body cut off at the size limit: OpenAI's error shape too.
-    return JSONResponse(error_body(str(err.detail)), status_code=err.status_code, headers=err.headers)
+    kind = "server_error" if err.status_code >= 500 else "invalid_request_error"
+    return JSONResponse(error_body(str(err.detail), kind), status_code=err.status_code, headers=err.headers)
+
+
+@app.exception_handler(Exception)
+async def _server_fault(request: Request, err: Exception) -> JSONResponse:
+    # A bug or a failed dependency is the server's fault, never the request's.
+    return JSONResponse(error_body(f"internal error: {err!r}", "server_error", "internal_error"), 500)
 
 
 @serve.deployment
@@ -108,7 +124,10 @@ class Router:
             self.metrics,
             config.limits,
             config.failover,
+            model=config.model,
         )
+        self.token_text = TokenText(tokenizer)
+        self.created = int(time.time())  # `created` of the model card
         add_generation_service(GenerationServicer(self.generation), self.grpc_server)
         if not self.grpc_server.add_insecure_port(f"{config.host}:{config.grpc_port}"):
             raise RuntimeError(f"cannot bind the gRPC API on {config.host}:{config.grpc_port}")
@@ -134,56 +153,88 @@ class Router:
         self.pool_metrics.update(await self.stats_board.reports())
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.config.model, "object": "model", "created": self.created, "owned_by": "specray"}
+
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": self.config.model, "object": "model", "owned_by": "specray"}],
-        }
+        return {"object": "list", "data": [self._model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str) -> dict[str, Any]:
+        self.generation.check_model(model_id)
+        return self._model_card()
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest) -> Any:
-        request = self._build(body, prompt=body.prompt)
-        return await self._respond(body.stream, request, completion_chunk)
+        self.generation.check_model(body.model)
+        body.check()
+        n = body.n or 1
+        requests = self._build(
+            body,
+            prompts=body.prompt,
+            logprobs=body.logprobs,
+            # Echoed prompt tokens get their logprobs too (the first has none), as in OpenAI's API.
+            prompt_logprobs=body.logprobs if body.echo else None,
+            id_prefix="cmpl",
+        )
+        responder = Responder(
+            requests,
+            self.config.model,
+            self.token_text,
+            chat=False,
+            n=n,
+            logprobs=body.logprobs is not None,
+            echo=bool(body.echo),
+            include_usage=body.include_usage,
+        )
+        return await self._respond(bool(body.stream), requests, responder)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest) -> Any:
-        request = self._build(body, messages=[m.model_dump() for m in body.messages])
-        return await self._respond(body.stream, request, chat_chunk)
+        self.generation.check_model(body.model)
+        body.check()
+        requests = self._build(
+            body,
+            messages=[m.template_dict() for m in body.messages],
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            id_prefix="chatcmpl",
+        )
+        responder = Responder(
+            requests,
+            self.config.model,
+            self.token_text,
+            chat=True,
+            n=body.n or 1,
+            logprobs=bool(body.logprobs),
+            include_usage=body.include_usage,
+        )
+        return await self._respond(bool(body.stream), requests, responder)
 
-    def _build(self, body: CompletionRequest | ChatCompletionRequest, **prompt: Any) -> GenerationRequest:
+    def _build(
+        self, body: CompletionRequest | ChatCompletionRequest, **fields: Any
+    ) -> list[GenerationRequest]:
         return self.generation.build(
-            prompt=prompt.get("prompt"),
-            messages=prompt.get("messages"),
-            max_tokens=body.max_tokens or body.max_completion_tokens,
+            prompts=fields.pop("prompts", None),
+            messages=fields.pop("messages", None),
+            max_tokens=body.max_completion_tokens or body.max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
-            top_k=body.top_k,
+            top_k=max(body.top_k, 0) if body.top_k is not None else None,
             seed=body.seed,
             stop=body.stop_list(),
             session_id=body.session_id,
+            n=body.n or 1,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty,
+            **fields,
         )
 
-    async def _respond(self, stream: bool, request: GenerationRequest, chunk_of: ChunkBuilder) -> Any:
+    async def _respond(self, stream: bool, requests: list[GenerationRequest], responder: Responder) -> Any:
         if not stream:
-            delta = await self.generation.complete(request)
-            return chunk_of(request, delta, self.config.model, final=True)
-        deltas = self.generation.stream(request)
+            return responder.whole(await self.generation.complete(requests))
+        deltas = self.generation.stream(requests)
         # Fail before the 200 goes out: placement or an immediate verifier error becomes a 4xx/5xx.
         first = await anext(deltas)
-
-        async def events() -> AsyncIterator[str]:
-            try:
-                delta = first
-                while True:
-                    yield f"data: {json.dumps(chunk_of(request, delta, self.config.model, final=False))}\n\n"
-                    if delta.finish_reason:
-                        break
-                    delta = await anext(deltas)
-            except (RequestError, Unavailable) as err:
-                yield f"data: {json.dumps(error_body(str(err)))}\n\n"
-            finally:
-                await deltas.aclose()
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(responder.events(first, deltas), media_type="text/event-stream")

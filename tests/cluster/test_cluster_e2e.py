@@ -1,6 +1,8 @@
 """End to end on a real local cluster: Ray Serve (2 draft workers, 2 verifiers), Redis, gRPC, SmolLM2.
 
 One cluster serves the whole module; requests stay short (greedy, few tokens) for a 2-core CI box.
+The last section is what OpenAI clients send and expect, through the official `openai` client, raw
+HTTP and gRPC: request shapes, n, penalties, logprobs (equal to the engine's), the model check.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import openai
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
@@ -318,3 +321,209 @@ def test_specray_client(cluster, expected, capsys, api):
     args = ["client", PROMPTS[0], "--max-tokens", str(MAX_TOKENS), "--url", cluster.http_url]
     assert cli.main([*args, "--grpc-address", cluster.grpc_address, *api]) == 0
     assert capsys.readouterr().out == expected[0][0] + "\n"
+
+
+# ---- what OpenAI clients send, and the features they expect (issue 15) ------------------------------
+SHORT = 10  # tokens per request in this section: the features, not the length, are under test
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2) -> LLMEngine:
+    return LLMEngine(smollm2, NgramDrafter(), EngineConfig(num_speculative_tokens=5))
+
+
+@pytest.fixture(scope="module")
+def client(cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cluster.http_url + "/v1", api_key="unused", max_retries=0)
+
+
+def _close(got: list[float], want: list[float]) -> bool:
+    # The verifier batches differently from the in-process engine: equal up to float rounding.
+    return len(got) == len(want) and all(abs(g - w) < 1e-3 for g, w in zip(got, want))
+
+
+def _greedy(engine: LLMEngine, prompt: list[int]) -> list[int]:
+    return engine.generate([prompt], SamplingParams(max_tokens=SHORT))[0].output_ids
+
+
+def test_openai_client_chat_shapes_penalties_and_logprobs(cluster, client, engine):
+    """Content parts, the developer role, neutral unsupported fields, penalties and top logprobs:
+    greedy output and every token's logprob equal the engine's (the cluster schedules by confidence)."""
+    reply = client.chat.completions.create(
+        model=cluster.config.model,
+        messages=[
+            {"role": "developer", "content": "Answer in one line."},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": PROMPTS[1]}, {"type": "text", "text": "Go."}],
+            },
+        ],
+        max_tokens=SHORT,
+        temperature=0,
+        presence_penalty=0.6,
+        frequency_penalty=0.4,
+        extra_body={"repetition_penalty": 1.3},
+        logprobs=True,
+        top_logprobs=2,
+        tools=None,
+        tool_choice=None,
+        response_format={"type": "text"},
+    )
+    assert reply.id.startswith("chatcmpl-") and reply.model == cluster.config.model
+    prompt = engine.encode_prompt(
+        messages=[
+            {"role": "system", "content": "Answer in one line."},
+            {"role": "user", "content": PROMPTS[1] + "\nGo."},
+        ]
+    )
+    params = SamplingParams(
+        max_tokens=SHORT, presence_penalty=0.6, frequency_penalty=0.4, repetition_penalty=1.3, logprobs=2
+    )
+    (seq,) = engine.generate([prompt], params)
+    choice = reply.choices[0]
+    assert choice.message.content == engine.output_text(seq)
+    assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == len(seq.output_ids)
+    tokens = choice.logprobs.content
+    assert [t.token for t in tokens] == [engine.tokenizer.decode([i]) for i in seq.output_ids]
+    assert _close([t.logprob for t in tokens], [lp.logprob for lp in seq.output_logprobs])
+    assert [[x.token for x in t.top_logprobs] for t in tokens] == [
+        [engine.tokenizer.decode([i]) for i, _ in lp.top] for lp in seq.output_logprobs
+    ]
+
+
+def test_openai_client_streams_n_seeded_choices(cluster, client):
+    request = dict(
+        model=cluster.config.model,
+        messages=[{"role": "user", "content": PROMPTS[2]}],
+        max_tokens=SHORT,
+        temperature=1.0,
+        seed=1234,
+        n=2,
+    )
+    whole = client.chat.completions.create(**request)
+    texts = [c.message.content for c in sorted(whole.choices, key=lambda c: c.index)]
+    assert texts[0] != texts[1], "the choices share a seed"
+    chunks = list(
+        client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True})
+    )
+    streamed = {0: [], 1: []}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        streamed[choice.index].append(choice.delta)
+        assert chunk.usage is None and chunk.id.startswith("chatcmpl-")
+    assert all(deltas[0].role == "assistant" and deltas[0].content == "" for deltas in streamed.values())
+    assert ["".join(d.content or "" for d in streamed[i]) for i in (0, 1)] == texts  # seeded: reproducible
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # n = 1 with the same seed is the first choice.
+    single = client.chat.completions.create(**{**request, "n": 1})
+    assert single.choices[0].message.content == texts[0]
+
+
+def test_completions_prompt_lists_token_ids_echo_and_logprobs(cluster, client, engine):
+    ids = engine.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    reply = client.completions.create(
+        model=cluster.config.model,
+        prompt=["Once upon a time", ids],
+        max_tokens=6,
+        temperature=0,
+        echo=True,
+        logprobs=1,
+    )
+    assert [c.index for c in reply.choices] == [0, 1]
+    for choice, prompt in zip(reply.choices, ["Once upon a time", ids]):
+        prompt_ids = engine.encode_prompt(prompt=prompt) if isinstance(prompt, str) else prompt
+        (seq,) = engine.generate([prompt_ids], SamplingParams(max_tokens=6, logprobs=1, prompt_logprobs=1))
+        prompt_text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
+        assert choice.text == prompt_text + engine.output_text(seq)
+        logprobs = choice.logprobs
+        assert len(logprobs.tokens) == len(prompt_ids) + len(seq.output_ids)
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        want = [lp.logprob for lp in seq.prompt_logprobs + seq.output_logprobs]
+        assert _close(logprobs.token_logprobs[1:], want)
+    assert reply.usage.prompt_tokens == len(engine.encode_prompt(prompt="Once upon a time")) + len(ids)
+
+
+def test_the_model_is_checked_and_listed(cluster, client):
+    (card,) = client.models.list().data
+    assert card.id == cluster.config.model and card.created > 0
+    assert client.models.retrieve(cluster.config.model).id == card.id
+    for call in (
+        lambda: client.models.retrieve("gpt-4"),
+        lambda: client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}]),
+        lambda: client.completions.create(model="../../etc/passwd", prompt="hi", max_tokens=2),
+    ):
+        with pytest.raises(openai.NotFoundError) as err:
+            call()
+        assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
+    channel, stub = _grpc_stub(cluster)
+    with channel, pytest.raises(grpc.RpcError) as err:
+        stub.Generate(generate_pb2.GenerateRequest(prompt="hi", model="gpt-4", max_tokens=2))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    "body,status,param",
+    [
+        ({"max_tokens": True}, 400, "max_tokens"),
+        ({"max_tokens": "4"}, 400, "max_tokens"),
+        ({"stream": "yes"}, 400, "stream"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+        ({"response_format": {"type": "json_object"}}, 400, "response_format.type"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            400,
+            "messages[0].content",
+        ),
+    ],
+)
+def test_refusals_over_http_name_their_field(cluster, body, status, param):
+    reply_status, reply = _post(cluster, "/v1/chat/completions", {**_chat(PROMPTS[0]), **body})
+    assert reply_status == status and reply["error"]["param"] == param, reply
+
+
+def test_a_form_body_gets_a_clear_415(cluster):
+    request = urllib.request.Request(
+        cluster.http_url + "/v1/chat/completions", json.dumps(_chat(PROMPTS[0])).encode()
+    )  # urllib, like curl -d, sends application/x-www-form-urlencoded
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=60)
+    assert err.value.code == 415
+    assert "Content-Type: application/json" in json.loads(err.value.read())["error"]["message"]
+
+
+def test_grpc_choices_penalties_logprobs_and_inputs(cluster, engine):
+    channel, stub = _grpc_stub(cluster)
+    messages = [generate_pb2.ChatMessage(role="user", content=PROMPTS[3])]
+    with channel:
+        seeded = generate_pb2.GenerateRequest(
+            messages=messages, max_tokens=SHORT, temperature=1.0, seed=9, n=2
+        )
+        reply = stub.Generate(seeded)
+        assert [c.index for c in reply.choices] == [0, 1] and reply.choices[0].text != reply.choices[1].text
+        assert reply.text == reply.choices[0].text  # the top-level fields repeat choice 0
+        streamed = {0: "", 1: ""}
+        for part in stub.GenerateStream(seeded):
+            streamed[part.index] += part.text
+        assert [streamed[0], streamed[1]] == [c.text for c in reply.choices]
+
+        greedy = generate_pb2.GenerateRequest(
+            messages=messages, max_tokens=SHORT, temperature=0, frequency_penalty=0.9, logprobs=1
+        )
+        reply = stub.Generate(greedy)
+        prompt = engine.encode_prompt(messages=[{"role": "user", "content": PROMPTS[3]}])
+        (seq,) = engine.generate(
+            [prompt], SamplingParams(max_tokens=SHORT, frequency_penalty=0.9, logprobs=1)
+        )
+        assert (
+            list(reply.token_ids) == seq.output_ids
+            and [lp.token_id for lp in reply.logprobs] == seq.output_ids
+        )
+        assert _close([lp.logprob for lp in reply.logprobs], [lp.logprob for lp in seq.output_logprobs])
+
+        by_ids = stub.Generate(
+            generate_pb2.GenerateRequest(prompt_token_ids=prompt, max_tokens=SHORT, temperature=0)
+        )
+        assert list(by_ids.token_ids) == _greedy(engine, prompt)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(generate_pb2.GenerateRequest(prompt="hi", messages=messages))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exactly one" in err.value.details()

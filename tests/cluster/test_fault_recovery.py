@@ -92,6 +92,8 @@ def _stream_with_fault(cluster: LocalCluster, prompt: str, session_id: str, faul
     with _open_stream(cluster, prompt, session_id) as reply:
         for event in _events(reply):
             assert "error" not in event, event
+            if "role" in event["choices"][0]["delta"]:
+                continue  # the stream's opening role delta, before any token
             text.append(event["choices"][0]["delta"]["content"])
             # One event per verify step, each committing at least one token.
             if fault is not None and len(text) >= KILL_AFTER_TOKENS:

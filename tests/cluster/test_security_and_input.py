@@ -158,6 +158,13 @@ def _is_openai_error(body: dict) -> bool:
     )
 
 
+def _json_object(body: bytes | None) -> object:
+    try:
+        return json.loads(body) if body else None
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+
+
 def _grpc_channel(cluster: LocalCluster) -> grpc.Channel:
     return grpc.insecure_channel(cluster.grpc_address)
 
@@ -283,14 +290,15 @@ def test_huge_bodies_are_refused_unread(cluster):
 
 
 # ---- fuzz ---------------------------------------------------------------------------------------
+# Types are strict: JSON true is no integer, "4" no number, "yes" no boolean.
 _WRONG_TYPES = {
-    "max_tokens": ["ten", 1.5, [], {}],
+    "max_tokens": ["ten", 1.5, [], {}, True, "4"],
     "temperature": ["hot", [], {}],
     "top_p": ["x", [0.5]],
     "top_k": ["k", 2.5],
     "seed": ["s", 1.5, []],
     "stop": [5, [1, 2], {"a": 1}],
-    "stream": [[1], {}, "maybe"],
+    "stream": [[1], {}, "maybe", "yes", 1],
     "n": ["one", []],
     "session_id": [5, [], {}],
     "messages": ["hi", 5, {}, [5], [[]]],
@@ -300,11 +308,13 @@ _OUT_OF_RANGE = {
     "top_p": [0, -0.5, 1.0001, 7],
     "max_tokens": [0, -1, 10**9, 10**30],
     "max_completion_tokens": [0, -3],
-    "n": [0, 2, 16],
+    "n": [0, 17, 100],
     "seed": [-1, 2**64, 10**40],
-    "top_k": [-1, 2**31, 10**20],
-    "presence_penalty": [0.5, -1],
-    "frequency_penalty": [1, -0.5],
+    "top_k": [-2, 2**31, 10**20],
+    "presence_penalty": [2.5, -3],
+    "frequency_penalty": [2.01, -7],
+    "repetition_penalty": [0, -1, 11],
+    "logprobs": [21, -1],
 }
 _BAD_LITERALS = [b"NaN", b"Infinity", b"-Infinity"]
 
@@ -464,6 +474,9 @@ def test_fuzz_malformed_requests_are_refused_and_the_cluster_still_serves(
         status, _, raw = _send(cluster, path, body, headers, method)
         assert 400 <= status < 500, (path, body[:200] if body else body, status, raw[:300])
         assert _is_openai_error(json.loads(raw)), raw[:300]
+        if status == 400 and isinstance(_json_object(body), dict):
+            # A JSON object that is refused has a field at fault, and the error names it.
+            assert json.loads(raw)["error"]["param"], (body[:200], raw[:300])
         statuses[status] = statuses.get(status, 0) + 1
 
     codes: dict[str, int] = {}

@@ -25,7 +25,7 @@ class FakeStore:
         return self.committed
 
 
-def _collect(paths, store=None, policy=POLICY):
+def _collect(paths, store=None, policy=POLICY, catch_up=True):
     """Run one request whose attempts stream `paths[i]`; returns (chunks, [(verifier, output_ids)])."""
     opened: list[tuple[str, list[int]]] = []
 
@@ -39,7 +39,10 @@ def _collect(paths, store=None, policy=POLICY):
 
     async def run():
         return [
-            c async for c in resumable_chunks("s", PROMPT, place, open_path, store or FakeStore(), policy)
+            c
+            async for c in resumable_chunks(
+                "s", PROMPT, place, open_path, store or FakeStore(), policy, catch_up=catch_up
+            )
         ]
 
     return asyncio.run(run()), opened
@@ -64,6 +67,15 @@ def test_unavailable_verifier_resumes_elsewhere_with_the_stored_output():
     catch_up = chunks[1]
     assert (catch_up.num_drafts, catch_up.accepted, catch_up.finished) == (0, 0, False)
     assert opened == [("v0", []), ("v1", [4, 5])]
+
+
+def test_without_catch_up_the_undelivered_tokens_are_generated_again():
+    """A request with logprobs: Redis has token 5 but not its logprob, so the new path redoes it."""
+    first = [SessionChunk(tokens=[4]), SessionChunk.failure("verifier v0 unreachable", "UNAVAILABLE")]
+    second = [SessionChunk(tokens=[5, 6], finished=True, finish_reason="stop")]
+    chunks, opened = _collect([first, second], FakeStore([4, 5]), catch_up=False)
+    assert [c.tokens for c in chunks] == [(4,), (5, 6)]
+    assert opened == [("v0", []), ("v1", [4])]
 
 
 def test_client_error_is_the_request_s():

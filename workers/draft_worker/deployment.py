@@ -26,6 +26,7 @@ from specray.workers.drafters.registry import build_drafter, check_num_speculati
 from specray.workers.engine.drafter import Drafter
 from specray.workers.engine.scheduling_policy import policy_class
 from specray.workers.models.loader import load_model
+from specray.workers.protocol import decode_logprobs
 from specray.workers.worker_stats import DraftWorkerStats
 
 
@@ -130,6 +131,8 @@ class DraftWorker:
                     finished=result.finished,
                     finish_reason=result.finish_reason or None,
                     stop_text_len=None if result.stop_text_len < 0 else result.stop_text_len,
+                    logprobs=decode_logprobs(result.logprobs),
+                    prompt_logprobs=decode_logprobs(result.prompt_logprobs),
                 )
         except VerifyFailed as err:
             yield SessionChunk.failure(str(err), pb.VerifyError.Code.Name(err.code))

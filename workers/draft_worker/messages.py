@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from specray.workers.engine.sampling import SamplingParams
+from specray.workers.engine.sampling import SamplingParams, TokenLogprob
 
 
 def _token_ids(name: str, ids: Iterable[int]) -> tuple[int, ...]:
@@ -81,9 +81,17 @@ class SessionChunk:
     stop_text_len: int | None = None  # where a stop string cuts the output text (finished only)
     error: str | None = None
     code: str | None = None  # the verifier's error code name, or UNAVAILABLE
+    # When the request asked: the target's logprob of each token of `tokens`, and (on the prefill's
+    # chunk) of each prompt token after the first.
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tokens", _token_ids("tokens", self.tokens))
+        object.__setattr__(self, "logprobs", tuple(self.logprobs))
+        object.__setattr__(self, "prompt_logprobs", tuple(self.prompt_logprobs))
+        if self.logprobs and [lp.token for lp in self.logprobs] != list(self.tokens):
+            raise ValueError("logprobs must give one entry per token, in order")
         _count("num_drafts", self.num_drafts)
         _count("accepted", self.accepted)
         if self.accepted > self.num_drafts:
@@ -101,7 +109,7 @@ class SessionChunk:
         if self.error is not None:
             if not self.error or not self.code:
                 raise ValueError("an error chunk needs a message and a code")
-            if self.tokens or self.num_drafts or self.finished:
+            if self.tokens or self.num_drafts or self.finished or self.prompt_logprobs:
                 raise ValueError("an error chunk carries no tokens and does not finish")
 
     @classmethod

@@ -20,13 +20,17 @@ from specray.workers.engine.config import EngineConfig
 from specray.workers.engine.drafter import DraftProposal
 from specray.workers.engine.model_runner import ModelRunner, ScheduledSequence
 from specray.workers.engine.request_limits import check_context, draft_limit
-from specray.workers.engine.sampling import SamplingParams
+from specray.workers.engine.sampling import SamplingParams, TokenLogprob, token_logprobs
 from specray.workers.engine.scheduling_policy import SchedulingPolicy, policy_class
 from specray.workers.engine.sequence import Sequence, Status
 from specray.workers.engine.step_curve import StepCurve
 from specray.workers.engine.stopping import append_tokens
-from specray.workers.engine.verification import verify_drafts
+from specray.workers.engine.verification import Verdict, verify_drafts
 from specray.workers.models.loader import LoadedModel
+
+# Prompt logprobs run the LM head over this many positions at a time: a long prompt's [P, V] logits
+# would otherwise take gigabytes.
+PROMPT_LOGPROB_ROWS = 256
 
 
 class KVExhausted(RuntimeError):
@@ -65,6 +69,10 @@ class Commit:
     tokens: list[int]  # newly committed: accepted drafts + correction/bonus, cut at a stop
     feature_start: int  # position of the first computed token
     features: torch.Tensor | None  # target features [n, m·d] of the positions now in the KV cache
+    # When the request asked: the target's logprobs of `tokens`, and of the prompt tokens this
+    # step computed (prompt positions 1.., from the prefill).
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class Scheduler:
@@ -234,11 +242,12 @@ class Scheduler:
         """One target forward over the batch, lossless verification, and the commit: each sequence
         keeps the KV of its pending tokens and accepted drafts, and appends the emitted tokens
         under its stop conditions."""
-        out = self.runner.run([w.scheduled for w in work])
+        prompt_rows = {i: n for i, w in enumerate(work) if (n := self._prompt_logprob_rows(w))}
+        out = self.runner.run([w.scheduled for w in work], return_final_hidden=bool(prompt_rows))
         if on_forward_done is not None:
             on_forward_done()
         sampling = [i for i, w in enumerate(work) if w.proposal is not None]
-        verdicts: dict[int, tuple[int, list[int]]] = {}
+        verdicts: dict[int, Verdict] = {}
         if sampling:
             results = verify_drafts(
                 [work[i].seq for i in sampling],
@@ -250,18 +259,60 @@ class Scheduler:
         for i, w in enumerate(work):
             seq = w.seq
             start = seq.num_computed
-            num_accepted, emitted = verdicts.get(i, (0, []))
+            verdict = verdicts.get(i, Verdict(0, []))
+            num_accepted = verdict.num_accepted
+            prompt_logprobs = None
+            if i in prompt_rows:
+                prompt_logprobs = self._prompt_logprobs(seq, start, out.final_hidden[i][: prompt_rows[i]])
+                seq.prompt_logprobs += prompt_logprobs
             seq.num_computed = start + len(w.pending) + num_accepted
             self.runner.rollback(seq.seq_id, seq.num_computed)
             features = out.features[i][: len(w.pending) + num_accepted] if out.features is not None else None
             num_verified = len(w.proposal.tokens) if w.proposal is not None else 0
             tokens: list[int] = []
+            logprobs = None
             if w.proposal is not None:
                 seq.stats.record(num_verified, num_accepted)
                 tokens = append_tokens(
-                    seq, emitted, self.target.stop_token_ids, self.target.tokenizer, self.max_context
+                    seq, verdict.emitted, self.target.stop_token_ids, self.target.tokenizer, self.max_context
                 )
+                if verdict.logprobs is not None:
+                    logprobs = verdict.logprobs[: len(tokens)]  # a stop may cut the emitted tokens
+                    seq.output_logprobs += logprobs
             commits.append(
-                Commit(seq, w.proposal is not None, num_verified, num_accepted, tokens, start, features)
+                Commit(
+                    seq,
+                    w.proposal is not None,
+                    num_verified,
+                    num_accepted,
+                    tokens,
+                    start,
+                    features,
+                    logprobs,
+                    prompt_logprobs,
+                )
             )
         return commits
+
+    @staticmethod
+    def _prompt_logprob_rows(w: ScheduledWork) -> int:
+        """How many of the work's leading positions predict a prompt token whose logprob the
+        request asked for (position p predicts token p+1)."""
+        if w.seq.params.prompt_logprobs is None:
+            return 0
+        start = w.seq.num_computed
+        return max(0, min(len(w.pending), len(w.seq.prompt_ids) - 1 - start))
+
+    def _prompt_logprobs(self, seq: Sequence, start: int, hidden: torch.Tensor) -> list[TokenLogprob]:
+        """The raw model's logprobs (no temperature, cut or penalty, as vLLM's prompt logprobs) of
+        prompt tokens start+1.. from the final hidden states of positions start.."""
+        targets = seq.prompt_ids[start + 1 : start + 1 + len(hidden)]
+        result: list[TokenLogprob] = []
+        with torch.inference_mode():
+            for lo in range(0, len(targets), PROMPT_LOGPROB_ROWS):
+                rows = hidden[lo : lo + PROMPT_LOGPROB_ROWS]
+                logprobs = self.target.model.compute_logits(rows).float().log_softmax(dim=-1)
+                result += token_logprobs(
+                    logprobs, targets[lo : lo + PROMPT_LOGPROB_ROWS], seq.params.prompt_logprobs
+                )
+        return result

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specray.workers.engine.sampling import SamplingParams
+from specray.workers.engine.sampling import SamplingParams, TokenLogprob
 
 
 class Status(enum.Enum):
@@ -50,6 +50,10 @@ class Sequence:
     finish_reason: str | None = None
     stop_text_len: int | None = None  # output text is cut here when a stop string matched
     stats: SpecStats = field(default_factory=SpecStats)
+    # Filled only when the request asked (params.logprobs / params.prompt_logprobs): one entry per
+    # output token, and one per prompt token after the first.
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def token_ids(self) -> list[int]:

@@ -25,7 +25,7 @@ from specray.workers.engine.drafter import DraftProposal
 from specray.workers.engine.scheduler import Commit, KVExhausted, ScheduledWork, Scheduler
 from specray.workers.engine.sequence import Sequence
 from specray.workers.models.loader import LoadedModel
-from specray.workers.protocol import decode_params, decode_tensor, encode_tensor
+from specray.workers.protocol import decode_params, decode_tensor, encode_logprobs, encode_tensor
 from specray.workers.verifier.segment_validation import check_draft_probs, split_resumed
 from specray.workers.verifier.telemetry import VerifierTelemetry
 
@@ -282,6 +282,10 @@ class VerifierCore:
                 self.config.num_speculative_tokens, commit.num_verified if job.segment_id else None
             ),
         )
+        if commit.logprobs is not None:
+            result.logprobs.extend(encode_logprobs(commit.logprobs))
+        if commit.prompt_logprobs is not None:
+            result.prompt_logprobs.extend(encode_logprobs(commit.prompt_logprobs))
         if commit.features is not None:
             result.features.CopyFrom(encode_tensor(commit.features))
             result.feature_start = commit.feature_start

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specray/v1/generate.proto\x12\nspecray.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x93\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.specray.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nsession_id\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"d\n\x10SpeculationStats\x12\x14\n\x0cverify_steps\x18\x01 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\x12\x0b\n\x03tau\x18\x04 \x01(\x02\"\xc1\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.specray.v1.Usage\x12+\n\x05stats\x18\x07 \x01(\x0b\x32\x1c.specray.v1.SpeculationStats2\xa2\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.specray.v1.GenerateRequest\x1a\x1c.specray.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.specray.v1.GenerateRequest\x1a\x1c.specray.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specray/v1/generate.proto\x12\nspecray.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xbb\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.specray.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nsession_id\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x0e\n\x01n\x18\x0b \x01(\rH\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x01H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x08\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\rH\t\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x11 \x03(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x04\n\x02_nB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"n\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12,\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x16.specray.v1.TopLogprob\"{\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.specray.v1.TokenLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"d\n\x10SpeculationStats\x12\x14\n\x0cverify_steps\x18\x01 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\x12\x0b\n\x03tau\x18\x04 \x01(\x02\"\xd4\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.specray.v1.Usage\x12+\n\x05stats\x18\x07 \x01(\x0b\x32\x1c.specray.v1.SpeculationStats\x12\r\n\x05index\x18\x08 \x01(\r\x12*\n\x08logprobs\x18\t \x03(\x0b\x32\x18.specray.v1.TokenLogprob\x12\x31\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x18.specray.v1.TokenLogprob\x12#\n\x07\x63hoices\x18\x0b \x03(\x0b\x32\x12.specray.v1.Choice2\xa2\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.specray.v1.GenerateRequest\x1a\x1c.specray.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.specray.v1.GenerateRequest\x1a\x1c.specray.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=41
   _globals['_CHATMESSAGE']._serialized_end=85
   _globals['_GENERATEREQUEST']._serialized_start=88
-  _globals['_GENERATEREQUEST']._serialized_end=363
-  _globals['_USAGE']._serialized_start=365
-  _globals['_USAGE']._serialized_end=444
-  _globals['_SPECULATIONSTATS']._serialized_start=446
-  _globals['_SPECULATIONSTATS']._serialized_end=546
-  _globals['_GENERATERESPONSE']._serialized_start=549
-  _globals['_GENERATERESPONSE']._serialized_end=742
-  _globals['_GENERATION']._serialized_start=745
-  _globals['_GENERATION']._serialized_end=907
+  _globals['_GENERATEREQUEST']._serialized_end=659
+  _globals['_TOPLOGPROB']._serialized_start=661
+  _globals['_TOPLOGPROB']._serialized_end=723
+  _globals['_TOKENLOGPROB']._serialized_start=725
+  _globals['_TOKENLOGPROB']._serialized_end=835
+  _globals['_CHOICE']._serialized_start=837
+  _globals['_CHOICE']._serialized_end=960
+  _globals['_USAGE']._serialized_start=962
+  _globals['_USAGE']._serialized_end=1041
+  _globals['_SPECULATIONSTATS']._serialized_start=1043
+  _globals['_SPECULATIONSTATS']._serialized_end=1143
+  _globals['_GENERATERESPONSE']._serialized_start=1146
+  _globals['_GENERATERESPONSE']._serialized_end=1486
+  _globals['_GENERATION']._serialized_start=1489
+  _globals['_GENERATION']._serialized_end=1651
 # @@protoc_insertion_point(module_scope)

@@ -50,14 +50,15 @@ class GenerationServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """The whole completion in one reply.
+        """The whole completion in one reply (every choice in `choices`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """Text deltas as tokens are committed; the last message carries finish_reason, usage and stats.
+        """Text deltas as tokens are committed, one choice per message (`index`); each choice's last
+        message carries its finish_reason, usage and stats.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specray/v1/verify.proto\x12\nspecray.v1\"\x95\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x07\n\x05_seed\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x8a\x01\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.specray.v1.SamplingParams\x12\x14\n\x0c\x64raft_worker\x18\x04 \x01(\t\x12\x12\n\nprompt_len\x18\x05 \x01(\r\"\xac\x01\n\x0c\x44raftSegment\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nsegment_id\x18\x02 \x01(\x04\x12\x15\n\rcommitted_len\x18\x03 \x01(\r\x12\x0e\n\x06tokens\x18\x04 \x03(\r\x12\'\n\x0b\x64raft_probs\x18\x05 \x01(\x0b\x32\x12.specray.v1.Tensor\x12\x12\n\nconfidence\x18\x06 \x03(\x02\x12\x10\n\x08priority\x18\x07 \x01(\x02\"\"\n\x0c\x43loseSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x97\x01\n\x0c\x44raftMessage\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.specray.v1.OpenSessionH\x00\x12+\n\x07segment\x18\x02 \x01(\x0b\x32\x18.specray.v1.DraftSegmentH\x00\x12)\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x18.specray.v1.CloseSessionH\x00\x42\x06\n\x04kind\"\xc4\x02\n\x0cVerifyResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nsegment_id\x18\x02 \x01(\x04\x12\x15\n\rcommitted_len\x18\x03 \x01(\r\x12\x12\n\nnum_drafts\x18\x04 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x05 \x01(\r\x12\x0e\n\x06tokens\x18\x06 \x03(\r\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\x12\x15\n\rstop_text_len\x18\t \x01(\x05\x12$\n\x08\x66\x65\x61tures\x18\n \x01(\x0b\x32\x12.specray.v1.Tensor\x12\x15\n\rfeature_start\x18\x0b \x01(\r\x12\x14\n\x0cnum_proposed\x18\x0c \x01(\r\x12\x1a\n\rverify_budget\x18\r \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_verify_budget\"\xd3\x01\n\x0bVerifyError\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nsegment_id\x18\x02 \x01(\x04\x12*\n\x04\x63ode\x18\x03 \x01(\x0e\x32\x1c.specray.v1.VerifyError.Code\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x15\n\rcommitted_len\x18\x05 \x01(\r\"H\n\x04\x43ode\x12\x0b\n\x07UNKNOWN\x10\x00\x12\t\n\x05STALE\x10\x01\x12\x0b\n\x07INVALID\x10\x02\x12\x0c\n\x08NOT_OPEN\x10\x03\x12\r\n\tEXHAUSTED\x10\x04\"m\n\rVerifyMessage\x12*\n\x06result\x18\x01 \x01(\x0b\x32\x18.specray.v1.VerifyResultH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.specray.v1.VerifyErrorH\x00\x42\x06\n\x04kind\"\x0e\n\x0cStatsRequest\"\xd2\x01\n\nStatsReply\x12\x13\n\x0bverifier_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\r\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x10\n\x08segments\x18\x05 \x01(\x04\x12\x17\n\x0fproposed_drafts\x18\x06 \x01(\x04\x12\x17\n\x0fverified_drafts\x18\x07 \x01(\x04\x12\x17\n\x0f\x61\x63\x63\x65pted_drafts\x18\x08 \x01(\x04\x12\x12\n\nscheduling\x18\t \x01(\t2\x88\x01\n\x08Verifier\x12\x41\n\x06Verify\x12\x18.specray.v1.DraftMessage\x1a\x19.specray.v1.VerifyMessage(\x01\x30\x01\x12\x39\n\x05Stats\x12\x18.specray.v1.StatsRequest\x1a\x16.specray.v1.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specray/v1/verify.proto\x12\nspecray.v1\"\xd8\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0b \x01(\rH\x02\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0c \x01(\rH\x03\x88\x01\x01\x42\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"Y\n\rTargetLogprob\x12\r\n\x05token\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x12\n\ntop_tokens\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x8a\x01\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.specray.v1.SamplingParams\x12\x14\n\x0c\x64raft_worker\x18\x04 \x01(\t\x12\x12\n\nprompt_len\x18\x05 \x01(\r\"\xac\x01\n\x0c\x44raftSegment\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nsegment_id\x18\x02 \x01(\x04\x12\x15\n\rcommitted_len\x18\x03 \x01(\r\x12\x0e\n\x06tokens\x18\x04 \x03(\r\x12\'\n\x0b\x64raft_probs\x18\x05 \x01(\x0b\x32\x12.specray.v1.Tensor\x12\x12\n\nconfidence\x18\x06 \x03(\x02\x12\x10\n\x08priority\x18\x07 \x01(\x02\"\"\n\x0c\x43loseSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x97\x01\n\x0c\x44raftMessage\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.specray.v1.OpenSessionH\x00\x12+\n\x07segment\x18\x02 \x01(\x0b\x32\x18.specray.v1.DraftSegmentH\x00\x12)\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x18.specray.v1.CloseSessionH\x00\x42\x06\n\x04kind\"\xa5\x03\n\x0cVerifyResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nsegment_id\x18\x02 \x01(\x04\x12\x15\n\rcommitted_len\x18\x03 \x01(\r\x12\x12\n\nnum_drafts\x18\x04 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x05 \x01(\r\x12\x0e\n\x06tokens\x18\x06 \x03(\r\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\x12\x15\n\rstop_text_len\x18\t \x01(\x05\x12$\n\x08\x66\x65\x61tures\x18\n \x01(\x0b\x32\x12.specray.v1.Tensor\x12\x15\n\rfeature_start\x18\x0b \x01(\r\x12\x14\n\x0cnum_proposed\x18\x0c \x01(\r\x12\x1a\n\rverify_budget\x18\r \x01(\rH\x00\x88\x01\x01\x12+\n\x08logprobs\x18\x0e \x03(\x0b\x32\x19.specray.v1.TargetLogprob\x12\x32\n\x0fprompt_logprobs\x18\x0f \x03(\x0b\x32\x19.specray.v1.TargetLogprobB\x10\n\x0e_verify_budget\"\xd3\x01\n\x0bVerifyError\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nsegment_id\x18\x02 \x01(\x04\x12*\n\x04\x63ode\x18\x03 \x01(\x0e\x32\x1c.specray.v1.VerifyError.Code\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x15\n\rcommitted_len\x18\x05 \x01(\r\"H\n\x04\x43ode\x12\x0b\n\x07UNKNOWN\x10\x00\x12\t\n\x05STALE\x10\x01\x12\x0b\n\x07INVALID\x10\x02\x12\x0c\n\x08NOT_OPEN\x10\x03\x12\r\n\tEXHAUSTED\x10\x04\"m\n\rVerifyMessage\x12*\n\x06result\x18\x01 \x01(\x0b\x32\x18.specray.v1.VerifyResultH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.specray.v1.VerifyErrorH\x00\x42\x06\n\x04kind\"\x0e\n\x0cStatsRequest\"\xd2\x01\n\nStatsReply\x12\x13\n\x0bverifier_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\r\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x10\n\x08segments\x18\x05 \x01(\x04\x12\x17\n\x0fproposed_drafts\x18\x06 \x01(\x04\x12\x17\n\x0fverified_drafts\x18\x07 \x01(\x04\x12\x17\n\x0f\x61\x63\x63\x65pted_drafts\x18\x08 \x01(\x04\x12\x12\n\nscheduling\x18\t \x01(\t2\x88\x01\n\x08Verifier\x12\x41\n\x06Verify\x12\x18.specray.v1.DraftMessage\x1a\x19.specray.v1.VerifyMessage(\x01\x30\x01\x12\x39\n\x05Stats\x12\x18.specray.v1.StatsRequest\x1a\x16.specray.v1.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,29 +32,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specray.v1.verify_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS']._serialized_start=40
-  _globals['_SAMPLINGPARAMS']._serialized_end=189
-  _globals['_TENSOR']._serialized_start=191
-  _globals['_TENSOR']._serialized_end=228
-  _globals['_OPENSESSION']._serialized_start=231
-  _globals['_OPENSESSION']._serialized_end=369
-  _globals['_DRAFTSEGMENT']._serialized_start=372
-  _globals['_DRAFTSEGMENT']._serialized_end=544
-  _globals['_CLOSESESSION']._serialized_start=546
-  _globals['_CLOSESESSION']._serialized_end=580
-  _globals['_DRAFTMESSAGE']._serialized_start=583
-  _globals['_DRAFTMESSAGE']._serialized_end=734
-  _globals['_VERIFYRESULT']._serialized_start=737
-  _globals['_VERIFYRESULT']._serialized_end=1061
-  _globals['_VERIFYERROR']._serialized_start=1064
-  _globals['_VERIFYERROR']._serialized_end=1275
-  _globals['_VERIFYERROR_CODE']._serialized_start=1203
-  _globals['_VERIFYERROR_CODE']._serialized_end=1275
-  _globals['_VERIFYMESSAGE']._serialized_start=1277
-  _globals['_VERIFYMESSAGE']._serialized_end=1386
-  _globals['_STATSREQUEST']._serialized_start=1388
-  _globals['_STATSREQUEST']._serialized_end=1402
-  _globals['_STATSREPLY']._serialized_start=1405
-  _globals['_STATSREPLY']._serialized_end=1615
-  _globals['_VERIFIER']._serialized_start=1618
-  _globals['_VERIFIER']._serialized_end=1754
+  _globals['_SAMPLINGPARAMS']._serialized_end=384
+  _globals['_TARGETLOGPROB']._serialized_start=386
+  _globals['_TARGETLOGPROB']._serialized_end=475
+  _globals['_TENSOR']._serialized_start=477
+  _globals['_TENSOR']._serialized_end=514
+  _globals['_OPENSESSION']._serialized_start=517
+  _globals['_OPENSESSION']._serialized_end=655
+  _globals['_DRAFTSEGMENT']._serialized_start=658
+  _globals['_DRAFTSEGMENT']._serialized_end=830
+  _globals['_CLOSESESSION']._serialized_start=832
+  _globals['_CLOSESESSION']._serialized_end=866
+  _globals['_DRAFTMESSAGE']._serialized_start=869
+  _globals['_DRAFTMESSAGE']._serialized_end=1020
+  _globals['_VERIFYRESULT']._serialized_start=1023
+  _globals['_VERIFYRESULT']._serialized_end=1444
+  _globals['_VERIFYERROR']._serialized_start=1447
+  _globals['_VERIFYERROR']._serialized_end=1658
+  _globals['_VERIFYERROR_CODE']._serialized_start=1586
+  _globals['_VERIFYERROR_CODE']._serialized_end=1658
+  _globals['_VERIFYMESSAGE']._serialized_start=1660
+  _globals['_VERIFYMESSAGE']._serialized_end=1769
+  _globals['_STATSREQUEST']._serialized_start=1771
+  _globals['_STATSREQUEST']._serialized_end=1785
+  _globals['_STATSREPLY']._serialized_start=1788
+  _globals['_STATSREPLY']._serialized_end=1998
+  _globals['_VERIFIER']._serialized_start=2001
+  _globals['_VERIFIER']._serialized_end=2137
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ import pytest
 from ray import cloudpickle
 
 from specray.workers.draft_worker.messages import SessionChunk, SessionRequest
-from specray.workers.engine.sampling import SamplingParams
+from specray.workers.engine.sampling import SamplingParams, TokenLogprob
 
 PARAMS = SamplingParams(max_tokens=8, temperature=0.7, seed=3, stop=("\n",))
 
@@ -32,6 +32,11 @@ def test_messages_round_trip_through_pickle(dumps):
     chunks = [
         SessionChunk(tokens=[5, 6], num_drafts=3, accepted=1),
         SessionChunk(tokens=[7], finished=True, finish_reason="stop", stop_text_len=2),
+        SessionChunk(
+            tokens=[8],
+            logprobs=[TokenLogprob(8, -0.5, ((8, -0.5),))],
+            prompt_logprobs=[TokenLogprob(2, -1.0)],
+        ),
         SessionChunk.failure("STALE: old segment", "STALE"),
     ]
     for message in (request, *chunks):
@@ -84,6 +89,9 @@ def test_request_needs_sampling_params():
         {"error": "boom", "code": "STALE", "tokens": [1]},
         {"error": "boom", "code": "STALE", "finished": True, "finish_reason": "stop"},
         {"tokens": [-1]},
+        {"tokens": [1, 2], "logprobs": [TokenLogprob(1, -0.1)]},  # one logprob per token
+        {"tokens": [1], "logprobs": [TokenLogprob(2, -0.1)]},  # of the token itself
+        {"error": "boom", "code": "STALE", "prompt_logprobs": [TokenLogprob(2, -0.1)]},
     ],
 )
 def test_chunk_refuses_inconsistent_fields(fields):

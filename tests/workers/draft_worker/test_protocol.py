@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from local_channel import LocalChannel
+from replay_drafter import ReplayDrafter
 
 from specray.protos.specray.v1 import verify_pb2 as pb
 from specray.workers.draft_worker.session import DraftSessionConfig, VerifyFailed, draft_session
@@ -13,7 +14,7 @@ from specray.workers.drafters.ngram import NgramDrafter
 from specray.workers.engine.config import EngineConfig
 from specray.workers.engine.llm_engine import LLMEngine
 from specray.workers.engine.sampling import SamplingParams
-from specray.workers.protocol import encode_params
+from specray.workers.protocol import decode_logprobs, decode_params, encode_params
 from specray.workers.verifier.core import VerifierCore
 
 PROMPTS = ["List three colors, separated by commas, three times.", "What is the capital of France?"]
@@ -200,3 +201,46 @@ def test_seeded_session_gives_the_same_output_alone_or_batched(smollm2, prompt_i
         return asyncio.run(_with_loop(core, scenario()))
 
     assert run(False) == run(True)
+
+
+def test_logprobs_and_penalties_cross_the_protocol(smollm2, prompt_ids):
+    """Penalties reach the verifier with the session's params; each VerifyResult carries the
+    target's logprob of each of its tokens (and the prefill the prompt's), equal to the engine's."""
+    params = SamplingParams(
+        max_tokens=10, logprobs=2, prompt_logprobs=1, presence_penalty=0.8, repetition_penalty=1.3
+    )
+    assert decode_params(encode_params(params)) == params
+    (expected,) = LLMEngine(smollm2, NgramDrafter(), EngineConfig(num_speculative_tokens=5)).generate(
+        [prompt_ids[0]], params
+    )
+    core = VerifierCore(smollm2, EngineConfig(kv_cache_tokens=2048))
+    # Drafts the engine's own output, every third token wrong: accepted drafts, corrections, bonuses.
+    drafter = ReplayDrafter([prompt_ids[0]], [expected.output_ids])
+
+    async def scenario():
+        results = []
+        session = draft_session(
+            LocalChannel(core), drafter, "lp", prompt_ids[0], params, DraftSessionConfig()
+        )
+        async for result in session:
+            results.append(result)
+        return results
+
+    results = asyncio.run(_with_loop(core, scenario()))
+    assert [t for r in results for t in r.tokens] == expected.output_ids
+    assert sum(r.accepted for r in results) > 0, "no accepted draft: speculation not exercised"
+    logprobs = [lp for r in results for lp in decode_logprobs(r.logprobs)]
+    assert all(len(r.logprobs) == len(r.tokens) for r in results)
+    assert [lp.token for lp in logprobs] == expected.output_ids
+    assert [[t for t, _ in lp.top] for lp in logprobs] == [
+        [t for t, _ in lp.top] for lp in expected.output_logprobs
+    ]
+    for got, want in zip(logprobs, expected.output_logprobs):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+    prompt = decode_logprobs(results[0].prompt_logprobs)
+    assert [lp.token for lp in prompt] == prompt_ids[0][1:] and not any(
+        r.prompt_logprobs for r in results[1:]
+    )
+    assert [lp.logprob for lp in prompt] == pytest.approx(
+        [lp.logprob for lp in expected.prompt_logprobs], abs=1e-4
+    )

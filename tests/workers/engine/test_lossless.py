@@ -22,7 +22,7 @@ from specray.workers.drafters.ngram import NgramDrafter
 from specray.workers.engine.config import EngineConfig
 from specray.workers.engine.drafter import Drafter, DraftProposal, DraftRequest
 from specray.workers.engine.llm_engine import LLMEngine
-from specray.workers.engine.sampling import SamplingParams, target_distribution
+from specray.workers.engine.sampling import SamplingParams, apply_penalties, target_distribution
 from specray.workers.models.loader import load_model
 
 CHATS = [
@@ -157,7 +157,13 @@ def _exact_joint(target, params: SamplingParams, length: int) -> dict[tuple[int,
     for seq in itertools.product(range(VOCAB), repeat=length - 1):
         runner = ModelRunner(target.model, kv_cache_tokens=64, block_size=4)
         logits = runner.run([ScheduledSequence("s", PROMPT + list(seq), length)]).logits[0]
-        dist = target_distribution(logits, params)
+        # Position k's penalties count the k tokens before it, one position at a time.
+        dist = torch.cat(
+            [
+                target_distribution(apply_penalties(logits[k : k + 1], params, PROMPT, seq[:k]), params)
+                for k in range(length)
+            ]
+        )
         prefix_p = 1.0
         for k, tok in enumerate(seq):
             prefix_p *= float(dist[k, tok])
@@ -172,8 +178,19 @@ def _exact_joint(target, params: SamplingParams, length: int) -> dict[tuple[int,
         (SkewedDrafter, SamplingParams(max_tokens=2, temperature=1.0, ignore_eos=True)),
         (SkewedDrafter, SamplingParams(max_tokens=2, temperature=0.7, top_k=5, top_p=0.9, ignore_eos=True)),
         (ConstantDrafter, SamplingParams(max_tokens=2, temperature=1.0, ignore_eos=True)),
+        (
+            SkewedDrafter,
+            SamplingParams(
+                max_tokens=2,
+                temperature=0.9,
+                presence_penalty=1.2,
+                frequency_penalty=0.7,
+                repetition_penalty=1.8,
+                ignore_eos=True,
+            ),
+        ),
     ],
-    ids=["skewed-T1", "skewed-topk-topp", "one-hot"],
+    ids=["skewed-T1", "skewed-topk-topp", "one-hot", "skewed-penalties"],
 )
 def test_sampled_speculative_output_follows_target_distribution(tiny_llama_target, drafter_cls, params):
     _check_distribution(tiny_llama_target, drafter_cls, params)
