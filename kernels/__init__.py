@@ -105,6 +105,8 @@ def paged_attention(
         from specray.kernels.triton_attention import paged_attention_triton
 
         return paged_attention_triton(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
-    if q.device.type == "cpu" and cpu_attention.extension() is not None:
-        return cpu_attention.paged_attention_cpu(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
+    if q.device.type == "cpu" and (compiled := cpu_attention.extension()) is not None:
+        window, cap = sliding_window or 0, softcap or 0.0
+        tables, starts, lens = meta.block_tables, meta.query_start_loc, meta.seq_lens
+        return compiled.paged_attention(q, k_cache, v_cache, tables, starts, lens, scale, window, cap)
     return attention.paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, softcap)

@@ -17,7 +17,6 @@ from types import ModuleType
 
 import torch
 
-from specray.kernels.attention import AttentionMetadata
 from specray.kernels.cpu_features import cpu_flags
 
 logger = logging.getLogger(__name__)
@@ -55,26 +54,3 @@ def extension() -> ModuleType | None:
     except Exception as err:  # no compiler, or a failed build: the PyTorch twin still works
         logger.warning("CPU attention kernel unavailable (%s); using the PyTorch reference", err)
         return None
-
-
-def paged_attention_cpu(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """Same contract as `attention.paged_attention`; needs `extension()` to be available."""
-    return extension().paged_attention(
-        q,
-        k_cache,
-        v_cache,
-        meta.block_tables,
-        meta.query_start_loc,
-        meta.seq_lens,
-        scale,
-        sliding_window or 0,
-        softcap or 0.0,
-    )

@@ -16,10 +16,10 @@ from torch import nn
 
 from specray.kernels import sample_markov_block
 from specray.workers.drafters.config import DrafterConfig
-from specray.workers.drafters.context_cache import ContextCache
-from specray.workers.drafters.layers import KV, InjectedLayer
-from specray.workers.engine.drafter import Drafter, DraftProposal, DraftRequest
-from specray.workers.models.decoder import DecoderModel, RMSNorm, RotaryEmbedding
+from specray.workers.drafters.feature_drafter import FeatureDrafter
+from specray.workers.drafters.layers import KV, FeatureDrafterBackbone
+from specray.workers.engine.drafter import DraftProposal, DraftRequest
+from specray.workers.models.decoder import DecoderModel, RMSNorm
 
 
 def block_mask(anchors: torch.Tensor, context_len: int, draft_block_size: int) -> torch.Tensor:
@@ -33,17 +33,10 @@ def block_mask(anchors: torch.Tensor, context_len: int, draft_block_size: int) -
     return torch.cat((sees_context, sees_block), dim=1)
 
 
-class DSparkModel(nn.Module):
+class DSparkModel(FeatureDrafterBackbone):
     def __init__(self, config: DrafterConfig) -> None:
-        super().__init__()
-        self.config = config
-        layer_config = config.layer_config()
+        super().__init__(config)
         d, r = config.hidden_size, config.markov_rank
-        self.fc = nn.Linear(len(config.feature_layers) * d, d, bias=False)
-        self.context_norm = RMSNorm(d, config.rms_norm_eps, False)
-        self.layers = nn.ModuleList(InjectedLayer(layer_config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(d, config.rms_norm_eps, False)
-        self.rotary = RotaryEmbedding(config.head_dim, layer_config.rope)
         if config.state_input:
             self.embed_norm = RMSNorm(d, config.rms_norm_eps, False)
             self.in_proj = nn.Linear(2 * d, d, bias=False)
@@ -60,10 +53,6 @@ class DSparkModel(nn.Module):
             nn.init.zeros_(self.markov_w2.weight)
         if config.confidence:
             self.confidence_head = nn.Linear(d + r, 1)
-
-    def fuse(self, features: torch.Tensor) -> torch.Tensor:
-        """H_ctx: raw target features [T, m·d] → [T, d]."""
-        return self.context_norm(self.fc(features))
 
     def context_kv(self, features: torch.Tensor, start: int) -> list[KV]:
         """Per-layer KV of raw target features [T, m·d] at positions start..start+T−1."""
@@ -155,24 +144,13 @@ class DSparkModel(nn.Module):
         return logits, self.confidence_logits(hidden, code)
 
 
-class DSparkDrafter(Drafter):
+class DSparkDrafter(FeatureDrafter):
     """Serves a DSparkModel through the engine's drafter interface."""
 
     def __init__(self, model: DSparkModel, target: DecoderModel) -> None:
-        self.model = model.eval()
-        self.target = target
-        self.config = model.config
-        self.name = model.config.kind
-        self.feature_layers = model.config.feature_layers
-        self.cache = ContextCache()
+        super().__init__(model, target)
         with torch.inference_mode():
             self.markov_tables = model.markov_tables(target)
-
-    def observe(self, seq_id: str, features: torch.Tensor, start: int) -> None:
-        self.cache.observe(seq_id, features.float(), start)
-
-    def release(self, seq_id: str) -> None:
-        self.cache.release(seq_id)
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[DraftProposal]:

@@ -13,10 +13,10 @@ from torch import nn
 
 from specray.kernels import sample_markov_block
 from specray.workers.drafters.config import DrafterConfig
-from specray.workers.drafters.context_cache import ContextCache
-from specray.workers.drafters.layers import KV, InjectedLayer
-from specray.workers.engine.drafter import Drafter, DraftProposal, DraftRequest
-from specray.workers.models.decoder import DecoderModel, RMSNorm, RotaryEmbedding
+from specray.workers.drafters.feature_drafter import FeatureDrafter
+from specray.workers.drafters.layers import KV, FeatureDrafterBackbone
+from specray.workers.engine.drafter import DraftProposal, DraftRequest
+from specray.workers.models.decoder import DecoderModel, RMSNorm
 
 
 def chain_mask(anchors: torch.Tensor, context_len: int, steps: int) -> torch.Tensor:
@@ -33,25 +33,15 @@ def chain_mask(anchors: torch.Tensor, context_len: int, steps: int) -> torch.Ten
     return torch.cat((sees_context, sees_chain), dim=1)
 
 
-class Eagle3Model(nn.Module):
+class Eagle3Model(FeatureDrafterBackbone):
     def __init__(self, config: DrafterConfig) -> None:
-        super().__init__()
-        self.config = config
-        layer_config = config.layer_config()
+        super().__init__(config)
         d = config.hidden_size
-        self.fc = nn.Linear(len(config.feature_layers) * d, d, bias=False)
-        self.context_norm = RMSNorm(d, config.rms_norm_eps, False)
         self.embed_norm = RMSNorm(d, config.rms_norm_eps, False)
         self.in_proj = nn.Linear(2 * d, d, bias=False)
-        self.layers = nn.ModuleList(InjectedLayer(layer_config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(d, config.rms_norm_eps, False)
-        self.rotary = RotaryEmbedding(config.head_dim, layer_config.rope)
 
     def step_inputs(self, token_embeds: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         return self.in_proj(torch.cat((self.embed_norm(token_embeds), states), -1))
-
-    def fuse(self, features: torch.Tensor) -> torch.Tensor:
-        return self.context_norm(self.fc(features))
 
     def context_kv(self, inputs: torch.Tensor, start: int) -> list[KV]:
         """KV of step inputs [T, d] at positions start..; causal self-attention normalises them first."""
@@ -93,21 +83,7 @@ class Eagle3Model(nn.Module):
         return target.compute_logits(self.norm(outputs)), None
 
 
-class Eagle3Drafter(Drafter):
-    def __init__(self, model: Eagle3Model, target: DecoderModel) -> None:
-        self.model = model.eval()
-        self.target = target
-        self.config = model.config
-        self.name = "eagle3"
-        self.feature_layers = model.config.feature_layers
-        self.cache = ContextCache()
-
-    def observe(self, seq_id: str, features: torch.Tensor, start: int) -> None:
-        self.cache.observe(seq_id, features.float(), start)
-
-    def release(self, seq_id: str) -> None:
-        self.cache.release(seq_id)
-
+class Eagle3Drafter(FeatureDrafter):
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[DraftProposal]:
         return [self._propose_one(r) for r in requests]

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specray.workers.drafters.config import DrafterConfig
 from specray.workers.models.config import ModelConfig
-from specray.workers.models.decoder import MLP, RMSNorm, apply_rotary
+from specray.workers.models.decoder import MLP, RMSNorm, RotaryEmbedding, apply_rotary
 
 KV = tuple[torch.Tensor, torch.Tensor]  # [T, kv_heads, head_dim] each, RoPE applied to keys
 
@@ -62,3 +63,23 @@ class InjectedLayer(nn.Module):
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rotary, context, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class FeatureDrafterBackbone(nn.Module):
+    """What DSpark/DFlash and EAGLE-3 share: the target's fused features projected to the drafter's
+    width (H_ctx), injected layers over them, a final norm and the target's RoPE."""
+
+    def __init__(self, config: DrafterConfig) -> None:
+        super().__init__()
+        self.config = config
+        layer_config = config.layer_config()
+        d = config.hidden_size
+        self.fc = nn.Linear(len(config.feature_layers) * d, d, bias=False)
+        self.context_norm = RMSNorm(d, config.rms_norm_eps, False)
+        self.layers = nn.ModuleList(InjectedLayer(layer_config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(d, config.rms_norm_eps, False)
+        self.rotary = RotaryEmbedding(config.head_dim, layer_config.rope)
+
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:
+        """H_ctx: raw target features [T, m·d] → [T, d]."""
+        return self.context_norm(self.fc(features))

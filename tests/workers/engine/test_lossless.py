@@ -9,11 +9,9 @@ in fp32 and bf16.
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
-from scipy.stats import chisquare
+from distribution_check import assert_follows, exact_joint
 from tiny_models import tiny_hf_model
 
 from specray.kernels.cpu_features import has_bf16
@@ -22,7 +20,7 @@ from specray.workers.drafters.ngram import NgramDrafter
 from specray.workers.engine.config import EngineConfig
 from specray.workers.engine.drafter import Drafter, DraftProposal, DraftRequest
 from specray.workers.engine.llm_engine import LLMEngine
-from specray.workers.engine.sampling import SamplingParams, apply_penalties, target_distribution
+from specray.workers.engine.sampling import SamplingParams
 from specray.workers.models.loader import load_model
 
 CHATS = [
@@ -149,29 +147,6 @@ def tiny_llama_target(tiny_llama_path):
     return load_model(str(tiny_llama_path), "float32")
 
 
-def _exact_joint(target, params: SamplingParams, length: int) -> dict[tuple[int, ...], float]:
-    """P(x_1..x_length | prompt) under the target's sampling distribution, by enumeration."""
-    from specray.workers.engine.model_runner import ModelRunner, ScheduledSequence
-
-    probs = {}
-    for seq in itertools.product(range(VOCAB), repeat=length - 1):
-        runner = ModelRunner(target.model, kv_cache_tokens=64, block_size=4)
-        logits = runner.run([ScheduledSequence("s", PROMPT + list(seq), length)]).logits[0]
-        # Position k's penalties count the k tokens before it, one position at a time.
-        dist = torch.cat(
-            [
-                target_distribution(apply_penalties(logits[k : k + 1], params, PROMPT, seq[:k]), params)
-                for k in range(length)
-            ]
-        )
-        prefix_p = 1.0
-        for k, tok in enumerate(seq):
-            prefix_p *= float(dist[k, tok])
-        for last in range(VOCAB):
-            probs[seq + (last,)] = prefix_p * float(dist[-1, last])
-    return probs
-
-
 @pytest.mark.parametrize(
     "drafter_cls,params",
     [
@@ -221,23 +196,11 @@ def _check_distribution(target, drafter_cls, params: SamplingParams) -> None:  #
     rejected = sum(s.stats.draft_tokens - s.stats.accepted_tokens for s in seqs)
     assert rejected > NUM_SAMPLES // 10, "the drafter was not bad enough to exercise rejection sampling"
 
-    exact = _exact_joint(target, params, 2)
+    exact = exact_joint(target, PROMPT, params, 2, VOCAB)
     counts = dict.fromkeys(exact, 0)
     for s in seqs:
         counts[tuple(s.output_ids)] += 1
-    impossible = [o for o in exact if exact[o] == 0.0 and counts[o] > 0]
-    assert not impossible, f"sampled outcomes the target can never produce: {impossible[:5]}"
-    # Pool outcomes with tiny expected counts into one bin, as chi-square needs.
-    outcomes = sorted((o for o in exact if exact[o] > 0.0), key=exact.get, reverse=True)
-    big = [o for o in outcomes if exact[o] * NUM_SAMPLES >= 5]
-    small = [o for o in outcomes if o not in big]
-    observed = [counts[o] for o in big] + ([sum(counts[o] for o in small)] if small else [])
-    expected = [exact[o] * NUM_SAMPLES for o in big] + (
-        [sum(exact[o] for o in small) * NUM_SAMPLES] if small else []
-    )
-    scale = sum(observed) / sum(expected)
-    p_value = chisquare(observed, [e * scale for e in expected]).pvalue
-    assert p_value > ALPHA, f"speculative samples deviate from the target distribution (p = {p_value:.2e})"
+    assert_follows(counts, exact, ALPHA, "speculative samples")
 
 
 def test_seeded_sampling_repeats(tiny_llama_target):

@@ -8,10 +8,9 @@ with the scheduler on is checked against a tiny model's exact output distributio
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
+from distribution_check import assert_follows, exact_joint
 from scipy.stats import chisquare
 from tiny_models import tiny_hf_model
 
@@ -20,8 +19,7 @@ from specray.workers.engine.confidence_scheduler import confidence_budget, survi
 from specray.workers.engine.config import EngineConfig
 from specray.workers.engine.drafter import Drafter, DraftProposal, DraftRequest
 from specray.workers.engine.llm_engine import LLMEngine
-from specray.workers.engine.model_runner import ModelRunner, ScheduledSequence
-from specray.workers.engine.sampling import SamplingParams, target_distribution
+from specray.workers.engine.sampling import SamplingParams
 from specray.workers.engine.step_curve import StepCurve
 from specray.workers.models.loader import load_model
 
@@ -117,21 +115,6 @@ class TokenConfidenceDrafter(Drafter):
         return out
 
 
-def _exact_joint(target, params: SamplingParams) -> dict[tuple[int, ...], float]:
-    """P(x_1..x_LENGTH | prompt) under the target's sampling distribution, by enumeration."""
-    probs = {}
-    for prefix in itertools.product(range(VOCAB), repeat=LENGTH - 1):
-        runner = ModelRunner(target.model, kv_cache_tokens=64, block_size=4)
-        logits = runner.run([ScheduledSequence("s", PROMPT + list(prefix), LENGTH)]).logits[0]
-        dist = target_distribution(logits, params)
-        p = 1.0
-        for k, token in enumerate(prefix):
-            p *= float(dist[k, token])
-        for last in range(VOCAB):
-            probs[prefix + (last,)] = p * float(dist[-1, last])
-    return probs
-
-
 def test_sampled_output_with_confidence_scheduling_follows_the_target(tmp_path):
     tiny_hf_model("llama", tmp_path, vocab_size=VOCAB, seed=4)
     target = load_model(str(tmp_path), "float32")
@@ -154,18 +137,8 @@ def test_sampled_output_with_confidence_scheduling_follows_the_target(tmp_path):
     assert NUM_SAMPLES // 10 < verified < drafter.proposed - NUM_SAMPLES // 10
     assert rejected > NUM_SAMPLES // 10
 
-    exact = _exact_joint(target, params)
+    exact = exact_joint(target, PROMPT, params, LENGTH, VOCAB)
     counts = dict.fromkeys(exact, 0)
     for s in seqs:
         counts[tuple(s.output_ids)] += 1
-    assert not [o for o in exact if exact[o] == 0.0 and counts[o] > 0]
-    # Outcomes with tiny expected counts share one bin, as chi-square needs.
-    big = [o for o in exact if exact[o] * NUM_SAMPLES >= 5]
-    small = [o for o in exact if o not in big and exact[o] > 0.0]
-    observed = [counts[o] for o in big] + ([sum(counts[o] for o in small)] if small else [])
-    expected = [exact[o] * NUM_SAMPLES for o in big] + (
-        [sum(exact[o] for o in small) * NUM_SAMPLES] if small else []
-    )
-    scale = sum(observed) / sum(expected)
-    p_value = chisquare(observed, [e * scale for e in expected]).pvalue
-    assert p_value > ALPHA, f"scheduled samples deviate from the target distribution (p = {p_value:.2e})"
+    assert_follows(counts, exact, ALPHA, "scheduled samples")
