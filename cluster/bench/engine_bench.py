@@ -33,24 +33,6 @@ class ModeResult:
     matches_autoregressive: bool
 
 
-def register(bench_subparsers: argparse._SubParsersAction) -> None:
-    p = bench_subparsers.add_parser("engine", help="our engine (AR, speculative) vs HF generate, one run")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--prompts", default=None, help="JSONL of {prompt} or {messages}; default: HumanEval")
-    p.add_argument("--num-prompts", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--num-speculative-tokens", "-k", type=int, default=5)
-    p.add_argument(
-        "--drafter",
-        action="append",
-        default=None,
-        help="speculative mode(s); default: ngram, plus the bundled trained drafter of the default model",
-    )
-    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers peer")
-    p.add_argument("--json", required=True, help="where to write the results (a PNG goes beside it)")
-    p.set_defaults(func=run)
-
-
 def run(args: argparse.Namespace) -> int:
     target = load_model(args.model)
     prompts = (
