@@ -77,6 +77,12 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
     return JSONResponse(error_body(str(err.detail)), status_code=err.status_code, headers=err.headers)
 
 
+def _describe(err: BaseException) -> str:
+    return str(err) or type(err).__name__  # a timeout has no message
+
+
+# Everything the Router uses is defined above it: `serve.ingress` takes a copy of the class and of
+# the module globals its methods use when the class is defined.
 @serve.deployment
 @serve.ingress(app)
 class Router:
@@ -212,7 +218,3 @@ class Router:
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
-
-
-def _describe(err: BaseException) -> str:
-    return str(err) or type(err).__name__  # a timeout has no message
