@@ -25,7 +25,7 @@ from specray.cluster.runtime.config import ClusterConfig
 from specray.cluster.runtime.logs import configure_logging
 from specray.cluster.runtime.session_store import SessionStore
 from specray.cluster.runtime.stats_board import DRAFT_POOL, StatsBoard
-from specray.router.access_log import AccessLog
+from specray.router.access_log import AccessLog, GrpcAccessLog
 from specray.router.auth import ApiKeyInterceptor, resolve_api_key
 from specray.router.generation import Generation, GenerationRequest, Overloaded, RequestError, Unavailable
 from specray.router.grpc_api import GenerationServicer, add_generation_service
@@ -99,7 +99,7 @@ class Router:
         api_key = resolve_api_key(config.api_key)
         HttpGuard.configure(GuardSettings(api_key, config.limits.max_body_bytes))
         self.grpc_server = grpc.aio.server(
-            interceptors=[ApiKeyInterceptor(api_key)] if api_key else None,
+            interceptors=[GrpcAccessLog(), *([ApiKeyInterceptor(api_key)] if api_key else [])],
             options=[("grpc.max_receive_message_length", config.limits.max_body_bytes)],
         )
         tracing.configure_tracing(config.tracing, "router")

@@ -25,6 +25,7 @@ import ray
 import redis
 from ray import serve
 from ray._private import ray_constants
+from ray.serve.exceptions import RayServeException
 
 from specray.cluster.app.application import build_app
 from specray.cluster.app.redis_server import LocalRedis, free_port
@@ -41,13 +42,16 @@ Console = Callable[[str], None]
 class LocalCluster:
     """`with LocalCluster(config) as cluster:` — `cluster.config` holds the bound ports and Redis URL.
 
-    `state_file`: where to write the running cluster's addresses for `specray status` (removed on
-    stop); None writes none.
+    `console`: where progress and events go, and with it Ray streams the replicas' own output to
+    this process's stdout and stderr; None (tests, benchmarks): quiet, the replicas' output stays
+    in Ray's log files. `state_file`: where to write the running cluster's addresses for `specray
+    status` (removed on stop); None writes none.
     """
 
     def __init__(self, config: ClusterConfig, console: Console | None = None, state_file: Path | None = None):
         self.config = config
         self._say = console or (lambda line: None)
+        self._stream_replica_output = console is not None
         self._state_file = state_file
         self._redis: LocalRedis | None = None
         self._started_ray = False
@@ -117,6 +121,7 @@ class LocalCluster:
         every replica would do it at its first start, silently and at the same time."""
         import torch
 
+        from specray.workers.engine.scheduling_policy import policy_class
         from specray.workers.verifier.deployment import load_step_curve, load_target
 
         config = self.config
@@ -124,18 +129,17 @@ class LocalCluster:
         self._say(f"model {config.model}: loading (the first start converts it into the cache, ~1 min) ...")
         target = load_target(config)
         self._say(f"model {config.model}: ready ({time.monotonic() - started:.1f} s)")
-        if config.verifiers.num_gpus:
-            return  # a GPU verifier profiles its own device's curve
+        if config.verifiers.num_gpus or not policy_class(config.scheduling).needs_step_curve:
+            return  # a GPU verifier profiles its own device's curve; other schedulings need none
         started = time.monotonic()
         self._say("step curve: loading (the first start profiles the verifier's steps/s, ~15 s) ...")
         threads = torch.get_num_threads()
         torch.set_num_threads(config.verifiers.torch_threads)  # part of the curve's cache key
         try:
-            curve = load_step_curve(target, config)
+            load_step_curve(target, config)
         finally:
             torch.set_num_threads(threads)
-        if curve is not None:
-            self._say(f"step curve: ready ({time.monotonic() - started:.1f} s)")
+        self._say(f"step curve: ready ({time.monotonic() - started:.1f} s)")
 
     def _init_ray(self) -> None:
         # Ray binds its own servers (GCS, raylet, workers, agents) to every interface unless the
@@ -163,8 +167,8 @@ class LocalCluster:
             _node_ip_address=LOOPBACK,
             include_dashboard=False,
             _temp_dir=temp_dir,
-            # The replicas' stdout and stderr on this console: access log, warnings, tracebacks.
-            log_to_driver=True,
+            # The replicas' stdout and stderr on the console: access log, warnings, tracebacks.
+            log_to_driver=self._stream_replica_output,
             configure_logging=False,
         )
 
@@ -252,6 +256,8 @@ class LocalCluster:
                 # with the Serve controller in it: `serve.shutdown()` would have the controller
                 # kill itself mid-call, which Ray reports as a failed task it retries forever.
                 serve.delete(APP_NAME)
+            except RayServeException:
+                pass  # a start that failed before Serve was up: no application to delete
             finally:
                 ray.shutdown()
                 self._started_ray = False

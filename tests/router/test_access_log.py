@@ -7,12 +7,13 @@ import asyncio
 import contextlib
 import logging
 
+import grpc
 import pytest
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from specray.router.access_log import AccessLog
+from specray.router.access_log import AccessLog, GrpcAccessLog
 from specray.router.errors import Unavailable
 from specray.router.metrics import RouterMetrics
 
@@ -93,3 +94,41 @@ def test_probes_are_logged_at_debug_only(caplog):
     with caplog.at_level(logging.DEBUG, logger="specray.access"):
         _call("GET", "/health")
     assert [r.getMessage() for r in caplog.records][-1].startswith("GET /health 200 ")
+
+
+async def _grpc_calls() -> None:
+    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        with metrics.request(num_prompt_tokens=1) as tracked:
+            tracked.step(num_tokens=2, num_draft_tokens=0, accepted=0)
+            tracked.finish("stop")
+        return b"ok"
+
+    async def stream(request: bytes, context: grpc.aio.ServicerContext):
+        yield b"first"
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "no verifier")
+
+    server = grpc.aio.server(interceptors=[GrpcAccessLog()])
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary),
+        "Stream": grpc.unary_stream_rpc_method_handler(stream),
+    }
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.T", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert await channel.unary_unary("/t.T/Unary")(b"x") == b"ok"
+            with pytest.raises(grpc.aio.AioRpcError):
+                async for _ in channel.unary_stream("/t.T/Stream")(b"x"):
+                    pass
+    finally:
+        await server.stop(None)
+
+
+def test_grpc_calls_get_their_line_with_the_status_code(caplog):
+    with caplog.at_level(logging.INFO, logger="specray.access"):
+        asyncio.run(_grpc_calls())
+    lines = sorted(r.getMessage() for r in caplog.records if r.name == "specray.access")
+    assert len(lines) == 2
+    assert lines[0].startswith("gRPC /t.T/Stream UNAVAILABLE ")
+    assert lines[1].startswith("gRPC /t.T/Unary OK 2 tokens τ 1.00 ")

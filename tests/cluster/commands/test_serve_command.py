@@ -19,8 +19,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import grpc
 import psutil
 import pytest
+
+from specray.protos.specray.v1 import generate_pb2 as pb
+from specray.protos.specray.v1 import generate_pb2_grpc
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[3]
@@ -94,6 +98,7 @@ def served():
     served = Served(env)
     try:
         served.url = served.wait_for(r"HTTP \(OpenAI\): (http://\S+)/v1", timeout_s=600).group(1)
+        served.grpc_address = served.wait_for(r"gRPC: +(\S+)").group(1)
         served.wait_for("Ctrl-C stops it")
         yield served
     finally:
@@ -162,6 +167,12 @@ def test_each_request_gets_one_access_log_line(served):
     )
     assert 1 <= int(line.group(1)) <= 8
     served.wait_for(r"POST /v1/chat/completions 400 \d+\.\d{3} s$", after=start)
+    with grpc.insecure_channel(served.grpc_address) as channel:
+        request = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="Say hi.")], max_tokens=4)
+        assert generate_pb2_grpc.GenerationStub(channel).Generate(request, timeout=300).text
+    served.wait_for(
+        r"gRPC /specray\.v1\.Generation/Generate OK \d+ tokens τ \d\.\d\d \d+\.\d{3} s$", after=start
+    )
     assert not any("GET /health" in line for line in served.lines)  # probes stay off the console
 
 
@@ -179,7 +190,8 @@ def test_status_shows_pools_replicas_sessions_verifiers_and_redis(served):
     assert (
         f"router {served.url}" in out and "health:     ok (HTTP 200): 1 verifier(s), 1 draft worker(s)" in out
     )
-    assert "1 finished (length 1), 0 failed" in out  # the 400 was refused before generating
+    # The HTTP and the gRPC request; the 400 was refused before generating.
+    assert re.search(r"2 finished \((length|stop) .*\), 0 failed", out), out
     assert re.search(r"sessions:   \d+ \(\d+ finished\)", out), out
     for deployment in ("Router", "DraftWorker", "Verifier"):
         assert re.search(rf"{deployment} +healthy +1 running", out), out
