@@ -15,7 +15,6 @@ import os
 import secrets
 import sys
 import time
-import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from enum import Enum
@@ -31,6 +30,7 @@ from specray.cluster.app.application import build_app
 from specray.cluster.app.redis_server import LocalRedis, free_port
 from specray.cluster.app.serve_config import APP_NAME
 from specray.cluster.runtime.config import ClusterConfig, Pool
+from specray.cluster.runtime.redis_client import redacted
 from specray.cluster.runtime.stats_board import SERVE_STATUS_KEY
 from specray.defaults import run_dir
 
@@ -66,17 +66,9 @@ class LocalCluster:
         return f"{_dialable(self.config.host)}:{self.config.grpc_port}"
 
     @property
-    def redis(self) -> LocalRedis | None:
-        """The embedded Redis server, when this launcher started one."""
-        return self._redis
-
-    @property
     def redis_display_url(self) -> str:
         """The Redis URL without its password, for the console."""
-        url = urllib.parse.urlsplit(os.path.expandvars(self.config.redis_url or ""))
-        if url.password:
-            url = url._replace(netloc=url.netloc.replace(f":{url.password}@", ":***@"))
-        return url.geturl()
+        return redacted(self.config.redis_url or "")
 
     @property
     def ray_session_dir(self) -> Path:

@@ -86,10 +86,11 @@ def _router(url: str) -> dict[str, Any]:
 def _redis(url: str) -> dict[str, Any]:
     import redis
 
+    from specray.cluster.runtime.redis_client import redacted
     from specray.cluster.runtime.session_store import SESSION_PREFIX, VERIFIER_PREFIX
     from specray.cluster.runtime.stats_board import SERVE_STATUS_KEY, STATS_PREFIX
 
-    found: dict[str, Any] = {"url": _without_password(url)}
+    found: dict[str, Any] = {"url": redacted(url)}
     client = redis.Redis.from_url(
         os.path.expandvars(url),
         decode_responses=True,
@@ -126,15 +127,6 @@ def _redis(url: str) -> dict[str, Any]:
     finally:
         client.close()
     return found
-
-
-def _without_password(url: str) -> str:
-    import urllib.parse
-
-    parts = urllib.parse.urlsplit(url)
-    if parts.password:
-        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
-    return parts.geturl()
 
 
 def _render(report: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import urllib.parse
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -34,6 +35,14 @@ def connect(url: str, timeout_s: float = REDIS_TIMEOUT_S) -> aioredis.Redis:
             ExponentialBackoff(cap=1.0, base=0.05), RETRIES, supported_errors=(RedisConnectionError,)
         ),
     )
+
+
+def redacted(url: str) -> str:
+    """`url` ($VARS expanded) with its password masked, for consoles and reports."""
+    parts = urllib.parse.urlsplit(os.path.expandvars(url))
+    if parts.password:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
+    return parts.geturl()
 
 
 class OutageLog:
