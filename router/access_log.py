@@ -9,6 +9,7 @@ only: they would drown the console. gRPC lines read `gRPC /specray.v1.Generation
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -121,7 +122,11 @@ class GrpcAccessLog(grpc.aio.ServerInterceptor):
 
             async def logged_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 with _GrpcCall(method, context):
-                    async for reply in stream(request, context):
+                    replies = stream(request, context)
+                    if inspect.isawaitable(replies):  # a handler that only aborts or writes itself
+                        await replies
+                        return
+                    async for reply in replies:
                         yield reply
 
             return grpc.unary_stream_rpc_method_handler(logged_stream, **serializers)

@@ -107,10 +107,15 @@ async def _grpc_calls() -> None:
         yield b"first"
         await context.abort(grpc.StatusCode.UNAVAILABLE, "no verifier")
 
+    async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> None:
+        # A streaming method's handler that is a plain coroutine, as the API-key interceptor's.
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required")
+
     server = grpc.aio.server(interceptors=[GrpcAccessLog()])
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Stream": grpc.unary_stream_rpc_method_handler(stream),
+        "Refused": grpc.unary_stream_rpc_method_handler(refuse),
     }
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.T", handlers)])
     port = server.add_insecure_port("127.0.0.1:0")
@@ -118,9 +123,10 @@ async def _grpc_calls() -> None:
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             assert await channel.unary_unary("/t.T/Unary")(b"x") == b"ok"
-            with pytest.raises(grpc.aio.AioRpcError):
-                async for _ in channel.unary_stream("/t.T/Stream")(b"x"):
-                    pass
+            for method in ("/t.T/Stream", "/t.T/Refused"):
+                with pytest.raises(grpc.aio.AioRpcError):
+                    async for _ in channel.unary_stream(method)(b"x"):
+                        pass
     finally:
         await server.stop(None)
 
@@ -129,6 +135,7 @@ def test_grpc_calls_get_their_line_with_the_status_code(caplog):
     with caplog.at_level(logging.INFO, logger="specray.access"):
         asyncio.run(_grpc_calls())
     lines = sorted(r.getMessage() for r in caplog.records if r.name == "specray.access")
-    assert len(lines) == 2
-    assert lines[0].startswith("gRPC /t.T/Stream UNAVAILABLE ")
-    assert lines[1].startswith("gRPC /t.T/Unary OK 2 tokens τ 1.00 ")
+    assert len(lines) == 3
+    assert lines[0].startswith("gRPC /t.T/Refused UNAUTHENTICATED ")
+    assert lines[1].startswith("gRPC /t.T/Stream UNAVAILABLE ")
+    assert lines[2].startswith("gRPC /t.T/Unary OK 2 tokens τ 1.00 ")
