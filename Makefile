@@ -4,12 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SCRATCH := $(CURDIR)/.scratch
 STAMP := $(VENV)/.installed
-# Run-time state (model conversion cache, Ray temp dir, HOME for tools) stays inside the repository.
+# Run-time state (model conversion cache, Ray temp dir, HOME and TMPDIR for the tools serve and test
+# run) stays inside the repository.
 export SPECRAY_CACHE_DIR ?= $(SCRATCH)/cache
+RUN_ENV := HOME=$(SCRATCH)/home TMPDIR=$(SCRATCH)/tmp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: serve test lint format install clean protos
+.PHONY: serve test lint format install clean protos images push-images
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,15 +26,30 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(VENV)/bin/specray serve --ray-temp-dir $(SCRATCH)/ray $(ARGS)
+	mkdir -p $(SCRATCH)/home $(SCRATCH)/tmp
+	$(RUN_ENV) $(VENV)/bin/specray serve --ray-temp-dir $(SCRATCH)/ray $(ARGS)
+
+# The runtime images the Helm chart runs, tagged as its values expect: <image>:<version> (CPU, the
+# chart's default tag) and <image>:<version>-cuda (GPU). REGISTRY is yours, e.g.
+#   make images push-images REGISTRY=registry.example.com/team
+# then `helm install ... --set image.repository=registry.example.com/team/specray` (docs/deploy.md).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE = $(if $(REGISTRY),$(REGISTRY)/)specray
+images:
+	docker build --build-arg VARIANT=cpu -t $(IMAGE):$(VERSION) .
+	docker build --build-arg VARIANT=cuda -t $(IMAGE):$(VERSION)-cuda .
+
+push-images:
+	docker push $(IMAGE):$(VERSION)
+	docker push $(IMAGE):$(VERSION)-cuda
 
 # Regenerate the committed gRPC/protobuf stubs from protos/specray/v1/*.proto.
 protos: $(STAMP)
 	$(PY) -m specray.protos.generate
 
 test: $(STAMP)
-	mkdir -p $(SCRATCH)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	mkdir -p $(SCRATCH)/home $(SCRATCH)/tmp
+	$(RUN_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

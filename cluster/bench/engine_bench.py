@@ -22,7 +22,7 @@ from specray.workers.drafters.registry import build_drafter
 from specray.workers.engine.config import EngineConfig
 from specray.workers.engine.llm_engine import LLMEngine
 from specray.workers.engine.sampling import SamplingParams
-from specray.workers.models.dtype import DTYPE_CHOICES, resolve_dtype
+from specray.workers.models.dtype import resolve_dtype
 from specray.workers.models.loader import DEFAULT_MODEL, LoadedModel, load_model
 
 
@@ -33,31 +33,6 @@ class ModeResult:
     tokens_per_s: float
     tau: float | None
     matches_autoregressive: bool  # token for token, against our autoregressive output in this dtype
-
-
-def register(bench_subparsers: argparse._SubParsersAction) -> None:
-    p = bench_subparsers.add_parser("engine", help="our engine (AR, speculative) vs HF generate, one run")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--prompts", default=None, help="JSONL of {prompt} or {messages}; default: HumanEval")
-    p.add_argument("--num-prompts", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--num-speculative-tokens", "-k", type=int, default=5)
-    p.add_argument(
-        "--drafter",
-        action="append",
-        default=None,
-        help="speculative mode(s); default: ngram, plus the bundled trained drafter of the default model",
-    )
-    p.add_argument(
-        "--dtype",
-        action="append",
-        choices=DTYPE_CHOICES,
-        default=None,
-        help="run every mode in this dtype (repeat for several; default: auto)",
-    )
-    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers peer")
-    p.add_argument("--json", required=True, help="where to write the results (a PNG goes beside it)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ import grpc
 import redis
 from tqdm import tqdm
 
-from specray.workers.models.loader import DEFAULT_MODEL
+from specray.defaults import DEFAULT_MODEL
 
 # Bench mode → the cluster's `scheduling`.
 MODES = {"autoregressive": "off", "fixed": "fixed", "confidence": "confidence"}
@@ -58,10 +58,7 @@ class _Reply:
     itls: list[float]
 
 
-def register(bench_subparsers: argparse._SubParsersAction) -> None:
-    p = bench_subparsers.add_parser(
-        "serve", help="the cluster under load: autoregressive, fixed-γ and confidence-scheduled, one run"
-    )
+def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument(
         "--drafter",

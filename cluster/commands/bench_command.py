@@ -3,19 +3,69 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 
-# "module:function" registering one benchmark under the `bench` sub-parsers.
-BENCH_REGISTRARS = (
-    "specray.cluster.bench.engine_bench:register",
-    "specray.kernels.bench:add_bench_kernels_parser",
-    "specray.cluster.bench.serve_bench:register",
-)
+from specray.cluster.commands.cli import add_commands
+from specray.defaults import DEFAULT_MODEL
+from specray.workers.models.dtype import DTYPE_CHOICES
+
+# name → ("module:function" adding the benchmark's arguments, one-line help)
+BENCHMARKS = {
+    "engine": (f"{__name__}:register_engine", "our engine (AR, speculative) vs HF generate, one run"),
+    "kernels": (f"{__name__}:register_kernels", "Triton kernels vs their PyTorch twins (GPU)"),
+    "serve": (
+        "specray.cluster.bench.serve_bench:register",
+        "the cluster under load: autoregressive, fixed-γ and confidence-scheduled, one run",
+    ),
+}
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks (engine, kernels, serving)")
-    bench = parser.add_subparsers(dest="bench", required=True)
-    for target in BENCH_REGISTRARS:
-        module, function = target.split(":")
-        getattr(importlib.import_module(module), function)(bench)
+def register(parser: argparse.ArgumentParser) -> None:
+    add_commands(parser, BENCHMARKS, "bench")
+
+
+def register_engine(p: argparse.ArgumentParser) -> None:
+    # The arguments live here, not in engine_bench, whose import loads torch and transformers.
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--prompts", default=None, help="JSONL of {prompt} or {messages}; default: HumanEval")
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--num-speculative-tokens", "-k", type=int, default=5)
+    p.add_argument(
+        "--drafter",
+        action="append",
+        default=None,
+        help="speculative mode(s); default: ngram, plus the bundled trained drafter of the default model",
+    )
+    p.add_argument(
+        "--dtype",
+        action="append",
+        choices=DTYPE_CHOICES,
+        default=None,
+        help="run every mode in this dtype (repeat for several; default: auto)",
+    )
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers peer")
+    p.add_argument("--json", required=True, help="where to write the results (a PNG goes beside it)")
+    p.set_defaults(func=_run_engine)
+
+
+def _run_engine(args: argparse.Namespace) -> int:
+    from specray.cluster.bench.engine_bench import run
+
+    return run(args)
+
+
+class _ThisParser:
+    """Hands `kernels.bench`'s registrar, which adds its own sub-parser, the one already made here."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+
+    def add_parser(self, name: str, **kwargs: object) -> argparse.ArgumentParser:
+        return self.parser
+
+
+def register_kernels(parser: argparse.ArgumentParser) -> None:
+    # Imported only when chosen: that module loads torch at import.
+    from specray.kernels.bench import add_bench_kernels_parser
+
+    add_bench_kernels_parser(_ThisParser(parser))

@@ -19,8 +19,7 @@ from specray.protos.specray.v1 import generate_pb2 as pb
 from specray.protos.specray.v1 import generate_pb2_grpc
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("client", help="send a prompt to a running `specray serve`")
+def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt")
     p.add_argument("--grpc", action="store_true", help="use the gRPC API instead of HTTP")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -31,11 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--session-id", help="keep a conversation on the verifier that holds its KV")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="HTTP address of the router")
     p.add_argument("--grpc-address", default="127.0.0.1:9000", help="gRPC address of the router")
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("SPECRAY_API_KEY"),
-        help="the server's key (default $SPECRAY_API_KEY)",
-    )
+    # Read from the environment at run time, not as the default: `--help` shows defaults.
+    p.add_argument("--api-key", help="the server's key (default: $SPECRAY_API_KEY)")
     p.set_defaults(func=run)
 
 
@@ -67,7 +63,8 @@ def _summary(usage: dict, speculation: dict, finish_reason: str) -> str:
 
 
 def _auth(args: argparse.Namespace) -> dict[str, str]:
-    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    key = args.api_key or os.environ.get("SPECRAY_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def _http(args: argparse.Namespace) -> Iterator[tuple[str, str]]:

@@ -6,14 +6,25 @@ import argparse
 import json
 from pathlib import Path
 
+from specray.cluster.commands.cli import add_commands
+from specray.defaults import DEFAULT_MODEL
 from specray.workers.models.dtype import DTYPE_CHOICES
-from specray.workers.models.loader import DEFAULT_MODEL
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="evaluate drafters")
-    what = p.add_subparsers(dest="what", required=True)
-    d = what.add_parser("drafter", help="τ (tokens per verify step) and acceptance by position")
+def register(p: argparse.ArgumentParser) -> None:
+    add_commands(
+        p,
+        {
+            "drafter": (
+                f"{__name__}:register_drafter",
+                "τ (tokens per verify step) and acceptance by position",
+            )
+        },
+        "what",
+    )
+
+
+def register_drafter(d: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--drafter", action="append", required=True, help="ngram or a checkpoint directory; repeatable"
     )

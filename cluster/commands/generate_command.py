@@ -6,26 +6,18 @@ import argparse
 import sys
 import time
 
-from specray.workers.drafters.registry import (
-    DRAFTER_CHOICES_HELP,
-    build_drafter,
-    check_num_speculative_tokens,
-)
-from specray.workers.engine.config import EngineConfig
-from specray.workers.engine.llm_engine import LLMEngine
-from specray.workers.engine.sampling import SamplingParams
+from specray.cluster.commands.help_text import DRAFTER_HELP
+from specray.defaults import DEFAULT_MODEL
 from specray.workers.models.dtype import DTYPE_CHOICES
-from specray.workers.models.loader import DEFAULT_MODEL, load_model
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("generate", help="generate text with the in-process engine")
+def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="sent as one user message through the chat template")
     p.add_argument(
         "--raw", action="store_true", help="send the prompt as raw text, without the chat template"
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="packaged name, .gguf file or HF directory")
-    p.add_argument("--drafter", default="ngram", help=DRAFTER_CHOICES_HELP)
+    p.add_argument("--drafter", default="ngram", help=DRAFTER_HELP)
     p.add_argument("--num-speculative-tokens", "-k", type=int, default=5, help="γ: drafts per step")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 where fast, else fp32")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -37,6 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from specray.workers.drafters.registry import build_drafter, check_num_speculative_tokens
+    from specray.workers.engine.config import EngineConfig
+    from specray.workers.engine.llm_engine import LLMEngine
+    from specray.workers.engine.sampling import SamplingParams
+    from specray.workers.models.loader import load_model
+
     target = load_model(args.model, args.dtype)
     check_num_speculative_tokens(args.drafter, args.num_speculative_tokens)
     drafter = build_drafter(args.drafter, target)

@@ -6,15 +6,14 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from specray.defaults import DEFAULT_MODEL
 from specray.workers.models.dtype import DTYPE_CHOICES
-from specray.workers.models.loader import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from specray.workers.engine.step_curve import StepCurve
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("profile", help="profile target steps/s against batch tokens (the step curve)")
+def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--max-tokens-per-batch", type=int, default=128)
     p.add_argument(

@@ -9,18 +9,22 @@ import argparse
 import json
 from pathlib import Path
 
-from specray.workers.drafters.kinds import TRAINED_KINDS
+from specray.cluster.commands.cli import HelpFormatter
+from specray.defaults import DEFAULT_MODEL
 from specray.workers.models.dtype import DTYPE_CHOICES
-from specray.workers.models.loader import DEFAULT_MODEL
+
+# The drafter kinds `fit` trains (workers/drafters/kinds.py, whose import loads torch; a test checks).
+KIND_NAMES = ("dspark", "dflash", "eagle3")
 
 WORK = Path(".scratch/train")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train a drafter: data → cache → fit → calibrate")
+def register(p: argparse.ArgumentParser) -> None:
     steps = p.add_subparsers(dest="step", required=True)
 
-    data = steps.add_parser("data", help="regenerate responses to ShareGPT prompts with the target")
+    data = steps.add_parser(
+        "data", formatter_class=HelpFormatter, help="regenerate responses to ShareGPT prompts with the target"
+    )
     data.add_argument("--target", default=DEFAULT_MODEL)
     data.add_argument("--out", type=Path, default=WORK / "data")
     data.add_argument("--num-train", type=int, default=112)
@@ -36,7 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     data.set_defaults(func=run_data)
 
-    cache = steps.add_parser("cache", help="cache the target's features and final hidden states")
+    cache = steps.add_parser(
+        "cache", formatter_class=HelpFormatter, help="cache the target's features and final hidden states"
+    )
     cache.add_argument("--target", default=DEFAULT_MODEL)
     cache.add_argument("--data", type=Path, default=WORK / "data")
     cache.add_argument("--out", type=Path, default=WORK / "cache")
@@ -47,8 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cache.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
     cache.set_defaults(func=run_cache)
 
-    fit = steps.add_parser("fit", help="train a dspark, dflash or eagle3 drafter from the cache")
-    fit.add_argument("--kind", choices=tuple(TRAINED_KINDS), default="dspark")
+    fit = steps.add_parser(
+        "fit", formatter_class=HelpFormatter, help="train a dspark, dflash or eagle3 drafter from the cache"
+    )
+    fit.add_argument("--kind", choices=KIND_NAMES, default="dspark")
     fit.add_argument("--target", default=DEFAULT_MODEL)
     fit.add_argument("--cache", type=Path, default=WORK / "cache")
     fit.add_argument("--out", type=Path, required=True)
@@ -81,14 +89,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("--time-budget-minutes", type=float, help="shorten the schedule to end within this")
     fit.set_defaults(func=run_fit)
 
-    cal = steps.add_parser("calibrate", help="sequential temperature scaling of the confidence head")
+    cal = steps.add_parser(
+        "calibrate",
+        formatter_class=HelpFormatter,
+        help="sequential temperature scaling of the confidence head",
+    )
     cal.add_argument("--drafter", type=Path, required=True)
     cal.add_argument("--cache", type=Path, default=WORK / "cache")
     cal.add_argument("--anchors-per-sequence", type=int, default=64)
     cal.set_defaults(func=run_calibrate)
 
     score = steps.add_parser(
-        "score", help="estimate drafters' τ on the held-out cache, teacher-forced (seconds, no engine)"
+        "score",
+        formatter_class=HelpFormatter,
+        help="estimate drafters' τ on the held-out cache, teacher-forced (seconds, no engine)",
     )
     score.add_argument("--drafter", action="append", required=True, help="a checkpoint dir; repeatable")
     score.add_argument("--target", default=DEFAULT_MODEL)

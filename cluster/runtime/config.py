@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -12,7 +12,11 @@ from specray.cluster.runtime.failover_config import Failover
 from specray.cluster.runtime.limits import RequestLimits
 from specray.cluster.runtime.tls import InternalTls
 from specray.cluster.runtime.tracing import TracingConfig
-from specray.workers.models.loader import DEFAULT_MODEL
+from specray.defaults import DEFAULT_MODEL
+
+# Console detail of `specray serve` and the level of every role's `specray` loggers.
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS = get_args(LogLevel)
 
 
 class _Strict(BaseModel):
@@ -143,6 +147,8 @@ class ClusterConfig(_Strict):
     limits: RequestLimits = RequestLimits()
     failover: Failover = Failover()
     internal_tls: InternalTls | None = None  # draft worker → verifier gRPC over TLS; None: plaintext
+    # The roles' logging: `info` adds one access-log line per request (router), `warning` only problems.
+    log_level: LogLevel = "info"
 
     @model_validator(mode="before")
     @classmethod

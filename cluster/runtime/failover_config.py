@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Failover(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_resumes: int = Field(4, ge=0)  # re-opens of one request on a live verifier; 0: fail at once
-    # Wait before the first re-open, doubled for each next one: a killed replica's registration and
-    # Serve's routing table take a moment to forget it.
+    # How long a request whose path failed keeps trying to resume, from the failure (or the last
+    # progress since): on the default deployment the replacement replica must start and load its
+    # model first. 0: fail at once.
+    deadline_s: float = Field(120.0, ge=0)
+    # Wait before the first re-open, doubled for each next one up to max_backoff_s: a killed
+    # replica's registration and Serve's routing table take a moment to forget it.
     backoff_s: float = Field(0.25, ge=0)
+    max_backoff_s: float = Field(2.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_resumes" in data:
+            raise ValueError("failover.max_resumes is now failover.deadline_s (seconds to keep resuming)")
+        return data

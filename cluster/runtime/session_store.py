@@ -10,15 +10,17 @@ Keys (all with TTLs, so a crashed replica's state ages out):
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
+from specray.cluster.runtime.redis_client import connect
 
-_SESSION = "specray:session:"
-_VERIFIER = "specray:verifier:"
-REDIS_TIMEOUT_S = 5.0
+SESSION_PREFIX = "specray:session:"
+VERIFIER_PREFIX = "specray:verifier:"
+# A verifier refreshes its registration every VERIFIER_HEARTBEAT_S; one that misses it for
+# VERIFIER_TTL_S has died (or is wedged) and drops out of placement and `/health`.
+VERIFIER_HEARTBEAT_S = 1.0
+VERIFIER_TTL_S = 4
 _DELETE_IF_OWNED = """
 if redis.call('hget', KEYS[1], 'verifier') == ARGV[1] and redis.call('hget', KEYS[1], 'draft_worker') == ARGV[2] then
   return redis.call('del', KEYS[1])
@@ -36,14 +38,7 @@ class VerifierInfo:
 
 class SessionStore:
     def __init__(self, url: str, session_ttl_s: int = 600, finished_ttl_s: int = 60) -> None:
-        # $VARS expand so a deployment can keep the password in a Secret-fed variable, not in the URL.
-        # Bounded socket waits: a Redis that stops answering fails a call instead of hanging it.
-        self.redis = aioredis.from_url(
-            os.path.expandvars(url),
-            decode_responses=True,
-            socket_timeout=REDIS_TIMEOUT_S,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
-        )
+        self.redis = connect(url)
         self.session_ttl_s = session_ttl_s
         self.finished_ttl_s = finished_ttl_s
 
@@ -61,7 +56,7 @@ class SessionStore:
         output_ids: list[int] | None = None,
     ) -> None:
         """A session starts, or resumes here with the output it had already committed elsewhere."""
-        key = _SESSION + session_id
+        key = SESSION_PREFIX + session_id
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(key)
             pipe.hset(
@@ -93,7 +88,7 @@ class SessionStore:
         verify_lengths: list[int] | None = None,
     ) -> None:
         """One verify step; `verify_lengths` (drafts verified at each step so far) when recorded."""
-        key = _SESSION + session_id
+        key = SESSION_PREFIX + session_id
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping={"output_ids": json.dumps(output_ids), "kv_len": kv_len})
             if verify_lengths is not None:
@@ -109,16 +104,16 @@ class SessionStore:
             await pipe.execute()
 
     async def get_session(self, session_id: str) -> dict[str, str] | None:
-        record = await self.redis.hgetall(_SESSION + session_id)
+        record = await self.redis.hgetall(SESSION_PREFIX + session_id)
         return record or None
 
     async def delete_session(self, session_id: str, owner: tuple[str, str] | None = None) -> None:
         """Delete the record; with owner=(verifier, draft worker), only while it still names them (a
         session resumed elsewhere meanwhile keeps its new record)."""
         if owner is None:
-            await self.redis.delete(_SESSION + session_id)
+            await self.redis.delete(SESSION_PREFIX + session_id)
         else:
-            await self.redis.eval(_DELETE_IF_OWNED, 1, _SESSION + session_id, *owner)
+            await self.redis.eval(_DELETE_IF_OWNED, 1, SESSION_PREFIX + session_id, *owner)
 
     async def committed_output(self, session_id: str, prompt_ids: list[int]) -> list[int] | None:
         """The output a still-running session of this prompt has committed, or None (no such record)."""
@@ -130,29 +125,29 @@ class SessionStore:
         return json.loads(record["output_ids"])
 
     async def session_ids(self) -> list[str]:
-        return [key[len(_SESSION) :] async for key in self.redis.scan_iter(match=_SESSION + "*")]
+        return [key[len(SESSION_PREFIX) :] async for key in self.redis.scan_iter(match=SESSION_PREFIX + "*")]
 
     # ---- verifier registry ----------------------------------------------------------------------
     async def heartbeat_verifier(
-        self, verifier_id: str, address: str, active_sessions: int, ttl_s: int
+        self, verifier_id: str, address: str, active_sessions: int, ttl_s: int = VERIFIER_TTL_S
     ) -> None:
-        key = _VERIFIER + verifier_id
+        key = VERIFIER_PREFIX + verifier_id
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping={"address": address, "active_sessions": active_sessions})
             pipe.expire(key, ttl_s)
             await pipe.execute()
 
     async def unregister_verifier(self, verifier_id: str) -> None:
-        await self.redis.delete(_VERIFIER + verifier_id)
+        await self.redis.delete(VERIFIER_PREFIX + verifier_id)
 
     async def live_verifiers(self) -> list[VerifierInfo]:
         verifiers = []
-        async for key in self.redis.scan_iter(match=_VERIFIER + "*"):
+        async for key in self.redis.scan_iter(match=VERIFIER_PREFIX + "*"):
             record = await self.redis.hgetall(key)
             if record:
                 verifiers.append(
                     VerifierInfo(
-                        key[len(_VERIFIER) :], record["address"], int(record.get("active_sessions", 0))
+                        key[len(VERIFIER_PREFIX) :], record["address"], int(record.get("active_sessions", 0))
                     )
                 )
         return sorted(verifiers, key=lambda v: v.verifier_id)

@@ -145,7 +145,7 @@ def test_models_and_health(cluster):
     with urllib.request.urlopen(cluster.http_url + "/v1/models") as reply:
         assert json.load(reply)["data"][0]["id"] == cluster.config.model
     with urllib.request.urlopen(cluster.http_url + "/health") as reply:
-        assert json.load(reply)["verifiers"] == 2
+        assert json.load(reply) == {"status": "ok", "verifiers": 2, "draft_workers": 2}
 
 
 def test_eight_concurrent_sessions_over_two_pools(cluster, store, expected):
@@ -285,6 +285,12 @@ def test_metrics_follow_the_requests(cluster):
     for reason in set(reasons):
         assert moved("specray:request_success_total", finish_reason=reason) == reasons.count(reason)
     assert moved("specray:num_requests_running") == 0 and moved("specray:num_requests_waiting") == 0
+    # vLLM's request counters: prompt and output tokens, end-to-end latency of the three requests.
+    usage = [body["usage"] for _, body in replies]
+    assert moved("specray:prompt_tokens_total") >= sum(u["prompt_tokens"] for u in usage)
+    assert moved("specray:generation_tokens_total") >= sum(u["completion_tokens"] for u in usage)
+    assert moved("specray:e2e_request_latency_seconds_count") == 3
+    assert moved("specray:request_failure_total", reason="unavailable") == 0
 
 
 @pytest.mark.parametrize(

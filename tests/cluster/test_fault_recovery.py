@@ -1,6 +1,9 @@
-"""Faults on a real local cluster (Ray Serve: 2 draft workers, 2 verifiers; Redis; SmolLM2): a
-verifier or a draft worker killed mid-stream, Redis restarted mid-stream. The client's stream
-completes with exactly the greedy output of an uninterrupted run.
+"""Faults on the default deployment, a real local cluster (Ray Serve: one draft worker, one
+verifier; Redis; SmolLM2): the only verifier or the only draft worker killed mid-stream, Redis
+restarted mid-stream, Redis down. The client's stream waits for Serve's replacement replica and
+completes with exactly the greedy output of an uninterrupted run; `/health` follows the verifier
+(its heartbeat's TTL) and answers 503 JSON, like `/metrics`, while Redis is down; after a Redis
+restart no request trips over a stale pooled connection.
 
 Replicas are killed for real (`ray.kill` on the Serve replica's actor); Redis is a real server
 process, stopped and started again on its port (empty: it keeps nothing on disk).
@@ -9,8 +12,11 @@ process, stopped and started again on its port (empty: it keeps nothing on disk)
 from __future__ import annotations
 
 import json
+import threading
 import time
+import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
@@ -19,6 +25,7 @@ import redis
 from specray.cluster.app.launcher import LocalCluster
 from specray.cluster.app.redis_server import LocalRedis
 from specray.cluster.runtime.config import ClusterConfig
+from specray.cluster.runtime.session_store import VERIFIER_TTL_S
 from specray.workers.drafters.ngram import NgramDrafter
 from specray.workers.engine.config import EngineConfig
 from specray.workers.engine.llm_engine import LLMEngine
@@ -43,11 +50,9 @@ def redis_server():
 
 @pytest.fixture(scope="module")
 def cluster(redis_server, local_cluster_settings):
+    # The default pools: one replica each, so a killed one's replacement must take the stream.
     config = ClusterConfig(
-        **local_cluster_settings,
-        redis_url=redis_server.url,
-        draft_workers={"num_replicas": 2},
-        verifiers={"num_replicas": 2, "kv_cache_tokens": 4096},
+        **local_cluster_settings, redis_url=redis_server.url, verifiers={"kv_cache_tokens": 4096}
     )
     with LocalCluster(config) as running:
         yield running
@@ -124,21 +129,58 @@ def _kill_owner(cluster: LocalCluster, session_id: str, field: str, kind: str) -
     return owner
 
 
-def test_verifier_killed_mid_stream_resumes_with_identical_output(cluster, expected):
-    text, killed = _stream_with_fault(
-        cluster,
-        PROMPTS[0],
-        "kill-verifier",
-        lambda: _kill_owner(cluster, "kill-verifier", "verifier", "verifier"),
-    )
+def _health(cluster: LocalCluster) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(cluster.http_url + "/health", timeout=10) as reply:
+            return reply.status, json.load(reply)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+
+
+class HealthWatch:
+    """Polls `/health` in the background: [(seconds since start, status)]."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.started = time.monotonic()
+        self.seen: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            self.seen.append((time.monotonic() - self.started, _health(self.cluster)[0]))
+
+    def stop(self) -> list[tuple[float, int]]:
+        self._stop.set()
+        self._thread.join()
+        return self.seen
+
+
+def test_the_only_verifier_killed_mid_stream_is_replaced_and_the_stream_completes(cluster, expected):
+    watch: list[HealthWatch] = []
+
+    def kill() -> str:
+        killed = _kill_owner(cluster, "kill-verifier", "verifier", "verifier")
+        watch.append(HealthWatch(cluster))
+        return killed
+
+    text, killed = _stream_with_fault(cluster, PROMPTS[0], "kill-verifier", kill)
+    seen = watch[0].stop()
     assert text == expected[0]
     record = _record(cluster, "kill-verifier")
-    # Finished on the other verifier, which re-prefilled the committed tokens it found in Redis.
+    # Finished on Serve's replacement, which re-prefilled the committed tokens it found in Redis.
     assert record["status"] == "finished" and record["verifier"] != killed
     assert len(json.loads(record["output_ids"])) == MAX_TOKENS
+    # Unhealthy once the dead verifier's registration expired, healthy again with the replacement.
+    first_unhealthy = next(t for t, status in seen if status == 503)
+    assert first_unhealthy <= VERIFIER_TTL_S + 2, seen
+    status, body = _health(cluster)
+    assert status == 200 and body["verifiers"] == 1
 
 
-def test_draft_worker_killed_mid_stream_resumes_with_identical_output(cluster, expected):
+def test_the_only_draft_worker_killed_mid_stream_is_replaced_and_the_stream_completes(cluster, expected):
     text, killed = _stream_with_fault(
         cluster, PROMPTS[1], "kill-draft", lambda: _kill_owner(cluster, "kill-draft", "draft_worker", "draft")
     )
@@ -147,15 +189,40 @@ def test_draft_worker_killed_mid_stream_resumes_with_identical_output(cluster, e
     assert record["status"] == "finished" and record["draft_worker"] != killed
 
 
-def _healthy(cluster: LocalCluster) -> bool:
-    try:
-        with urllib.request.urlopen(cluster.http_url + "/health", timeout=10) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
+def _burst(cluster: LocalCluster, n: int) -> list[int]:
+    """The statuses of n concurrent short requests."""
+
+    def one(i: int) -> int:
+        body = {"prompt": f"Count to {i}:", "max_tokens": 2, "temperature": 0}
+        request = urllib.request.Request(
+            cluster.http_url + "/v1/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=300) as reply:
+                return reply.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
 
 
-def test_redis_restarted_mid_stream_sessions_complete(cluster, redis_server, expected):
+def _wait_healthy(cluster: LocalCluster, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _health(cluster)[0] != 200:
+        assert time.monotonic() < deadline, "not healthy again"
+        time.sleep(0.25)
+
+
+def test_redis_restarted_mid_stream_sessions_complete_and_no_connection_is_stale(
+    cluster, redis_server, expected
+):
+    # Concurrent requests open several pooled connections to Redis in the router; Redis's restart
+    # closes them all.
+    assert _burst(cluster, 12) == [200] * 12
+
     def restart() -> None:
         redis_server.stop()
         redis_server.start()
@@ -163,10 +230,28 @@ def test_redis_restarted_mid_stream_sessions_complete(cluster, redis_server, exp
     text, _ = _stream_with_fault(cluster, PROMPTS[2], "redis-restart", restart)
     # The verifier's bookkeeping writes failed while Redis was down; the stream itself went on.
     assert text == expected[2]
-    # The verifiers register again with their next heartbeat; then new requests are served.
-    deadline = time.monotonic() + 120
-    while not _healthy(cluster) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    # The verifier registers again with its next heartbeat; then every request is served: none
+    # fails on a pooled connection Redis closed.
+    _wait_healthy(cluster)
+    assert _burst(cluster, 12) == [200] * 12
     with _open_stream(cluster, PROMPTS[0], "after-restart") as reply:
         events = list(_events(reply))
     assert "".join(e["choices"][0]["delta"]["content"] for e in events) == expected[0]
+
+
+def test_redis_down_makes_health_and_metrics_503_json_then_they_recover(cluster, redis_server):
+    redis_server.stop()
+    try:
+        status, body = _health(cluster)
+        assert status == 503 and body["status"] == "redis_unavailable" and body["error"]
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(cluster.http_url + "/metrics", timeout=10)
+        assert refused.value.code == 503
+        assert refused.value.headers["content-type"] == "application/json"
+        error = json.load(refused.value)["error"]
+        assert error["type"] == "service_unavailable" and "unreachable" in error["message"]
+    finally:
+        redis_server.start()
+    _wait_healthy(cluster)
+    with urllib.request.urlopen(cluster.http_url + "/metrics", timeout=10) as reply:
+        assert reply.status == 200 and b"specray:pool_replicas" in reply.read()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import tomllib
 from pathlib import Path
 
 import helm_python as helm
@@ -13,11 +15,15 @@ import yaml
 from specray.cluster.app.serve_config import serve_config
 from specray.cluster.runtime.config import ClusterConfig
 
-CHART = Path(__file__).resolve().parents[2] / "helm" / "specray"
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "specray"
 GPU_EXAMPLE = CHART / "examples" / "gpu-production.yaml"
 NAMESPACE = "llm"
 K8S_VERSION = "1.30.0"  # the oldest version whose schemas we validate against; the chart needs >= 1.25
-CASES = {"default": {}, "gpu-production": yaml.safe_load(GPU_EXAMPLE.read_text())}
+REPOSITORY = {"image": {"repository": "registry.example.com/team/specray"}}
+# The chart's defaults with the one required value (the operator's image), and the GPU example
+# (which names the same repository).
+CASES = {"default": REPOSITORY, "gpu-production": yaml.safe_load(GPU_EXAMPLE.read_text())}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +126,7 @@ def test_serve_config_is_what_specray_serve_builds(chart: helm.Chart, case: str,
 def test_external_redis_url_goes_through(chart: helm.Chart) -> None:
     url = "redis://:${SPECRAY_REDIS_PASSWORD}@redis.example:6379/2"
     values = {"redis": {"enabled": False, "external": {"url": url, "passwordSecret": {"name": "ext"}}}}
-    resources = render(chart, values)
+    resources = render(chart, {**values, **REPOSITORY})
     assert not [r for r in resources if r["kind"] == "StatefulSet"]
     app = yaml.safe_load(only(resources, "RayService")["spec"]["serveConfigV2"])["applications"][0]
     assert app["args"]["redis_url"] == url
@@ -146,11 +152,45 @@ BAD_VALUES = [
 @pytest.mark.parametrize(("values", "message"), BAD_VALUES)
 def test_bad_values_are_refused_with_a_clear_message(chart: helm.Chart, values: dict, message: str) -> None:
     with pytest.raises(helm.HelmValuesError) as refused:
-        chart.render(values, name="specray", namespace=NAMESPACE)
+        chart.render({**REPOSITORY, **values}, name="specray", namespace=NAMESPACE)
     assert message in str(refused.value)
 
 
 def test_min_above_max_replicas_is_refused(chart: helm.Chart) -> None:
     with pytest.raises(helm.HelmError) as refused:
-        render(chart, {"verifier": {"minReplicas": 3, "maxReplicas": 2}})
+        render(chart, {**REPOSITORY, "verifier": {"minReplicas": 3, "maxReplicas": 2}})
     assert "verifier.minReplicas (3) must be <= verifier.maxReplicas (2)" in str(refused.value)
+
+
+def test_the_image_repository_is_the_operator_s_own(chart: helm.Chart) -> None:
+    assert chart.merge_values({})["image"]["repository"] == ""  # no registry of the project's
+    with pytest.raises(helm.HelmError) as refused:
+        render(chart, {})
+    assert "image.repository is required" in str(refused.value)
+
+
+def _images(resources: list[dict]) -> set[str]:
+    cluster = only(resources, "RayService")["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    return {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
+
+
+def test_default_tags_are_the_ones_make_images_builds(chart: helm.Chart) -> None:
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert app_version == version
+    repository = REPOSITORY["image"]["repository"]
+    assert _images(render(chart, CASES["default"])) == {f"{repository}:{version}"}
+    assert _images(render(chart, CASES["gpu-production"])) == {f"{repository}:{version}-cuda"}
+    # `make images REGISTRY=...` tags the CPU and CUDA builds exactly so.
+    build = subprocess.run(
+        ["make", "-s", "-n", "images", "REGISTRY=registry.example.com/team"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert build == [
+        f"docker build --build-arg VARIANT=cpu -t {repository}:{version} .",
+        f"docker build --build-arg VARIANT=cuda -t {repository}:{version}-cuda .",
+    ]

@@ -13,7 +13,7 @@ from specray.router.failover import resumable_chunks
 from specray.workers.draft_worker.messages import SessionChunk
 
 PROMPT = [1, 2, 3]
-POLICY = Failover(max_resumes=2, backoff_s=0.0)
+POLICY = Failover(deadline_s=0.5, backoff_s=0.01, max_backoff_s=0.05)
 VERIFIERS = [VerifierInfo("v0", "127.0.0.1:1", 0), VerifierInfo("v1", "127.0.0.1:2", 0)]
 
 
@@ -25,12 +25,20 @@ class FakeStore:
         return self.committed
 
 
-def _collect(paths, store=None, policy=POLICY, catch_up=True):
-    """Run one request whose attempts stream `paths[i]`; returns (chunks, [(verifier, output_ids)])."""
+def _collect(paths, store=None, policy=POLICY, catch_up=True, registered=lambda attempt: VERIFIERS):
+    """Run one request whose attempts stream `paths[i]`; returns (chunks, [(verifier, output_ids)]).
+
+    `registered(attempt)`: the verifiers placement sees at its attempt-th call."""
     opened: list[tuple[str, list[int]]] = []
+    placements = 0
 
     async def place(avoid: set[str], resuming: bool) -> VerifierInfo:
-        return next(v for v in VERIFIERS if v.verifier_id not in avoid)
+        nonlocal placements
+        placements += 1
+        live = [v for v in registered(placements) if v.verifier_id not in avoid]
+        if not live:
+            raise Unavailable("no verifier is registered yet")
+        return live[0]
 
     async def open_path(verifier: VerifierInfo, output_ids: list[int]):
         opened.append((verifier.verifier_id, list(output_ids)))
@@ -83,7 +91,35 @@ def test_client_error_is_the_request_s():
         _collect([[SessionChunk.failure("bad", "INVALID")]])
 
 
-def test_gives_up_after_max_resumes():
+def test_the_only_verifier_dies_and_its_replacement_takes_the_session():
+    first = [SessionChunk(tokens=[4]), SessionChunk.failure("verifier v0 unreachable", "UNAVAILABLE")]
+    second = [SessionChunk(tokens=[5], finished=True, finish_reason="stop")]
+    replacement = VerifierInfo("v0-new", "127.0.0.1:3", 0)
+
+    def registered(attempt: int) -> list[VerifierInfo]:
+        # The dead verifier's registration lingers, then nothing, then its replacement registers.
+        return VERIFIERS[:1] if attempt <= 2 else [] if attempt <= 5 else [replacement]
+
+    chunks, opened = _collect([first, second], registered=registered)
+    assert [c.tokens for c in chunks] == [(4,), (5,)]
+    assert opened == [("v0", []), ("v0-new", [4])]
+
+
+def test_gives_up_once_the_deadline_passes_without_progress():
     lost = [SessionChunk.failure("EXHAUSTED: no room in the KV cache", "EXHAUSTED")]
-    with pytest.raises(Unavailable, match="after 2 resumes"):
-        _collect([lost, lost, lost])
+    loop = asyncio.new_event_loop()
+    started = loop.time()
+    with pytest.raises(Unavailable, match="could not resume within 0.5 s"):
+        _collect([lost] * 1000)
+    assert loop.time() - started >= 0.5
+    loop.close()
+
+
+def test_progress_gives_a_later_failure_a_whole_deadline_again():
+    policy = Failover(deadline_s=0.3, backoff_s=0.1, max_backoff_s=0.1)
+    lost = SessionChunk.failure("EXHAUSTED: no room in the KV cache", "EXHAUSTED")
+    # Each path delivers a token, then fails; five failures take longer than one deadline.
+    paths = [[SessionChunk(tokens=[i]), lost] for i in range(5)]
+    paths.append([SessionChunk(tokens=[9], finished=True, finish_reason="length")])
+    chunks, opened = _collect(paths, policy=policy)
+    assert [c.tokens for c in chunks] == [(0,), (1,), (2,), (3,), (4,), (9,)] and len(opened) == 6

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from specray.router.errors import RequestError, Unavailable
 from specray.router.metrics import RouterMetrics
 
 MODEL = {"model_name": "m"}
@@ -16,7 +17,7 @@ def _value(metrics: RouterMetrics, name: str, **labels: str) -> float:
 
 def test_steps_count_drafts_acceptance_and_latency():
     metrics = RouterMetrics("m", num_speculative_tokens=3)
-    with metrics.request() as tracked:
+    with metrics.request(num_prompt_tokens=7) as tracked:
         assert _value(metrics, "specray:num_requests_waiting") == 1
         tracked.step(num_tokens=1, num_draft_tokens=0, accepted=0)  # prefill: first token, no drafts
         assert _value(metrics, "specray:num_requests_waiting") == 0
@@ -36,18 +37,33 @@ def test_steps_count_drafts_acceptance_and_latency():
     assert _value(metrics, "specray:time_to_first_token_seconds_count") == 1
     assert _value(metrics, "specray:inter_token_latency_seconds_count") == 2
     assert _value(metrics, "specray:request_success_total", finish_reason="length") == 1
+    assert _value(metrics, "specray:prompt_tokens_total") == 7
+    assert _value(metrics, "specray:generation_tokens_total") == 5
+    assert _value(metrics, "specray:e2e_request_latency_seconds_count") == 1
 
 
-def test_failed_request_leaves_the_gauges():
+def test_failed_and_aborted_requests_are_counted_and_leave_the_gauges():
     metrics = RouterMetrics("m", num_speculative_tokens=1)
-    with pytest.raises(RuntimeError), metrics.request():
-        raise RuntimeError("no verifier")
-    with pytest.raises(RuntimeError), metrics.request() as tracked:
+    with pytest.raises(Unavailable), metrics.request(3):
+        raise Unavailable("no verifier")
+    with pytest.raises(RequestError), metrics.request(3) as tracked:
         tracked.step(num_tokens=1, num_draft_tokens=0, accepted=0)
-        raise RuntimeError("verifier gone")
+        raise RequestError("refused by the verifier")
+    with pytest.raises(RuntimeError), metrics.request(3):
+        raise RuntimeError("a bug")
+    # The client went away mid-stream: the request's generator is closed at a yield.
+    with pytest.raises(GeneratorExit), metrics.request(3) as tracked:
+        tracked.step(num_tokens=1, num_draft_tokens=0, accepted=0)
+        raise GeneratorExit
     assert _value(metrics, "specray:num_requests_waiting") == 0
     assert _value(metrics, "specray:num_requests_running") == 0
     assert _value(metrics, "specray:request_success_total", finish_reason="stop") == 0
+    for reason in ("unavailable", "invalid", "error"):
+        assert _value(metrics, "specray:request_failure_total", reason=reason) == 1
+    assert _value(metrics, "specray:request_success_total", finish_reason="abort") == 1
+    # Latency is observed for requests that ended on their own or by the client, not for failures.
+    assert _value(metrics, "specray:e2e_request_latency_seconds_count") == 1
+    assert _value(metrics, "specray:prompt_tokens_total") == 12
 
 
 def test_exposition_parses_with_vllm_names_and_zeroed_series():
@@ -64,6 +80,10 @@ def test_exposition_parses_with_vllm_names_and_zeroed_series():
         "specray:num_requests_running",
         "specray:num_requests_waiting",
         "specray:request_success",
+        "specray:request_failure",
+        "specray:prompt_tokens",
+        "specray:generation_tokens",
+        "specray:e2e_request_latency_seconds",
     ):
         assert name in families
     positions = {

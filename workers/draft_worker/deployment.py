@@ -17,6 +17,7 @@ from ray import serve
 
 from specray.cluster.runtime import tracing
 from specray.cluster.runtime.config import ClusterConfig
+from specray.cluster.runtime.logs import configure_logging
 from specray.cluster.runtime.stats_board import DRAFT_POOL, StatsBoard
 from specray.protos.specray.v1 import verify_pb2 as pb
 from specray.protos.specray.v1 import verify_pb2_grpc
@@ -59,6 +60,7 @@ class GrpcChannel:
 @serve.deployment
 class DraftWorker:
     async def __init__(self, config: ClusterConfig) -> None:
+        configure_logging(config.log_level)
         torch.set_num_threads(config.draft_workers.torch_threads)
         self.config = config
         # Named after the Serve replica, so a session's draft worker in Redis leads to its actor.

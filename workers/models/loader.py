@@ -29,8 +29,10 @@ _END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|endoftext|>", "<eos>")
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("SPECRAY_CACHE_DIR") or Path.home() / ".cache" / "specray"
-    path = Path(root)
+    # A checkout keeps it in its .scratch/cache, an installed package in ~/.cache/specray.
+    from specray.defaults import default_cache_dir
+
+    path = Path(os.environ.get("SPECRAY_CACHE_DIR") or default_cache_dir())
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -132,6 +132,11 @@ class VerifierCore:
     def kv_blocks_used(self) -> int:
         return self.scheduler.kv_blocks_used
 
+    @property
+    def kv_cache_usage(self) -> float:
+        """The share of KV-cache blocks in use, 0 to 1 (vLLM's `kv_cache_usage_perc`)."""
+        return self.kv_blocks_used / self.scheduler.runner.kv.num_blocks
+
     def _open(self, open_msg: pb.OpenSession) -> _Job:
         sid = open_msg.session_id
         if not sid:

@@ -17,26 +17,27 @@ import grpc
 import ray
 import torch
 from ray import serve
+from redis.exceptions import RedisError
 
 from specray.cluster.runtime import tracing
 from specray.cluster.runtime.config import ClusterConfig
-from specray.cluster.runtime.session_store import SessionStore
+from specray.cluster.runtime.logs import configure_logging
+from specray.cluster.runtime.redis_client import OutageLog
+from specray.cluster.runtime.session_store import VERIFIER_HEARTBEAT_S, SessionStore
 from specray.cluster.runtime.stats_board import VERIFIER_POOL, StatsBoard
 from specray.protos.specray.v1 import verify_pb2 as pb
 from specray.protos.specray.v1 import verify_pb2_grpc
 from specray.workers.drafters.registry import drafter_feature_layers
 from specray.workers.engine.config import EngineConfig
 from specray.workers.engine.scheduling_policy import policy_class
-from specray.workers.engine.step_curve import load_or_profile
-from specray.workers.models.loader import load_model
+from specray.workers.engine.step_curve import StepCurve, load_or_profile
+from specray.workers.models.loader import LoadedModel, load_model
 from specray.workers.protocol import decode_params
 from specray.workers.verifier.core import VerifierCore
 from specray.workers.verifier.session_bookkeeping import SessionBookkeeping
 from specray.workers.worker_stats import VerifierStats
 
 logger = logging.getLogger(__name__)
-HEARTBEAT_S = 2.0
-REGISTRATION_TTL_S = 10
 
 
 class VerifierServicer(verify_pb2_grpc.VerifierServicer):
@@ -128,30 +129,46 @@ class VerifierServicer(verify_pb2_grpc.VerifierServicer):
         )
 
 
+def load_target(config: ClusterConfig) -> LoadedModel:
+    """The target as a verifier runs it (`specray serve` loads it the same way to prepare it)."""
+    return load_model(config.model, config.dtype)
+
+
+def load_step_curve(target: LoadedModel, config: ClusterConfig) -> StepCurve | None:
+    """The step curve SPS(B) a verifier's scheduling needs (None: it needs none), read from the
+    cache or profiled there. Profile with the torch threads the verifier runs with: they are part
+    of the cache key."""
+    if not policy_class(config.scheduling).needs_step_curve:
+        return None
+    pool = config.verifiers
+    # The range one step can batch: every sequence's anchor and γ drafts, within the token cap.
+    batch_range = min(
+        pool.max_num_batched_tokens, pool.max_num_seqs * (max(config.num_speculative_tokens, 1) + 1)
+    )
+    return load_or_profile(target.model, config.model, batch_range)
+
+
 @serve.deployment
 class Verifier:
     async def __init__(self, config: ClusterConfig) -> None:
         if config.redis_url is None:
             raise ValueError("the verifier needs redis_url")
+        configure_logging(config.log_level)
         torch.set_num_threads(config.verifiers.torch_threads)
         # Named after the Serve replica, so a session's owner in Redis leads to its actor.
         self.verifier_id = f"verifier-{serve.get_replica_context().replica_id.unique_id}"
         self.tls = config.internal_tls
         # Created first so that __del__ finds them even when a later step fails.
         self.store = SessionStore(config.redis_url, config.session_ttl_s, config.finished_ttl_s)
-        self.stats_board = StatsBoard(config.redis_url, HEARTBEAT_S)
+        self.stats_board = StatsBoard(config.redis_url, VERIFIER_HEARTBEAT_S)
         self.server = grpc.aio.server()
         self._tasks: list[asyncio.Task] = []
         tracing.configure_tracing(config.tracing, "verifier")
-        target = await asyncio.to_thread(load_model, config.model, config.dtype)
+        target = await asyncio.to_thread(load_target, config)
         pool = config.verifiers
         policy = policy_class(config.scheduling)
         num_speculative_tokens = max(config.num_speculative_tokens, 1)
-        step_curve = None
-        if policy.needs_step_curve:
-            # The range one step can batch: every sequence's anchor and γ drafts, within the token cap.
-            batch_range = min(pool.max_num_batched_tokens, pool.max_num_seqs * (num_speculative_tokens + 1))
-            step_curve = await asyncio.to_thread(load_or_profile, target.model, config.model, batch_range)
+        step_curve = await asyncio.to_thread(load_step_curve, target, config)
         # A feature drafter (DSpark, EAGLE-3) needs these target layers' hidden states with each
         # result; autoregressive serving drafts nothing and needs none.
         feature_layers = drafter_feature_layers(config.drafter) if policy.drafts else ()
@@ -195,14 +212,13 @@ class Verifier:
         raise RuntimeError(f"no free port for the verifier in {host}:{low}-{high}")
 
     async def _publish(self) -> None:
-        await self.store.heartbeat_verifier(
-            self.verifier_id, self.address, len(self.core.sessions), REGISTRATION_TTL_S
-        )
+        await self.store.heartbeat_verifier(self.verifier_id, self.address, len(self.core.sessions))
         await self.stats_board.publish(VERIFIER_POOL, self.verifier_id, self._stats().snapshot())
 
     def _stats(self) -> VerifierStats:
         stats = self.core.telemetry.stats
         stats.sessions, stats.queued_segments = len(self.core.sessions), self.core.queued_segments
+        stats.kv_cache_usage = self.core.kv_cache_usage
         return stats
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -210,12 +226,14 @@ class Verifier:
         return self._stats().autoscaling()
 
     async def _heartbeat(self) -> None:
+        outage = OutageLog(logger, f"{self.verifier_id} heartbeat")
         while True:
-            await asyncio.sleep(HEARTBEAT_S)
+            await asyncio.sleep(VERIFIER_HEARTBEAT_S)
             try:
                 await self._publish()
-            except Exception:  # Redis away for a moment: the next beat retries
-                logger.exception("verifier heartbeat failed")
+                outage.succeeded()
+            except RedisError as err:  # Redis away for a moment: the next beat retries
+                outage.failed(err)
 
     def check_health(self) -> None:
         for task in self._tasks:
