@@ -73,7 +73,9 @@ async def resumable_chunks(
         if lost is not None:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise Unavailable(f"generation could not resume within {policy.deadline_s:g} s: {lost}")
+                raise Unavailable(
+                    f"generation could not resume within {policy.deadline_s:g} s: {_first_line(lost)}"
+                )
             await asyncio.sleep(min(wait, remaining))
             wait = min(2 * wait, policy.max_backoff_s)
         if lost is not None and catch_up:
@@ -130,11 +132,11 @@ async def resumable_chunks(
                 "session %s lost its path after %d tokens (%s); resuming, for up to %g s",
                 session_id,
                 len(received),
-                failure,
+                _first_line(failure),
                 policy.deadline_s,
             )
         else:
-            logger.debug("session %s: no path yet: %s", session_id, failure)
+            logger.debug("session %s: no path yet: %s", session_id, _first_line(failure))
         lost = failure
 
 
@@ -149,6 +151,11 @@ async def _ahead_in_store(
     if committed is None or committed[: len(received)] != received:
         return []
     return committed[len(received) :]
+
+
+def _first_line(err: BaseException) -> str:
+    # Ray's and gRPC's errors span many lines (the dead actor's details, the RPC's debug string).
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
 def _catch_up(tokens: list[int]) -> SessionChunk:
