@@ -12,6 +12,7 @@ import functools
 import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -43,6 +44,10 @@ def extension() -> ModuleType | None:
     """The compiled kernel, or None where it cannot be built (no compiler)."""
     from torch.utils.cpp_extension import load
 
+    # torch looks for ninja on PATH; the `ninja` wheel puts it beside this interpreter.
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join((bin_dir, os.environ.get("PATH", "")))
     try:
         return load(
             name="specray_cpu_attention",
