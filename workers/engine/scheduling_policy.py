@@ -7,6 +7,7 @@ confidences (n-gram) count `prior` per draft.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -16,7 +17,7 @@ from specray.workers.engine.step_curve import StepCurve
 
 
 @dataclass(frozen=True)
-class SchedulingPolicy:
+class SchedulingPolicy(ABC):
     name: ClassVar[str]
     # Whether sequences draft at all (`off` does not, so it needs neither drafter nor features).
     drafts: ClassVar[bool] = True
@@ -47,6 +48,7 @@ class SchedulingPolicy:
             raise ValueError("one confidence list (or None) per request")
         return self._budgets(num_drafts, confidences, base_tokens, max_tokens)
 
+    @abstractmethod
     def _budgets(
         self,
         num_drafts: Sequence[int],
@@ -54,7 +56,7 @@ class SchedulingPolicy:
         base_tokens: int | None,
         max_tokens: int | None,
     ) -> list[int]:
-        raise NotImplementedError
+        """Each policy's own rule, on inputs `budgets` has checked."""
 
     def next_draft_budget(self, num_speculative_tokens: int, verified: int | None) -> int:
         """Drafts a session should send next, given how many of its last segment the step verified
