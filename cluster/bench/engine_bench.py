@@ -23,7 +23,7 @@ from specray.workers.engine.config import EngineConfig
 from specray.workers.engine.llm_engine import LLMEngine
 from specray.workers.engine.sampling import SamplingParams
 from specray.workers.models.dtype import resolve_dtype
-from specray.workers.models.loader import DEFAULT_MODEL, LoadedModel, load_model
+from specray.workers.models.loader import DEFAULT_MODEL, LoadedModel, gguf_source, load_model
 
 
 @dataclass
@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
             modes.append(_engine_mode(target, _mode_name(name), drafter, params, args.num_speculative_tokens))
         if not args.no_hf:
             modes += _hf_modes(target, args.max_tokens)
+    if not args.no_llama_cpp:
+        modes += _llama_cpp_modes(target, args.max_tokens)
     tokenizer_engine = LLMEngine(target, None, EngineConfig(num_speculative_tokens=0, max_num_seqs=1))
     prompt_ids = [
         tokenizer_engine.encode_prompt(messages=p)
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             m.dtype,
             m.tokens / m.elapsed,
             m.tokens / m.steps if m.speculative else None,
-            outputs[(m.name, m.dtype)] == outputs[("autoregressive", m.dtype)],
+            outputs[(m.name, m.dtype)] == outputs[("autoregressive", _reference_dtype(m.dtype, dtypes))],
         )
         for m in modes
     ]
@@ -155,6 +157,46 @@ def _hf_modes(target: LoadedModel, max_tokens: int) -> list[_Mode]:
     return [mode("hf_generate", {}), mode("hf_prompt_lookup", {"prompt_lookup_num_tokens": 5})]
 
 
+def _llama_cpp_modes(target: LoadedModel, max_tokens: int) -> list[_Mode]:
+    """llama.cpp's plain greedy decoding of the GGUF our model was converted from: the CPU peer users
+    would pick instead. Optional (the `bench-peers` extra); its weights stay quantized, so its text
+    may differ from ours."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print(
+            "llama.cpp peer skipped: llama-cpp-python is not installed (pip install 'specray[bench-peers]')"
+        )
+        return []
+    gguf = gguf_source(target.path)
+    if gguf is None:
+        print(f"llama.cpp peer skipped: {target.path} was not converted from a GGUF file")
+        return []
+    model = Llama(str(gguf), n_ctx=4096, n_threads=torch.get_num_threads(), n_batch=512, verbose=False)
+    stops = set(target.stop_token_ids)
+
+    def generate(ids: list[int]) -> tuple[list[int], int]:
+        out: list[int] = []
+        for token in model.generate(ids, top_k=1, temp=0.0, reset=True):
+            if token in stops:
+                break
+            out.append(token)
+            if len(out) == max_tokens:
+                break
+        return out, 0
+
+    return [_Mode("llama_cpp", LLAMA_CPP_DTYPE, generate, speculative=False)]
+
+
+# The peer decodes the GGUF's own quantized weights.
+LLAMA_CPP_DTYPE = "gguf"
+
+
+def _reference_dtype(dtype: str, dtypes: list[str]) -> str:
+    """Whose autoregressive output a mode is checked against: its own dtype's, else the first's."""
+    return dtype if dtype in dtypes else dtypes[0]
+
+
 def _dtype_name(target: LoadedModel) -> str:
     return str(next(target.model.parameters()).dtype).removeprefix("torch.")
 
@@ -162,15 +204,22 @@ def _dtype_name(target: LoadedModel) -> str:
 def _print_table(results: list[ModeResult]) -> None:
     """Each mode against our autoregressive decoding in the same dtype, and against the first row."""
     ar = {r.dtype: r.tokens_per_s for r in results if r.name == "autoregressive"}
+    dtypes = list(ar)
     first = results[0]
+    llama = next((r.tokens_per_s for r in results if r.name == "llama_cpp"), None)
     print(
-        f"{'mode':<22}{'dtype':>10}{'tokens/s':>10}{'vs AR':>8}{'vs ' + first.dtype[:4] + ' AR':>12}{'tau':>7}  matches AR"
+        f"{'mode':<22}{'dtype':>10}{'tokens/s':>10}{'vs AR':>8}{'vs ' + first.dtype[:4] + ' AR':>12}"
+        + (f"{'vs llama.cpp':>14}" if llama else "")
+        + f"{'tau':>7}  matches AR"
     )
     for r in results:
         tau = f"{r.tau:.2f}" if r.tau is not None else "-"
         print(
-            f"{r.name:<22}{r.dtype:>10}{r.tokens_per_s:>10.1f}{r.tokens_per_s / ar[r.dtype]:>8.2f}"
-            f"{r.tokens_per_s / first.tokens_per_s:>12.2f}{tau:>7}  {r.matches_autoregressive}"
+            f"{r.name:<22}{r.dtype:>10}{r.tokens_per_s:>10.1f}"
+            f"{r.tokens_per_s / ar[_reference_dtype(r.dtype, dtypes)]:>8.2f}"
+            f"{r.tokens_per_s / first.tokens_per_s:>12.2f}"
+            + (f"{r.tokens_per_s / llama:>14.2f}" if llama else "")
+            + f"{tau:>7}  {r.matches_autoregressive}"
         )
 
 

@@ -44,6 +44,11 @@ def register_engine(p: argparse.ArgumentParser) -> None:
         help="run every mode in this dtype (repeat for several; default: auto)",
     )
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers peer")
+    p.add_argument(
+        "--no-llama-cpp",
+        action="store_true",
+        help="skip the llama.cpp peer (runs only where the bench-peers extra is installed)",
+    )
     p.add_argument("--json", required=True, help="where to write the results (a PNG goes beside it)")
     p.set_defaults(func=_run_engine)
 

@@ -103,6 +103,15 @@ def convert_gguf(gguf_path: Path) -> Path:
     return out
 
 
+def gguf_source(model_dir: Path) -> Path | None:
+    """The GGUF file a converted directory was dequantized from (None for an ordinary checkpoint)."""
+    marker = model_dir / "complete"
+    if not marker.exists():
+        return None
+    source = Path(marker.read_text().strip())
+    return source if source.is_file() else None
+
+
 def _write_dense_copy(gguf_path: Path, out: Path) -> None:
     """Dequantize the GGUF into `out` as config.json + model.safetensors + tokenizer files."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
