@@ -1,45 +1,132 @@
 // Paged attention of a ragged batch on the CPU, batch-invariant by construction.
 //
-// Each (query row, head) is computed alone: its scores over exactly the keys it may see, in key
-// order, with fp32 accumulators in a fixed pattern. Nothing depends on which other rows share the
-// call, how many query tokens its sequence brings, or how long the other sequences are, so a
-// token's output is bit-identical whether it is decoded alone, verified behind drafts, or batched.
+// A work item is one sequence, one KV head and a block of up to kRowBlock of its query rows: the
+// rows and the group's query heads share each pass over the keys (each key and value row is read
+// and widened to fp32 once per block). Keys go in tiles of kTile aligned to absolute positions, and
+// every (row, head) runs an online softmax over the tiles that hold its keys, with one fixed
+// sequence of operations per key: a dot product reduced by a fixed tree, a vector exp, and
+// accumulation in key order. Which tiles a row visits and what it does in each depend only on its
+// own position (and window), never on the other rows of its block, how many query tokens its
+// sequence brings, or the other sequences. So a token's output is bit-identical whether it is
+// decoded alone, verified behind drafts, prefilled in a chunk, or batched.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-constexpr int kLanes = 16;  // fixed accumulator pattern of the dot products
+constexpr int kTile = 16;      // keys per tile = lanes of one vector
+constexpr int kRowBlock = 16;  // query rows of one sequence sharing a pass over the keys
 
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t dim) {
-  float lanes[kLanes] = {0};
-  int64_t d = 0;
-  for (; d + kLanes <= dim; d += kLanes) {
-    for (int i = 0; i < kLanes; ++i) lanes[i] += q[d + i] * static_cast<float>(k[d + i]);
-  }
-  for (; d < dim; ++d) lanes[d % kLanes] += q[d] * static_cast<float>(k[d]);
-  // Pairwise, always the same tree.
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
-  }
-  return lanes[0];
+using vec = float __attribute__((vector_size(kTile * sizeof(float))));
+using ivec = int32_t __attribute__((vector_size(kTile * sizeof(int32_t))));
+
+inline vec splat(float x) { return vec{} + x; }
+
+inline vec load(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
+
+inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
+
+// One step of a transposed reduction: a and b each hold `16 / h` keys' h partial sums (key-major);
+// the result holds all 2 * 16 / h keys (a's, then b's) with h / 2 partial sums each.
+template <int h>
+inline vec fold(vec a, vec b);
+template <>
+inline vec fold<16>(vec a, vec b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+template <>
+inline vec fold<8>(vec a, vec b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+         __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+}
+template <>
+inline vec fold<4>(vec a, vec b) {
+  return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+         __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+}
+template <>
+inline vec fold<2>(vec a, vec b) {
+  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// Lane j of the result is the sum of the 16 lanes of partial[j], always by the same tree; the 16
+// sums share the shuffles.
+inline vec reduce_tile(const vec* partial) {
+  vec by8[8], by4[4], by2[2];
+  for (int i = 0; i < 8; ++i) by8[i] = fold<16>(partial[2 * i], partial[2 * i + 1]);
+  for (int i = 0; i < 4; ++i) by4[i] = fold<8>(by8[2 * i], by8[2 * i + 1]);
+  for (int i = 0; i < 2; ++i) by2[i] = fold<4>(by4[2 * i], by4[2 * i + 1]);
+  return fold<2>(by2[0], by2[1]);
+}
+
+// exp(x) for x <= 0, lane-wise: exp(x) = 2^n * exp(r), r = x - n ln2 in [-ln2/2, ln2/2], exp(r) by
+// its degree-6 Taylor polynomial (relative error < 2e-7). Our own so every build computes the
+// same bits on every lane, whatever the libm.
+inline vec exp_nonpositive(vec x) {
+  x = x < -87.0f ? splat(-87.0f) : x;  // exp(-87) ~ 1.6e-38: still a normal float, never -inf
+  const vec shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vec n = (x * 1.44269504f + shifter) - shifter;
+  const vec r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+  vec p = splat(1.0f / 720);
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  return p * reinterpret_cast<const vec&>(bits);
+}
+
+// Copies n elements to fp32 and zero-fills up to `padded`. bf16 widens 16 lanes at a time by a
+// shift (exact), the other types element by element.
+template <typename T>
+inline void widen(const T* src, float* dst, int64_t n, int64_t padded) {
+  int64_t d = 0;
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    using half_lanes = uint16_t __attribute__((vector_size(kTile * sizeof(uint16_t))));
+    using wide_lanes = uint32_t __attribute__((vector_size(kTile * sizeof(uint32_t))));
+    for (; d + kTile <= n; d += kTile) {
+      half_lanes raw;
+      std::memcpy(&raw, src + d, sizeof(raw));
+      const wide_lanes bits = __builtin_convertvector(raw, wide_lanes) << 16;
+      std::memcpy(dst + d, &bits, sizeof(bits));
+    }
+  }
+  for (; d < n; ++d) dst[d] = static_cast<float>(src[d]);
+  for (; d < padded; ++d) dst[d] = 0.0f;
+}
+
+// One (query row, head)'s running softmax: max, sum of weights, weighted sum of values.
+struct RowState {
+  float max_score;
+  float total;
+  float* acc;  // padded head_dim
+};
 
 template <typename T>
 void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
             const torch::Tensor& block_tables, const torch::Tensor& query_start_loc,
             const torch::Tensor& seq_lens, double scale, int64_t window, double softcap,
             torch::Tensor& out) {
-  const int64_t num_tokens = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_heads = q.size(1), head_dim = q.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   const int64_t group = num_heads / num_kv_heads;
   const int64_t num_seqs = seq_lens.size(0), table_width = block_tables.size(1);
+  const int64_t padded_dim = (head_dim + kTile - 1) / kTile * kTile, chunks = padded_dim / kTile;
   const T* q_ptr = q.data_ptr<T>();
   const T* k_ptr = k_cache.data_ptr<T>();
   const T* v_ptr = v_cache.data_ptr<T>();
@@ -48,58 +135,112 @@ void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   const int32_t* starts = query_start_loc.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t slot_stride = num_kv_heads * head_dim;
+  const float scale_f = static_cast<float>(scale), cap = static_cast<float>(softcap);
 
-  // Which sequence each query token belongs to.
-  std::vector<int32_t> seq_of(num_tokens);
+  // Work items: (sequence, KV head, block of the sequence's query rows).
+  std::vector<int64_t> item_seq, item_row;
   for (int64_t b = 0; b < num_seqs; ++b) {
-    for (int32_t t = starts[b]; t < starts[b + 1]; ++t) seq_of[t] = static_cast<int32_t>(b);
+    for (int64_t t = starts[b]; t < starts[b + 1]; t += kRowBlock) {
+      item_seq.push_back(b);
+      item_row.push_back(t);
+    }
   }
-  // One work item per (token, KV head): the query heads of its group read each key and value row
-  // once, and each head still accumulates over the keys in order.
-  at::parallel_for(0, num_tokens * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, query(group * head_dim), acc(group * head_dim), max_score(group), total(group);
-    std::vector<int64_t> slots;
+  const int64_t num_items = static_cast<int64_t>(item_seq.size()) * num_kv_heads;
+
+  at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
+    const int64_t states_per_item = kRowBlock * group;
+    std::vector<float> queries(states_per_item * padded_dim), accs(states_per_item * padded_dim);
+    std::vector<float> keys(kTile * padded_dim), values(kTile * padded_dim);
+    std::vector<RowState> states(states_per_item);
+    std::vector<int64_t> first_key(kRowBlock), last_key(kRowBlock);
+    alignas(64) float scores[kTile];
     for (int64_t work = begin; work < end; ++work) {
-      const int64_t t = work / num_kv_heads, kvh = work % num_kv_heads;
-      const int64_t b = seq_of[t];
+      const int64_t item = work / num_kv_heads, kvh = work % num_kv_heads;
+      const int64_t b = item_seq[item], row0 = item_row[item];
+      const int64_t rows = std::min<int64_t>(kRowBlock, starts[b + 1] - row0);
       const int64_t q_len = starts[b + 1] - starts[b];
-      const int64_t pos = lens[b] - q_len + (t - starts[b]);  // this token's position
-      const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-      const int64_t num_keys = pos - first + 1;
       const int32_t* table = tables + b * table_width;
-      slots.resize(num_keys);
-      for (int64_t j = first; j <= pos; ++j) {
-        slots[j - first] = static_cast<int64_t>(table[j / block_size]) * block_size + j % block_size;
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        const T* q_row = q_ptr + (t * num_heads + kvh * group + g) * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) query[g * head_dim + d] = static_cast<float>(q_row[d]);
-      }
-      scores.resize(group * num_keys);
-      std::fill(max_score.begin(), max_score.end(), -std::numeric_limits<float>::infinity());
-      for (int64_t j = 0; j < num_keys; ++j) {
-        const T* k_row = k_ptr + slots[j] * slot_stride + kvh * head_dim;
+      int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t pos = lens[b] - q_len + (row0 + r - starts[b]);  // this token's position
+        first_key[r] = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+        last_key[r] = pos;
+        lo = std::min(lo, first_key[r]);
+        hi = std::max(hi, pos);
         for (int64_t g = 0; g < group; ++g) {
-          float s = dot(query.data() + g * head_dim, k_row, head_dim) * static_cast<float>(scale);
-          if (softcap > 0) s = static_cast<float>(softcap) * std::tanh(s / static_cast<float>(softcap));
-          scores[g * num_keys + j] = s;
-          max_score[g] = std::max(max_score[g], s);
+          const int64_t s = r * group + g;
+          widen(q_ptr + ((row0 + r) * num_heads + kvh * group + g) * head_dim,
+                queries.data() + s * padded_dim, head_dim, padded_dim);
+          states[s] = {-std::numeric_limits<float>::infinity(), 0.0f, accs.data() + s * padded_dim};
+          std::fill(states[s].acc, states[s].acc + padded_dim, 0.0f);
         }
       }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      std::fill(total.begin(), total.end(), 0.0f);
-      for (int64_t j = 0; j < num_keys; ++j) {
-        const T* v_row = v_ptr + slots[j] * slot_stride + kvh * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = std::exp(scores[g * num_keys + j] - max_score[g]);
-          total[g] += p;
-          float* a = acc.data() + g * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * static_cast<float>(v_row[d]);
+      for (int64_t tile = lo / kTile * kTile; tile <= hi; tile += kTile) {
+        const int64_t tile_keys = std::min<int64_t>(kTile, hi + 1 - tile);
+        // The key's page and offset advance by one per key: no division per key.
+        int64_t page = tile / block_size, offset = tile % block_size;
+        for (int64_t j = 0; j < tile_keys; ++j) {
+          if (tile + j >= lo) {
+            const int64_t slot = static_cast<int64_t>(table[page]) * block_size + offset;
+            widen(k_ptr + slot * slot_stride + kvh * head_dim, keys.data() + j * padded_dim, head_dim, padded_dim);
+            widen(v_ptr + slot * slot_stride + kvh * head_dim, values.data() + j * padded_dim, head_dim, padded_dim);
+          }
+          if (++offset == block_size) {
+            offset = 0;
+            ++page;
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          // The keys of this tile this row may see: [from, to).
+          const int64_t from = std::max(first_key[r], tile) - tile;
+          const int64_t to = std::min(last_key[r] + 1, tile + kTile) - tile;
+          if (from >= to) continue;
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t s = r * group + g;
+            const float* query = queries.data() + s * padded_dim;
+            RowState& state = states[s];
+            // Scores of the whole tile (keys it may not see included, then masked out).
+            vec partial[kTile];
+            for (int64_t j = 0; j < kTile; ++j) {
+              const float* k_row = keys.data() + j * padded_dim;
+              partial[j] = load(query) * load(k_row);
+              for (int64_t c = 1; c < chunks; ++c) partial[j] += load(query + c * kTile) * load(k_row + c * kTile);
+            }
+            store(scores, reduce_tile(partial) * scale_f);
+            float tile_max = -std::numeric_limits<float>::infinity();
+            for (int64_t j = 0; j < kTile; ++j) {
+              if (j < from || j >= to) {
+                scores[j] = -std::numeric_limits<float>::infinity();
+                continue;
+              }
+              if (cap > 0) scores[j] = cap * std::tanh(scores[j] / cap);
+              tile_max = std::max(tile_max, scores[j]);
+            }
+            const float new_max = std::max(state.max_score, tile_max);
+            // Rescale what the earlier tiles accumulated (exp(-inf) = 0 on the first tile).
+            const float rescale =
+                state.total == 0.0f ? 0.0f : exp_nonpositive(splat(state.max_score - new_max))[0];
+            const vec weights = exp_nonpositive(load(scores) - new_max);
+            float total = state.total * rescale;
+            for (int64_t j = from; j < to; ++j) total += weights[j];
+            // Each element accumulates over the keys in order; the chunk loop is outermost only so
+            // that its accumulator stays in a register.
+            for (int64_t c = 0; c < chunks; ++c) {
+              vec acc = load(state.acc + c * kTile) * rescale;
+              for (int64_t j = from; j < to; ++j) acc += weights[j] * load(values.data() + j * padded_dim + c * kTile);
+              store(state.acc + c * kTile, acc);
+            }
+            state.total = total;
+            state.max_score = new_max;
+          }
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        T* out_row = out_ptr + (t * num_heads + kvh * group + g) * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) out_row[d] = static_cast<T>(acc[g * head_dim + d] / total[g]);
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t g = 0; g < group; ++g) {
+          const RowState& state = states[r * group + g];
+          T* out_row = out_ptr + ((row0 + r) * num_heads + kvh * group + g) * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) out_row[d] = static_cast<T>(state.acc[d] / state.total);
+        }
       }
     }
   });
