@@ -54,15 +54,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
+def fuse_on_load(module: nn.Module, parts: tuple[str, ...], fused: str) -> None:
+    """Load Hugging Face's separate projections `parts` into the one linear layer `fused` (their
+    rows stacked in that order): one GEMM instead of several at every step."""
+
+    def hook(module, state_dict, prefix, *_) -> None:  # noqa: ANN001 - torch's hook signature
+        for suffix in ("weight", "bias"):
+            keys = [f"{prefix}{part}.{suffix}" for part in parts]
+            if all(key in state_dict for key in keys):
+                state_dict[f"{prefix}{fused}.{suffix}"] = torch.cat([state_dict.pop(key) for key in keys])
+
+    module.register_load_state_dict_pre_hook(hook)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.config = config
         self.window = config.layer_window(layer)
         d, h, kvh, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(d, h * hd, bias=config.attention_bias)
-        self.k_proj = nn.Linear(d, kvh * hd, bias=config.attention_bias)
-        self.v_proj = nn.Linear(d, kvh * hd, bias=config.attention_bias)
+        self.qkv_sizes = (h * hd, kvh * hd, kvh * hd)
+        self.qkv_proj = nn.Linear(d, sum(self.qkv_sizes), bias=config.attention_bias)
+        fuse_on_load(self, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
         self.o_proj = nn.Linear(h * hd, d, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(hd, config.rms_norm_eps, config.norm_adds_one)
@@ -79,9 +92,10 @@ class Attention(nn.Module):
         rows = x.shape[0]
         # Rows past the batch's tokens only pad the linear layers (see DecoderModel.forward).
         tokens = meta.slot_mapping.shape[0]
-        q = self.q_proj(x)[:tokens].view(tokens, c.num_heads, c.head_dim)
-        k = self.k_proj(x)[:tokens].view(tokens, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x)[:tokens].view(tokens, c.num_kv_heads, c.head_dim)
+        q, k, v = self.qkv_proj(x)[:tokens].split(self.qkv_sizes, dim=-1)
+        q = q.view(tokens, c.num_heads, c.head_dim)
+        k = k.view(tokens, c.num_kv_heads, c.head_dim)
+        v = v.view(tokens, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rotary
@@ -97,15 +111,16 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        fuse_on_load(self, ("gate_proj", "up_proj"), "gate_up_proj")
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.gelu = config.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gate * up)
 
 
 class DecoderLayer(nn.Module):
