@@ -73,8 +73,13 @@ class PagedKVCache:
         self._free.extend(reversed(self._tables.pop(seq_id, [])))
         self._lengths.pop(seq_id, None)
 
-    def block_tables(self, seq_ids: list[str]) -> torch.Tensor:
-        """Padded [B, max_blocks] int32 block tables for these sequences."""
-        width = max(1, max(len(self._tables[s]) for s in seq_ids))
-        rows = [self._tables[s] + [0] * (width - len(self._tables[s])) for s in seq_ids]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device)
+    def block_tables(self, seq_ids: list[str], device: torch.device | None = None) -> torch.Tensor:
+        """Padded [B, max_blocks] int32 block tables for these sequences (on the cache's device
+        unless `device` says otherwise)."""
+        tables = [self._tables[s] for s in seq_ids]
+        lengths = torch.tensor([len(t) for t in tables])
+        width = max(1, int(lengths.max()))
+        flat = torch.tensor([block for t in tables for block in t], dtype=torch.int32)
+        padded = torch.zeros(len(tables), width, dtype=torch.int32)
+        padded[torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)] = flat
+        return padded.to(device or self.device)

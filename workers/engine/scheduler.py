@@ -249,10 +249,9 @@ class Scheduler:
         sampling = [i for i, w in enumerate(work) if w.proposal is not None]
         verdicts: dict[int, Verdict] = {}
         if sampling:
+            # Only sampling sequences ask for logits, so the batch's logits are theirs, in order.
             results = verify_drafts(
-                [work[i].seq for i in sampling],
-                [work[i].proposal for i in sampling],
-                [out.logits[i] for i in sampling],
+                [work[i].seq for i in sampling], [work[i].proposal for i in sampling], out.all_logits
             )
             verdicts = dict(zip(sampling, results))
         commits = []
