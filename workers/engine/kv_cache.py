@@ -24,12 +24,16 @@ class PagedKVCache:
         block_size: int = 16,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        scratch_block: bool = False,
     ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one slot, got {num_blocks} x {block_size}")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        # One more block that no sequence ever owns: padded steps (cuda_graphs.py) write their
+        # padding tokens' K/V there.
+        self.scratch_block = num_blocks if scratch_block else None
+        shape = (num_blocks + scratch_block, block_size, config.num_kv_heads, config.head_dim)
         self.layers = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(config.num_layers)

@@ -2,6 +2,7 @@
 
 Each scheduled sequence brings its new tokens (a prefill chunk, one decode token, or an anchor plus
 γ drafts) starting where its cached KV ends, and asks for logits at its last `num_logits` tokens.
+Decode and verify steps may run padded to static shapes (`cuda_graphs.py`), CUDA graphs on a GPU.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from specray.kernels import build_attention_metadata
+from specray.workers.engine.cuda_graphs import StaticStepConfig, StaticStepRunner
 from specray.workers.engine.kv_cache import PagedKVCache
 from specray.workers.models.decoder import DecoderModel, ForwardOutput
 
@@ -45,25 +47,43 @@ class ModelRunner:
         kv_cache_tokens: int = 16384,
         block_size: int = 16,
         feature_layers: tuple[int, ...] = (),
+        static_steps: StaticStepConfig | None = None,
     ) -> None:
         self.model = model
         self.config = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.kv = PagedKVCache(
-            self.config, -(-kv_cache_tokens // block_size), block_size, self.dtype, self.device
+            self.config,
+            -(-kv_cache_tokens // block_size),
+            block_size,
+            self.dtype,
+            self.device,
+            scratch_block=static_steps is not None,
         )
         self.feature_layers = tuple(sorted(feature_layers))
+        # Decode and verify steps padded to static shapes (CUDA graphs on a GPU); others run as they come.
+        self.static_steps = (
+            StaticStepRunner(model, self.kv, static_steps, self.feature_layers) if static_steps else None
+        )
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSequence], return_final_hidden: bool = False) -> RunOutput:
+        seq_ids = [s.seq_id for s in batch]
         starts = [self.kv.length(s.seq_id) for s in batch]
         query_lens = [len(s.token_ids) for s in batch]
         num_logits = [s.num_logits for s in batch]
         seq_lens = [start + n for start, n in zip(starts, query_lens)]
         for seq, total in zip(batch, seq_lens):
             self.kv.reserve(seq.seq_id, total)
-        out = self._forward(batch, query_lens, seq_lens, num_logits, return_final_hidden)
+        shape = None
+        if self.static_steps is not None and not return_final_hidden:
+            shape = self.static_steps.shape_for(query_lens, num_logits, starts)
+        if shape is not None:
+            tables = self.kv.block_tables(seq_ids, torch.device("cpu"))
+            out = self.static_steps.run([s.token_ids for s in batch], starts, tables, shape)
+        else:
+            out = self._forward(batch, query_lens, seq_lens, num_logits, return_final_hidden)
         for seq, total in zip(batch, seq_lens):
             self.kv.set_length(seq.seq_id, total)
 
