@@ -14,7 +14,7 @@ import importlib.util
 import torch
 
 from specray.kernels import acceptance, attention, cpu_attention, markov_sampling
-from specray.kernels.acceptance import sample_from_probs
+from specray.kernels.acceptance import accept_greedy, sample_from_probs
 from specray.kernels.attention import AttentionMetadata, build_attention_metadata, write_kv
 from specray.kernels.markov_sampling import MarkovDraft
 
@@ -22,6 +22,7 @@ __all__ = [
     "AttentionMetadata",
     "MarkovDraft",
     "accept_drafts",
+    "accept_greedy",
     "build_attention_metadata",
     "paged_attention",
     "sample_from_probs",

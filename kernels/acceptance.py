@@ -29,6 +29,29 @@ def sample_from_probs(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tenso
     return token.clamp_(max=probs.shape[-1] - 1)
 
 
+def accept_greedy(
+    draft_tokens: torch.Tensor, num_drafts: torch.Tensor, target_tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`accept_drafts` for a batch of greedy rows, from the target's argmax alone.
+
+    target_tokens [B, γ+1] long: the target's argmax at each draft position and one past it; a
+    greedy row needs no distribution, so the caller never forms one (no softmax over the vocabulary).
+    Returns (num_accepted [B], emitted [B, γ+1]) exactly as `accept_drafts` does for greedy rows.
+    """
+    batch, num_slots = draft_tokens.shape
+    device = draft_tokens.device
+    positions = torch.arange(num_slots, device=device)
+    valid = positions.unsqueeze(0) < num_drafts.unsqueeze(1)
+    tokens = draft_tokens.clamp(min=0)
+    passed = (tokens == target_tokens[:, :num_slots]) & valid
+    num_accepted = passed.to(torch.long).cumprod(dim=1).sum(dim=1)
+    rows = torch.arange(batch, device=device)
+    emitted = torch.full((batch, num_slots + 1), -1, dtype=torch.long, device=device)
+    emitted[:, :num_slots] = torch.where(positions.unsqueeze(0) < num_accepted.unsqueeze(1), tokens, -1)
+    emitted[rows, num_accepted] = target_tokens[rows, num_accepted]
+    return num_accepted, emitted
+
+
 def accept_drafts(
     draft_tokens: torch.Tensor,
     num_drafts: torch.Tensor,

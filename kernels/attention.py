@@ -60,6 +60,9 @@ class AttentionMetadata:
     block_size: int
     query_lens: list[int]
     seq_lens_list: list[int]
+    # [T] long, position of each new token in its sequence (the runners' rotary input; the kernels
+    # derive positions from the lengths themselves). Set by `build_attention_metadata`.
+    positions: torch.Tensor | None = None
 
     @functools.cached_property
     def padded(self) -> PaddedLayout:
@@ -70,27 +73,47 @@ class AttentionMetadata:
 def build_attention_metadata(
     block_tables: torch.Tensor, query_lens: list[int], seq_lens: list[int], block_size: int
 ) -> AttentionMetadata:
-    """Metadata for a ragged batch: per sequence its number of new tokens and its KV length after them."""
+    """Metadata for a ragged batch: per sequence its number of new tokens and its KV length after them.
+
+    Built with tensor ops on the block tables' device (no per-token Python): the host only hands
+    over the two small lists.
+    """
     device = block_tables.device
-    starts = [0]
-    for n in query_lens:
-        starts.append(starts[-1] + n)
-    tables = block_tables.tolist()
-    # The flat cache slot of every new token, computed on the host: it is T small integers.
-    slots = [
-        tables[b][pos // block_size] * block_size + pos % block_size
-        for b, (n, total) in enumerate(zip(query_lens, seq_lens))
-        for pos in range(total - n, total)
-    ]
+    lengths = torch.tensor([query_lens, seq_lens], dtype=torch.int32, device=device)
+    starts = torch.zeros(len(query_lens) + 1, dtype=torch.int32, device=device)
+    starts[1:] = lengths[0].cumsum(0)
+    positions, slots = token_slots(block_tables, starts, lengths[1], sum(query_lens), block_size)
     return AttentionMetadata(
         block_tables=block_tables.to(torch.int32),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        query_start_loc=starts,
+        seq_lens=lengths[1],
+        slot_mapping=slots,
         block_size=block_size,
         query_lens=list(query_lens),
         seq_lens_list=list(seq_lens),
+        positions=positions,
     )
+
+
+def token_slots(
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    num_tokens: int,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position, flat cache slot) of each of the `num_tokens` new tokens, both [T] long: token i of
+    sequence b sits at `seq_lens[b] - q_len[b] + i`, in page `block_tables[b][pos // block_size]`."""
+    device = block_tables.device
+    query_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
+    # `output_size` keeps repeat_interleave from reading the total back from the device.
+    owner = torch.repeat_interleave(
+        torch.arange(len(query_lens), device=device), query_lens, output_size=num_tokens
+    )
+    offset = torch.arange(num_tokens, device=device) - query_start_loc[:-1].long()[owner]
+    positions = (seq_lens.long() - query_lens)[owner] + offset
+    pages = block_tables.long()[owner, positions // block_size]
+    return positions, pages * block_size + positions % block_size
 
 
 def _padded_layout(

@@ -1,4 +1,5 @@
-"""The Triton acceptance kernel equals `accept_drafts` on random ragged batches."""
+"""The Triton acceptance kernel equals `accept_drafts` on random ragged batches, and so does the
+greedy-only `accept_greedy` on greedy rows."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from kernel_cases import DTYPES, acceptance_inputs
 
 pytest.importorskip("triton")
 
-from specray.kernels.acceptance import accept_drafts  # noqa: E402
+from specray.kernels.acceptance import accept_drafts, accept_greedy  # noqa: E402
 from specray.kernels.triton_acceptance import accept_drafts_triton  # noqa: E402
 
 # A vocabulary that is not a multiple of the tile, so the last tile is ragged.
@@ -63,3 +64,13 @@ def test_no_drafts_is_autoregressive(device: str) -> None:
 
 def test_single_tile_vocabulary(device: str) -> None:
     assert_same(acceptance_inputs(4, 2, 50, torch.float32, 6, device=device), block_v=64)
+
+
+@pytest.mark.parametrize("num_drafts", [None, [0] * 8, [4] * 8], ids=["ragged", "none", "full"])
+def test_greedy_acceptance_from_the_argmax_equals_accept_drafts(num_drafts):
+    """`accept_greedy` reads only the target's argmax; on greedy rows it decides as `accept_drafts`."""
+    args = acceptance_inputs(8, 4, VOCAB, torch.float32, 7, num_drafts=num_drafts)
+    args["greedy"] = torch.ones(8, dtype=torch.bool)
+    expected = accept_drafts(**args)
+    got = accept_greedy(args["draft_tokens"], args["num_drafts"], args["target_probs"].argmax(dim=-1))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

@@ -22,6 +22,10 @@ class EngineConfig:
     scheduling: str = "fixed"
     step_curve: StepCurve | None = None
     confidence_prior: float = 0.6
+    # On a GPU, decode and verify steps of up to `max_captured_batch` sequences replay CUDA graphs
+    # (cuda_graphs.py), padded to the next captured batch size; larger or mixed steps run eagerly.
+    cuda_graphs: bool = True
+    max_captured_batch: int = 256
 
     def __post_init__(self) -> None:
         if self.num_speculative_tokens < 0:
@@ -29,7 +33,9 @@ class EngineConfig:
         policy_class(self.scheduling)
         if not 0.0 <= self.confidence_prior <= 1.0:
             raise ValueError("confidence_prior must lie in [0, 1]")
-        if min(self.max_num_seqs, self.max_num_batched_tokens, self.kv_cache_tokens, self.block_size) < 1:
+        sizes = (self.max_num_seqs, self.max_num_batched_tokens, self.kv_cache_tokens, self.block_size)
+        if min(*sizes, self.max_captured_batch) < 1:
             raise ValueError(
-                "max_num_seqs, max_num_batched_tokens, kv_cache_tokens and block_size must be >= 1"
+                "max_num_seqs, max_num_batched_tokens, kv_cache_tokens, block_size and max_captured_batch"
+                " must be >= 1"
             )

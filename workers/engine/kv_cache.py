@@ -24,12 +24,16 @@ class PagedKVCache:
         block_size: int = 16,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        scratch_block: bool = False,
     ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one slot, got {num_blocks} x {block_size}")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        # One more block that no sequence ever owns: padded steps (cuda_graphs.py) write their
+        # padding tokens' K/V there.
+        self.scratch_block = num_blocks if scratch_block else None
+        shape = (num_blocks + scratch_block, block_size, config.num_kv_heads, config.head_dim)
         self.layers = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(config.num_layers)
@@ -73,8 +77,13 @@ class PagedKVCache:
         self._free.extend(reversed(self._tables.pop(seq_id, [])))
         self._lengths.pop(seq_id, None)
 
-    def block_tables(self, seq_ids: list[str]) -> torch.Tensor:
-        """Padded [B, max_blocks] int32 block tables for these sequences."""
-        width = max(1, max(len(self._tables[s]) for s in seq_ids))
-        rows = [self._tables[s] + [0] * (width - len(self._tables[s])) for s in seq_ids]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device)
+    def block_tables(self, seq_ids: list[str], device: torch.device | None = None) -> torch.Tensor:
+        """Padded [B, max_blocks] int32 block tables for these sequences (on the cache's device
+        unless `device` says otherwise)."""
+        tables = [self._tables[s] for s in seq_ids]
+        lengths = torch.tensor([len(t) for t in tables])
+        width = max(1, int(lengths.max()))
+        flat = torch.tensor([block for t in tables for block in t], dtype=torch.int32)
+        padded = torch.zeros(len(tables), width, dtype=torch.int32)
+        padded[torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)] = flat
+        return padded.to(device or self.device)

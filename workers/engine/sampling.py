@@ -4,7 +4,7 @@ and the log-probabilities reported for emitted tokens."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -108,48 +108,162 @@ def apply_penalties(
     penalties count them as output: that keeps the verified distribution at every position exactly
     what autoregressive decoding with the same penalties would sample from.
     """
-    if not params.has_penalties:
+    return apply_batch_penalties(logits, [params], [prompt_ids], [output_ids], [drafts], [logits.shape[0]])
+
+
+def apply_batch_penalties(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+    drafts: Sequence[Sequence[int]],
+    num_rows: Sequence[int],
+) -> torch.Tensor:
+    """`apply_penalties` for a batch in one pass: sequence i owns the next `num_rows[i]` rows of
+    `logits` [R, V]. Returns `logits` itself when no sequence has a penalty; else a float copy
+    whose rows of the penalized sequences are penalized (the others unchanged)."""
+    chosen = [i for i, p in enumerate(params) if p.has_penalties]
+    if not chosen:
         return logits
-    rows, vocab = logits.shape
-    device = logits.device
-    output = torch.tensor(list(output_ids), dtype=torch.long, device=device)
-    counts = torch.bincount(output, minlength=vocab)[:vocab].expand(rows, vocab).clone()
-    if rows > 1 and drafts:
-        ahead = torch.tensor(list(drafts[: rows - 1]), dtype=torch.long, device=device)
-        one_hot = torch.zeros(len(ahead), vocab, dtype=counts.dtype, device=device)
-        one_hot[torch.arange(len(ahead), device=device), ahead] = 1
-        counts[1 : len(ahead) + 1] += one_hot.cumsum(dim=0)
-    logits = logits.float()
-    if params.repetition_penalty != 1.0:
-        seen = counts > 0
-        seen[:, torch.tensor(list(prompt_ids), dtype=torch.long, device=device)] = True
-        penalized = torch.where(
-            logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty
+    device, vocab = logits.device, logits.shape[-1]
+    first_row = [0]
+    for n in num_rows[:-1]:
+        first_row.append(first_row[-1] + n)
+    rows_each = torch.tensor([num_rows[i] for i in chosen], device=device)
+    seq_of_row = torch.repeat_interleave(torch.arange(len(chosen), device=device), rows_each)
+    first = torch.tensor([first_row[i] for i in chosen], device=device)
+    # Row j of a sequence counts its output plus its first j drafts.
+    row_in_seq = torch.arange(len(seq_of_row), device=device) - (rows_each.cumsum(0) - rows_each)[seq_of_row]
+    counts = torch.zeros(len(chosen), vocab, device=device)
+    _count_tokens(counts, [output_ids[i] for i in chosen])
+    counts = counts[seq_of_row]
+    ahead = [list(drafts[i][: num_rows[i] - 1]) for i in chosen]
+    width = max(map(len, ahead))
+    if width:
+        padded = torch.tensor([a + [0] * (width - len(a)) for a in ahead], dtype=torch.long, device=device)
+        known = torch.tensor([len(a) for a in ahead], device=device)[seq_of_row]
+        before = torch.arange(width, device=device).unsqueeze(0) < torch.minimum(row_in_seq, known).unsqueeze(
+            1
         )
-        logits = torch.where(seen, penalized, logits)
-    if params.frequency_penalty:
-        logits = logits - params.frequency_penalty * counts
-    if params.presence_penalty:
-        logits = logits - params.presence_penalty * (counts > 0)
+        row, slot = before.nonzero(as_tuple=True)
+        counts.index_put_((row, padded[seq_of_row[row], slot]), torch.ones(len(row), device=device), True)
+
+    def per_row(name: str) -> torch.Tensor:
+        values = torch.tensor([getattr(params[i], name) for i in chosen], dtype=torch.float32, device=device)
+        return values[seq_of_row].unsqueeze(1)
+
+    rows = logits[first[seq_of_row] + row_in_seq].float()
+    if any(params[i].repetition_penalty != 1.0 for i in chosen):
+        in_prompt = torch.zeros(len(chosen), vocab, device=device)
+        _count_tokens(in_prompt, [prompt_ids[i] for i in chosen])
+        seen = (counts > 0) | (in_prompt[seq_of_row] > 0)
+        penalty = per_row("repetition_penalty")
+        rows = torch.where(seen, torch.where(rows > 0, rows / penalty, rows * penalty), rows)
+    if any(params[i].frequency_penalty for i in chosen):
+        rows = rows - per_row("frequency_penalty") * counts
+    if any(params[i].presence_penalty for i in chosen):
+        rows = rows - per_row("presence_penalty") * (counts > 0)
+    if len(seq_of_row) == logits.shape[0]:
+        return rows
+    out = logits.to(torch.float32, copy=True)
+    out[first[seq_of_row] + row_in_seq] = rows
+    return out
+
+
+def _count_tokens(counts: torch.Tensor, token_lists: Sequence[Sequence[int]]) -> None:
+    """Add, in row i of `counts` [N, V], one per occurrence of each token of `token_lists[i]`."""
+    flat = [t for tokens in token_lists for t in tokens]
+    if not flat:
+        return
+    device = counts.device
+    lengths = torch.tensor([len(tokens) for tokens in token_lists], device=device)
+    row = torch.repeat_interleave(torch.arange(len(token_lists), device=device), lengths)
+    tokens = torch.tensor(flat, dtype=torch.long, device=device)
+    counts.index_put_((row, tokens), torch.ones(len(flat), device=device), accumulate=True)
+
+
+@dataclass(frozen=True)
+class RowCut:
+    """A top-k or top-p cut on some rows: `rows` their indices (None: every row), `values` [n, 1]
+    each row's k or p, `largest` the largest of them (known on the host: no device sync)."""
+
+    rows: torch.Tensor | None
+    values: torch.Tensor
+    largest: float
+
+
+@dataclass(frozen=True)
+class SamplingRows:
+    """The sampling parameters of R logits rows as tensors, so that temperature, top-k and top-p
+    apply to a whole batch at once (the rows of one request repeat its parameters)."""
+
+    temperature: torch.Tensor  # [R, 1] float32; 1 on greedy rows, whose logits stay plain
+    top_k: RowCut | None  # None: no row cuts by top-k
+    top_p: RowCut | None
+
+    @classmethod
+    def of(
+        cls, params: Sequence[SamplingParams], num_rows: Sequence[int], vocab: int, device: torch.device
+    ) -> SamplingRows:
+        """Rows of `params[i]` repeated `num_rows[i]` times. Greedy rows keep the plain logits
+        (temperature 1, no cut), as in vLLM."""
+        temperature, top_k, top_p = [], [], []
+        for p, n in zip(params, num_rows):
+            sampled = not p.greedy
+            temperature += [p.temperature if sampled else 1.0] * n
+            top_k += [p.top_k if sampled and 0 < p.top_k < vocab else 0] * n
+            top_p += [p.top_p if sampled else 1.0] * n
+        return cls(
+            torch.tensor(temperature, dtype=torch.float32, device=device).unsqueeze(1),
+            _row_cut(top_k, [k > 0 for k in top_k], torch.long, device),
+            _row_cut(top_p, [p < 1.0 for p in top_p], torch.float32, device),
+        )
+
+
+def _row_cut(values: list, cuts: list[bool], dtype: torch.dtype, device: torch.device) -> RowCut | None:
+    rows = [i for i, cut in enumerate(cuts) if cut]
+    if not rows:
+        return None
+    chosen = [values[i] for i in rows]
+    return RowCut(
+        None if len(rows) == len(values) else torch.tensor(rows, device=device),
+        torch.tensor(chosen, dtype=dtype, device=device).unsqueeze(1),
+        max(chosen),
+    )
+
+
+def processed_logits(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+    """Logits [R, V] whose softmax is each row's sampling distribution: scaled by the temperature,
+    tokens outside top-k / top-p at -inf."""
+    logits = logits.float() / rows.temperature
+    if rows.top_k is not None:
+        logits = _cut_rows(logits, rows.top_k, _top_k)
+    if rows.top_p is not None:
+        logits = _cut_rows(logits, rows.top_p, _top_p)
     return logits
 
 
-def _processed_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Logits whose softmax is the sampling distribution: scaled by the temperature, tokens outside
-    top-k / top-p at -inf. Greedy rows keep the plain logits (temperature 1, no cut), as in vLLM."""
-    logits = logits.float()
-    if params.greedy:
-        return logits
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= params.top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), float("-inf"))
-    return logits
+def _cut_rows(
+    logits: torch.Tensor, cut: RowCut, fn: Callable[[torch.Tensor, RowCut], torch.Tensor]
+) -> torch.Tensor:
+    if cut.rows is None:
+        return fn(logits, cut)
+    out = logits.clone()
+    out[cut.rows] = fn(logits[cut.rows], cut)
+    return out
+
+
+def _top_k(logits: torch.Tensor, cut: RowCut) -> torch.Tensor:
+    kth = logits.topk(int(cut.largest), dim=-1).values.gather(-1, cut.values - 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _top_p(logits: torch.Tensor, cut: RowCut) -> torch.Tensor:
+    top_p = cut.values
+    sorted_probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True, stable=True)
+    # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+    drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+    return logits.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), float("-inf"))
 
 
 def target_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -157,13 +271,16 @@ def target_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.T
 
     Greedy rows return the plain softmax: acceptance only reads its argmax.
     """
-    return _processed_logits(logits, params).softmax(dim=-1)
+    return processed_logits(
+        logits, SamplingRows.of([params], [logits.shape[0]], logits.shape[-1], logits.device)
+    ).softmax(dim=-1)
 
 
 def target_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """log of `target_distribution`, computed in log space (tiny probabilities keep their value;
     tokens top-k / top-p cut are -inf). This is vLLM's `logprobs_mode="processed_logprobs"`."""
-    return _processed_logits(logits, params).log_softmax(dim=-1)
+    rows = SamplingRows.of([params], [logits.shape[0]], logits.shape[-1], logits.device)
+    return processed_logits(logits, rows).log_softmax(dim=-1)
 
 
 def token_logprobs(logprobs: torch.Tensor, tokens: Sequence[int], num_top: int) -> list[TokenLogprob]:

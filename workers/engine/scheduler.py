@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from specray.kernels import use_triton
 from specray.workers.engine.config import EngineConfig
+from specray.workers.engine.cuda_graphs import StaticStepConfig
 from specray.workers.engine.drafter import DraftProposal
 from specray.workers.engine.model_runner import ModelRunner, ScheduledSequence
 from specray.workers.engine.request_limits import check_context, draft_limit
@@ -75,6 +77,19 @@ class Commit:
     prompt_logprobs: list[TokenLogprob] | None = None
 
 
+def static_steps(target: LoadedModel, config: EngineConfig) -> StaticStepConfig | None:
+    """CUDA graphs for decode (1 token per sequence) and verify (γ+1) steps, where the config
+    allows them and the target runs on a GPU with the Triton attention kernel."""
+    param = next(target.model.parameters())
+    if not (config.cuda_graphs and param.is_cuda and use_triton(param)):
+        return None
+    return StaticStepConfig(
+        query_lens=(1, config.num_speculative_tokens + 1),
+        max_batch=min(config.max_num_seqs, config.max_captured_batch),
+        capture=True,
+    )
+
+
 class Scheduler:
     def __init__(
         self,
@@ -85,7 +100,13 @@ class Scheduler:
     ) -> None:
         self.target = target
         self.config = config
-        self.runner = ModelRunner(target.model, config.kv_cache_tokens, config.block_size, feature_layers)
+        self.runner = ModelRunner(
+            target.model,
+            config.kv_cache_tokens,
+            config.block_size,
+            feature_layers,
+            static_steps(target, config),
+        )
         self.policy: SchedulingPolicy = policy_class(config.scheduling)(
             step_curve or config.step_curve, config.confidence_prior
         )
@@ -249,10 +270,9 @@ class Scheduler:
         sampling = [i for i, w in enumerate(work) if w.proposal is not None]
         verdicts: dict[int, Verdict] = {}
         if sampling:
+            # Only sampling sequences ask for logits, so the batch's logits are theirs, in order.
             results = verify_drafts(
-                [work[i].seq for i in sampling],
-                [work[i].proposal for i in sampling],
-                [out.logits[i] for i in sampling],
+                [work[i].seq for i in sampling], [work[i].proposal for i in sampling], out.all_logits
             )
             verdicts = dict(zip(sampling, results))
         commits = []
