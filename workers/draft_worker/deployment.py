@@ -21,6 +21,7 @@ from specray.cluster.runtime.logs import configure_logging
 from specray.cluster.runtime.stats_board import DRAFT_POOL, StatsBoard
 from specray.protos.specray.v1 import verify_pb2 as pb
 from specray.protos.specray.v1 import verify_pb2_grpc
+from specray.workers.draft_worker.draft_batcher import DraftBatcher
 from specray.workers.draft_worker.messages import SessionChunk, SessionRequest
 from specray.workers.draft_worker.session import DraftSessionConfig, VerifyFailed, draft_session
 from specray.workers.drafters.registry import build_drafter, check_num_speculative_tokens, needs_target
@@ -65,10 +66,12 @@ class DraftWorker:
         self.config = config
         # Named after the Serve replica, so a session's draft worker in Redis leads to its actor.
         self.worker_id = f"draft-{serve.get_replica_context().replica_id.unique_id}"
-        self.drafter: Drafter | None = self._build_drafter(config)
+        self.stats = DraftWorkerStats()
+        drafter = self._build_drafter(config)
+        # Every session's proposals go through one batcher: one drafter call per ready batch.
+        self.drafter = DraftBatcher(drafter, self.stats) if drafter is not None else None
         self._channels: dict[str, grpc.aio.Channel] = {}
         tracing.configure_tracing(config.tracing, "draft_worker")
-        self.stats = DraftWorkerStats()
         # The router's /metrics shows every replica's stats through Redis.
         self.stats_board = StatsBoard(config.redis_url) if config.redis_url else None
         self._publisher = (
@@ -153,6 +156,8 @@ class DraftWorker:
         return self.stats.autoscaling()
 
     async def __del__(self) -> None:
+        if self.drafter is not None:
+            self.drafter.close()
         if self._publisher is not None:
             self._publisher.cancel()
         if self.stats_board is not None:
