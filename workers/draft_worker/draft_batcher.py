@@ -27,14 +27,15 @@ class DraftBatcher:
         self.stats = stats or DraftWorkerStats()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="drafter")
         self._waiting: list[tuple[DraftRequest, asyncio.Future]] = []
-        self._drafting = False  # a drain task is running: new requests join its next call
+        # The task calling the drafter while requests wait (held here: the loop keeps only a
+        # weak reference to a task); new requests join its next call.
+        self._drain_task: asyncio.Task | None = None
 
     async def propose(self, request: DraftRequest) -> DraftProposal:
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((request, future))
-        if not self._drafting:
-            self._drafting = True
-            asyncio.get_running_loop().create_task(self._drain())
+        if self._drain_task is None or self._drain_task.done():
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
         return await future
 
     def observe(self, seq_id: str, features: torch.Tensor, start: int) -> None:
@@ -46,28 +47,25 @@ class DraftBatcher:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            while self._waiting:
-                batch, self._waiting = self._waiting, []
-                live = [(r, f) for r, f in batch if not f.done()]  # a cancelled session asks no more
-                if not live:
-                    continue
-                started = time.perf_counter()
-                try:
-                    proposals = await loop.run_in_executor(
-                        self._thread, self.drafter.propose, [r for r, _ in live]
-                    )
-                except Exception as err:  # the drafter failed: each waiting session fails with it
-                    for _, future in live:
-                        if not future.done():
-                            future.set_exception(err)
-                    continue
-                self.stats.record_drafting(len(live), time.perf_counter() - started)
-                for (_, future), proposal in zip(live, proposals):
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            live = [(r, f) for r, f in batch if not f.done()]  # a cancelled session asks no more
+            if not live:
+                continue
+            started = time.perf_counter()
+            try:
+                proposals = await loop.run_in_executor(
+                    self._thread, self.drafter.propose, [r for r, _ in live]
+                )
+            except Exception as err:  # the drafter failed: each waiting session fails with it
+                for _, future in live:
                     if not future.done():
-                        future.set_result(proposal)
-        finally:
-            self._drafting = False
+                        future.set_exception(err)
+                continue
+            self.stats.record_drafting(len(live), time.perf_counter() - started)
+            for (_, future), proposal in zip(live, proposals):
+                if not future.done():
+                    future.set_result(proposal)
 
     def close(self) -> None:
         """Run what is queued (observations, releases), then stop the drafting thread."""
