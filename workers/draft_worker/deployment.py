@@ -1,8 +1,10 @@
 """The DraftWorker deployment: holds the drafter and runs draft sessions against verifiers over gRPC.
 
 `generate` is a streaming method: the router calls it with a session's prompt and its verifier's
-address, and gets one chunk per verify step (the committed tokens). When the router goes away,
-Serve cancels the generator; closing the gRPC stream then makes the verifier free the session.
+address, and gets one chunk per verify step (the committed tokens). The session itself runs in a
+task of its own, so that streaming a chunk to the router never delays the next segment. When the
+router goes away, Serve cancels the generator; closing the gRPC stream then makes the verifier free
+the session.
 """
 
 from __future__ import annotations
@@ -125,31 +127,53 @@ class DraftWorker:
             resumed_output=list(request.output_ids) or None,
         )
         self.stats.sessions += 1
+        # The session runs on in a task of its own and hands its chunks over a queue: it sends its
+        # next segment as soon as a result arrives, while Serve streams that result to the router.
+        chunks: asyncio.Queue[SessionChunk | None] = asyncio.Queue()
+        task = asyncio.create_task(self._run_session(session, request.verifier_address, chunks))
+        try:
+            while (chunk := await chunks.get()) is not None:
+                yield chunk
+            await task  # raises what ended the session unexpectedly
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await session.aclose()
+            self.stats.sessions -= 1
+            span.end()
+
+    async def _run_session(
+        self,
+        session: AsyncIterator[pb.VerifyResult],
+        verifier_address: str,
+        chunks: asyncio.Queue[SessionChunk | None],
+    ) -> None:
+        """Put one chunk per verify step on `chunks`, or an error chunk, then None."""
         try:
             async for result in session:
                 if result.segment_id:  # a decode segment, not the prefill
                     self.stats.record(result.num_drafts, result.accepted)
-                yield SessionChunk(
-                    tokens=tuple(result.tokens),
-                    num_drafts=result.num_drafts,
-                    accepted=result.accepted,
-                    finished=result.finished,
-                    finish_reason=result.finish_reason or None,
-                    stop_text_len=None if result.stop_text_len < 0 else result.stop_text_len,
-                    logprobs=decode_logprobs(result.logprobs),
-                    prompt_logprobs=decode_logprobs(result.prompt_logprobs),
+                chunks.put_nowait(
+                    SessionChunk(
+                        tokens=tuple(result.tokens),
+                        num_drafts=result.num_drafts,
+                        accepted=result.accepted,
+                        finished=result.finished,
+                        finish_reason=result.finish_reason or None,
+                        stop_text_len=None if result.stop_text_len < 0 else result.stop_text_len,
+                        logprobs=decode_logprobs(result.logprobs),
+                        prompt_logprobs=decode_logprobs(result.prompt_logprobs),
+                    )
                 )
         except VerifyFailed as err:
-            yield SessionChunk.failure(str(err), pb.VerifyError.Code.Name(err.code))
+            chunks.put_nowait(SessionChunk.failure(str(err), pb.VerifyError.Code.Name(err.code)))
         except (ConnectionError, grpc.aio.AioRpcError) as err:
             # The verifier is gone; the router answers 503 and the client may retry.
-            yield SessionChunk.failure(
-                f"verifier {request.verifier_address} unreachable: {err}", "UNAVAILABLE"
+            chunks.put_nowait(
+                SessionChunk.failure(f"verifier {verifier_address} unreachable: {err}", "UNAVAILABLE")
             )
         finally:
-            await session.aclose()
-            self.stats.sessions -= 1
-            span.end()
+            chunks.put_nowait(None)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's autoscaler calls this; the draft pool's policy reads it."""
