@@ -95,7 +95,10 @@ class VerifierCore:
         self._queue: list[_Job] = []
         self._in_flight: set[str] = set()  # sessions with a queued or running job
         self._returning: set[str] = set()  # the last step's sessions: their next segment is due
-        self._step_time = 0.0  # running average of a step's duration, seconds
+        # A step's duration, seconds: running average and last; the smaller bounds the gathering
+        # wait (one slow step, e.g. a first forward that compiles a kernel, must not make it long).
+        self._step_time = 0.0
+        self._last_step_time = 0.0
         # Set whenever there is work (a queued job or a session to free); binds to no loop until used.
         self._wakeup = asyncio.Event()
 
@@ -221,7 +224,7 @@ class VerifierCore:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            await self._gather(answered + GATHER_WINDOW * self._step_time)
+            await self._gather(answered + GATHER_WINDOW * min(self._step_time, self._last_step_time))
             self.scheduler.free_released()
             self.telemetry.begin_step()
             batch = self._take_batch()
@@ -237,7 +240,8 @@ class VerifierCore:
                     for j in batch
                 ]
             answered = loop.time()
-            self._step_time += STEP_TIME_SMOOTHING * (answered - started - self._step_time)
+            self._last_step_time = answered - started
+            self._step_time += STEP_TIME_SMOOTHING * (self._last_step_time - self._step_time)
             self.telemetry.end_step(batch, replies)
             for job, reply in zip(batch, replies):
                 self._in_flight.discard(job.seq.seq_id)

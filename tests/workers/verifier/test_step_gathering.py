@@ -53,7 +53,7 @@ def test_a_late_session_joins_the_step_of_the_one_back_first(target):
         try:
             committed = await _two_sessions_opened_in_one_step(core)
             # A slow machine: the window (half a step) is long; the first segment back waits in it.
-            core._step_time = 60.0
+            core._step_time = core._last_step_time = 60.0
             first = asyncio.create_task(core.handle(_segment("s0", committed[0])))
             await asyncio.sleep(0.2)
             assert core.steps == 1 and not first.done(), "a step started without the other session"
@@ -74,7 +74,7 @@ def test_a_session_that_closes_is_not_waited_for(target):
         loop = asyncio.create_task(core.run())
         try:
             committed = await _two_sessions_opened_in_one_step(core)
-            core._step_time = 60.0
+            core._step_time = core._last_step_time = 60.0
             first = asyncio.create_task(core.handle(_segment("s0", committed[0])))
             await asyncio.sleep(0.2)
             core.close("s1")  # its client went away: no segment is coming
