@@ -1,13 +1,14 @@
 """Failover: a request whose verifier or draft worker dies goes on elsewhere, losing no token.
 
-The verifier writes every step's committed tokens to Redis before it answers, so Redis holds at
-least what the router has received. When the path fails — the draft worker reports its verifier
-unreachable, or the draft worker itself dies (a Ray error on its stream) — the router waits a moment,
-takes from Redis any committed tokens it had not received yet (while the record is still this
-request's and running), and opens the session again: on a live verifier other than a failed one,
-through whichever draft worker Serve picks, with the committed output after the prompt. With one
-replica per pool (the default) that is the replacement Serve starts, so the router keeps trying,
-with backoff, until `failover.deadline_s` has passed without progress. The new
+The verifier writes each step's committed tokens to Redis behind its replies, so Redis may lag
+what the router received by the writes in flight, or lead it by replies lost with a dead draft
+worker. When the path fails — the draft worker reports its verifier unreachable, or the draft
+worker itself dies (a Ray error on its stream) — the router waits a moment, takes from Redis any
+committed tokens beyond those it received (while the record is still this request's, running,
+and agrees with what it received), and opens the session again: on a live verifier other than a
+failed one, through whichever draft worker Serve picks, with the committed output after the
+prompt. With one replica per pool (the default) that is the replacement Serve starts, so the router
+keeps trying, with backoff, until `failover.deadline_s` has passed without progress. The new
 verifier re-prefills prompt + output and generation goes on. Greedy output is unchanged; sampled
 output remains a sample of the target's distribution (its random stream restarts at the resume).
 """

@@ -41,6 +41,21 @@ _FAMILIES = (
         True,
         "Of those, accepted by a verifier.",
     ),
+    (
+        DRAFT_POOL,
+        "drafter_calls",
+        "specray:drafter_calls",
+        True,
+        "Drafter calls of the draft worker, each proposing for every session ready then.",
+    ),
+    (
+        DRAFT_POOL,
+        "drafter_proposals",
+        "specray:drafter_proposals",
+        True,
+        "Proposals those calls made (per call: sessions drafted together).",
+    ),
+    (DRAFT_POOL, "drafter_seconds", "specray:drafter_seconds", True, "Time spent in the drafter."),
     (VERIFIER_POOL, "batches", "specray:verifier_batches", True, "Verifier steps (one target forward each)."),
     (
         VERIFIER_POOL,

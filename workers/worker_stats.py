@@ -23,12 +23,20 @@ class DraftWorkerStats:
     segments: int = 0  # verify results of decode segments (prefills excluded)
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    drafter_calls: int = 0  # drafter forward calls, each proposing for a batch of sessions
+    drafter_proposals: int = 0  # proposals they made: ÷ calls is the sessions drafted per call
+    drafter_seconds: float = 0.0  # time spent in the drafter
     _reported: tuple[int, int] = field(default=(0, 0), repr=False)
 
     def record(self, num_drafts: int, accepted: int) -> None:
         self.segments += 1
         self.draft_tokens += num_drafts
         self.accepted_tokens += accepted
+
+    def record_drafting(self, num_proposals: int, seconds: float) -> None:
+        self.drafter_calls += 1
+        self.drafter_proposals += num_proposals
+        self.drafter_seconds += seconds
 
     def snapshot(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items() if not k.startswith("_")}

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio.client import Pipeline
+
 from specray.cluster.runtime.redis_client import connect
 
 SESSION_PREFIX = "specray:session:"
@@ -56,25 +58,8 @@ class SessionStore:
         output_ids: list[int] | None = None,
     ) -> None:
         """A session starts, or resumes here with the output it had already committed elsewhere."""
-        key = SESSION_PREFIX + session_id
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
-            pipe.hset(
-                key,
-                mapping={
-                    "verifier": verifier_id,
-                    "draft_worker": draft_worker,
-                    "prompt_ids": json.dumps(prompt_ids),
-                    "output_ids": json.dumps(output_ids or []),
-                    "kv_len": 0,
-                    "params": json.dumps(params),
-                    "status": "running",
-                    "verify_steps": 0,
-                    "draft_tokens": 0,
-                    "accepted_tokens": 0,
-                },
-            )
-            pipe.expire(key, self.session_ttl_s)
+            self.stage_open(pipe, session_id, verifier_id, draft_worker, prompt_ids, params, output_ids)
             await pipe.execute()
 
     async def record_step(
@@ -88,20 +73,69 @@ class SessionStore:
         verify_lengths: list[int] | None = None,
     ) -> None:
         """One verify step; `verify_lengths` (drafts verified at each step so far) when recorded."""
-        key = SESSION_PREFIX + session_id
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={"output_ids": json.dumps(output_ids), "kv_len": kv_len})
-            if verify_lengths is not None:
-                pipe.hset(key, "verify_lengths", json.dumps(verify_lengths))
-            pipe.hincrby(key, "verify_steps", 1)
-            pipe.hincrby(key, "draft_tokens", num_drafts)
-            pipe.hincrby(key, "accepted_tokens", accepted)
-            if finish_reason:
-                pipe.hset(key, mapping={"status": "finished", "finish_reason": finish_reason})
-                pipe.expire(key, self.finished_ttl_s)
-            else:
-                pipe.expire(key, self.session_ttl_s)
+            self.stage_step(
+                pipe, session_id, output_ids, kv_len, num_drafts, accepted, finish_reason, verify_lengths
+            )
             await pipe.execute()
+
+    # The same writes added to a caller's pipeline, so that one round trip carries many of them.
+    def stage_open(
+        self,
+        pipe: Pipeline,
+        session_id: str,
+        verifier_id: str,
+        draft_worker: str,
+        prompt_ids: list[int],
+        params: dict[str, Any],
+        output_ids: list[int] | None = None,
+    ) -> None:
+        key = SESSION_PREFIX + session_id
+        pipe.delete(key)
+        pipe.hset(
+            key,
+            mapping={
+                "verifier": verifier_id,
+                "draft_worker": draft_worker,
+                "prompt_ids": json.dumps(prompt_ids),
+                "output_ids": json.dumps(output_ids or []),
+                "kv_len": 0,
+                "params": json.dumps(params),
+                "status": "running",
+                "verify_steps": 0,
+                "draft_tokens": 0,
+                "accepted_tokens": 0,
+            },
+        )
+        pipe.expire(key, self.session_ttl_s)
+
+    def stage_step(
+        self,
+        pipe: Pipeline,
+        session_id: str,
+        output_ids: list[int],
+        kv_len: int,
+        num_drafts: int,
+        accepted: int,
+        finish_reason: str | None,
+        verify_lengths: list[int] | None = None,
+    ) -> None:
+        key = SESSION_PREFIX + session_id
+        pipe.hset(key, mapping={"output_ids": json.dumps(output_ids), "kv_len": kv_len})
+        if verify_lengths is not None:
+            pipe.hset(key, "verify_lengths", json.dumps(verify_lengths))
+        pipe.hincrby(key, "verify_steps", 1)
+        pipe.hincrby(key, "draft_tokens", num_drafts)
+        pipe.hincrby(key, "accepted_tokens", accepted)
+        if finish_reason:
+            pipe.hset(key, mapping={"status": "finished", "finish_reason": finish_reason})
+            pipe.expire(key, self.finished_ttl_s)
+        else:
+            pipe.expire(key, self.session_ttl_s)
+
+    def stage_delete(self, pipe: Pipeline, session_id: str, owner: tuple[str, str]) -> None:
+        """Delete the record while it still names `owner` (verifier, draft worker)."""
+        pipe.eval(_DELETE_IF_OWNED, 1, SESSION_PREFIX + session_id, *owner)
 
     async def get_session(self, session_id: str) -> dict[str, str] | None:
         record = await self.redis.hgetall(SESSION_PREFIX + session_id)

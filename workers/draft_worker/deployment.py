@@ -1,8 +1,10 @@
 """The DraftWorker deployment: holds the drafter and runs draft sessions against verifiers over gRPC.
 
 `generate` is a streaming method: the router calls it with a session's prompt and its verifier's
-address, and gets one chunk per verify step (the committed tokens). When the router goes away,
-Serve cancels the generator; closing the gRPC stream then makes the verifier free the session.
+address, and gets one chunk per verify step (the committed tokens). The session itself runs in a
+task of its own, so that streaming a chunk to the router never delays the next segment. When the
+router goes away, Serve cancels the generator; closing the gRPC stream then makes the verifier free
+the session.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from specray.cluster.runtime.logs import configure_logging
 from specray.cluster.runtime.stats_board import DRAFT_POOL, StatsBoard
 from specray.protos.specray.v1 import verify_pb2 as pb
 from specray.protos.specray.v1 import verify_pb2_grpc
+from specray.workers.draft_worker.draft_batcher import DraftBatcher
 from specray.workers.draft_worker.messages import SessionChunk, SessionRequest
 from specray.workers.draft_worker.session import DraftSessionConfig, VerifyFailed, draft_session
 from specray.workers.drafters.registry import build_drafter, check_num_speculative_tokens, needs_target
@@ -65,10 +68,12 @@ class DraftWorker:
         self.config = config
         # Named after the Serve replica, so a session's draft worker in Redis leads to its actor.
         self.worker_id = f"draft-{serve.get_replica_context().replica_id.unique_id}"
-        self.drafter: Drafter | None = self._build_drafter(config)
+        self.stats = DraftWorkerStats()
+        drafter = self._build_drafter(config)
+        # Every session's proposals go through one batcher: one drafter call per ready batch.
+        self.drafter = DraftBatcher(drafter, self.stats) if drafter is not None else None
         self._channels: dict[str, grpc.aio.Channel] = {}
         tracing.configure_tracing(config.tracing, "draft_worker")
-        self.stats = DraftWorkerStats()
         # The router's /metrics shows every replica's stats through Redis.
         self.stats_board = StatsBoard(config.redis_url) if config.redis_url else None
         self._publisher = (
@@ -122,37 +127,61 @@ class DraftWorker:
             resumed_output=list(request.output_ids) or None,
         )
         self.stats.sessions += 1
+        # The session runs on in a task of its own and hands its chunks over a queue: it sends its
+        # next segment as soon as a result arrives, while Serve streams that result to the router.
+        chunks: asyncio.Queue[SessionChunk | None] = asyncio.Queue()
+        task = asyncio.create_task(self._run_session(session, request.verifier_address, chunks))
+        try:
+            while (chunk := await chunks.get()) is not None:
+                yield chunk
+            await task  # raises what ended the session unexpectedly
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await session.aclose()
+            self.stats.sessions -= 1
+            span.end()
+
+    async def _run_session(
+        self,
+        session: AsyncIterator[pb.VerifyResult],
+        verifier_address: str,
+        chunks: asyncio.Queue[SessionChunk | None],
+    ) -> None:
+        """Put one chunk per verify step on `chunks`, or an error chunk, then None."""
         try:
             async for result in session:
                 if result.segment_id:  # a decode segment, not the prefill
                     self.stats.record(result.num_drafts, result.accepted)
-                yield SessionChunk(
-                    tokens=tuple(result.tokens),
-                    num_drafts=result.num_drafts,
-                    accepted=result.accepted,
-                    finished=result.finished,
-                    finish_reason=result.finish_reason or None,
-                    stop_text_len=None if result.stop_text_len < 0 else result.stop_text_len,
-                    logprobs=decode_logprobs(result.logprobs),
-                    prompt_logprobs=decode_logprobs(result.prompt_logprobs),
+                chunks.put_nowait(
+                    SessionChunk(
+                        tokens=tuple(result.tokens),
+                        num_drafts=result.num_drafts,
+                        accepted=result.accepted,
+                        finished=result.finished,
+                        finish_reason=result.finish_reason or None,
+                        stop_text_len=None if result.stop_text_len < 0 else result.stop_text_len,
+                        logprobs=decode_logprobs(result.logprobs),
+                        prompt_logprobs=decode_logprobs(result.prompt_logprobs),
+                    )
                 )
         except VerifyFailed as err:
-            yield SessionChunk.failure(str(err), pb.VerifyError.Code.Name(err.code))
+            chunks.put_nowait(SessionChunk.failure(str(err), pb.VerifyError.Code.Name(err.code)))
         except (ConnectionError, grpc.aio.AioRpcError) as err:
             # The verifier is gone; the router answers 503 and the client may retry.
-            yield SessionChunk.failure(
-                f"verifier {request.verifier_address} unreachable: {err}", "UNAVAILABLE"
+            chunks.put_nowait(
+                SessionChunk.failure(f"verifier {verifier_address} unreachable: {err}", "UNAVAILABLE")
             )
         finally:
-            await session.aclose()
-            self.stats.sessions -= 1
-            span.end()
+            chunks.put_nowait(None)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's autoscaler calls this; the draft pool's policy reads it."""
         return self.stats.autoscaling()
 
     async def __del__(self) -> None:
+        if self.drafter is not None:
+            self.drafter.close()
         if self._publisher is not None:
             self._publisher.cancel()
         if self.stats_board is not None:

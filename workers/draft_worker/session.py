@@ -4,7 +4,8 @@ Pipelining: while segment s (built on committed tokens T) is being verified, the
 proposes the continuation of T + s. If the verifier accepts all of s and its bonus token is the
 continuation's first token, the rest of the continuation is the next segment and is sent at once;
 otherwise (the previous segment was cut short) it is dropped and the drafter starts over from the
-new committed tokens.
+new committed tokens. Proposals go through the worker's `DraftBatcher`, in one drafter call with
+those of the other sessions ready at the same time.
 
 Draft length: at most γ, and at most the verify budget the verifier reported with its last result
 (its scheduler's view of how many drafts of this session it can use under its current load).
@@ -22,8 +23,9 @@ from opentelemetry.context import Context
 
 from specray.cluster.runtime import tracing
 from specray.protos.specray.v1 import verify_pb2 as pb
+from specray.workers.draft_worker.draft_batcher import DraftBatcher
 from specray.workers.draft_worker.segment_channel import SegmentChannel
-from specray.workers.engine.drafter import Drafter, DraftProposal, DraftRequest
+from specray.workers.engine.drafter import DraftProposal, DraftRequest
 from specray.workers.engine.request_limits import draft_limit
 from specray.workers.engine.sampling import SamplingParams
 from specray.workers.protocol import decode_tensor, encode_params, encode_tensor
@@ -45,7 +47,7 @@ class DraftSessionConfig:
 
 async def draft_session(
     channel: SegmentChannel,
-    drafter: Drafter | None,
+    drafter: DraftBatcher | None,
     session_id: str,
     prompt_ids: list[int],
     params: SamplingParams,
@@ -60,6 +62,7 @@ async def draft_session(
     tokens = list(prompt_ids) + list(resumed_output or ())
     generator = params.generator()
     span: trace.Span | None = None  # the segment in flight
+    guess: asyncio.Future | None = None  # the continuation being drafted
     try:
         open_msg = pb.OpenSession(
             session_id=session_id,
@@ -90,7 +93,7 @@ async def draft_session(
             proposal = (
                 ahead.prefix(limit)
                 if ahead is not None
-                else _propose(drafter, session_id, tokens, limit, params, generator)
+                else await _propose(drafter, session_id, tokens, limit, params, generator)
             )
             segment_id += 1
             span.set_attributes(
@@ -103,31 +106,39 @@ async def draft_session(
             await channel.send(
                 pb.DraftMessage(segment=_segment(session_id, segment_id, len(tokens), proposal))
             )
-            reply = asyncio.ensure_future(_receive(channel, drafter, session_id))
             # Draft the continuation while the verifier works; one extra token covers the bonus.
-            guess = _propose(drafter, session_id, tokens + proposal.tokens, limit + 1, params, generator)
-            result = await reply
+            guess = asyncio.ensure_future(
+                _propose(drafter, session_id, tokens + proposal.tokens, limit + 1, params, generator)
+            )
+            result = await _receive(channel, drafter, session_id)
             span.set_attribute(tracing.ACCEPTED, result.accepted)
             span.end()
             tokens += result.tokens
-            ahead = None
-            full = result.accepted == len(proposal.tokens)
-            if full and guess.tokens[:1] == result.tokens[-1:]:
-                ahead = DraftProposal(
-                    guess.tokens[1:],
-                    guess.probs[1:] if guess.probs is not None else None,
-                    guess.confidence[1:] if guess.confidence is not None else None,
-                )
             yield result
+            ahead = None
+            if result.accepted < len(proposal.tokens):
+                guess.cancel()  # it continues drafts the verifier rejected
+                continue
+            # Every draft accepted: the guess goes on if it starts with the bonus token. (The
+            # verifier may have answered before the drafter did: then wait for the drafter.)
+            continuation = await guess
+            if continuation.tokens[:1] == result.tokens[-1:]:
+                ahead = DraftProposal(
+                    continuation.tokens[1:],
+                    continuation.probs[1:] if continuation.probs is not None else None,
+                    continuation.confidence[1:] if continuation.confidence is not None else None,
+                )
     finally:
         if span is not None and span.is_recording():  # the session failed mid-segment
             span.end()
+        if guess is not None:
+            guess.cancel()
         if drafter is not None:
             drafter.release(session_id)
         await channel.close()
 
 
-async def _receive(channel: SegmentChannel, drafter: Drafter | None, session_id: str) -> pb.VerifyResult:
+async def _receive(channel: SegmentChannel, drafter: DraftBatcher | None, session_id: str) -> pb.VerifyResult:
     reply = await channel.recv()
     if reply.WhichOneof("kind") == "error":
         raise VerifyFailed(reply.error)
@@ -137,8 +148,8 @@ async def _receive(channel: SegmentChannel, drafter: Drafter | None, session_id:
     return result
 
 
-def _propose(
-    drafter: Drafter | None,
+async def _propose(
+    drafter: DraftBatcher | None,
     session_id: str,
     tokens: list[int],
     limit: int,
@@ -147,7 +158,7 @@ def _propose(
 ) -> DraftProposal:
     if drafter is None or limit <= 0:
         return DraftProposal(tokens=[])
-    return drafter.propose([DraftRequest(session_id, tokens, limit, params, generator)])[0]
+    return await drafter.propose(DraftRequest(session_id, list(tokens), limit, params, generator))
 
 
 def _segment(

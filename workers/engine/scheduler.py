@@ -293,6 +293,8 @@ class Scheduler:
             logprobs = None
             if w.proposal is not None:
                 seq.stats.record(num_verified, num_accepted)
+                if w.proposal.confidence is None and num_verified:
+                    self.policy.record(num_verified, num_accepted)
                 tokens = append_tokens(
                     seq, verdict.emitted, self.target.stop_token_ids, self.target.tokenizer, self.max_context
                 )

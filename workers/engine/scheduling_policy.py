@@ -1,17 +1,19 @@
 """How many of each sequence's drafts a step verifies: one policy object, chosen once by name.
 
 `fixed` verifies every draft, `confidence` runs DSpark Algorithm 1 over the profiled step curve,
-`off` verifies none (autoregressive decoding through the same machinery). Drafters without
-confidences (n-gram) count `prior` per draft.
+`off` verifies none (autoregressive decoding through the same machinery). Drafts without
+confidences (n-gram) count their observed acceptance per position, starting from `prior`
+(`acceptance_estimate.py`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
+from specray.workers.engine.acceptance_estimate import AcceptanceEstimate
 from specray.workers.engine.confidence_scheduler import confidence_budget
 from specray.workers.engine.step_curve import StepCurve
 
@@ -28,12 +30,18 @@ class SchedulingPolicy(ABC):
 
     curve: StepCurve | None = None
     prior: float = 0.6
+    # Observed acceptance of confidence-less drafts, which `record` feeds.
+    acceptance: AcceptanceEstimate = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.needs_step_curve and self.curve is None:
             raise ValueError(f"{self.name} scheduling needs a step curve")
-        if not 0.0 <= self.prior <= 1.0:
-            raise ValueError("the confidence prior must lie in [0, 1]")
+        object.__setattr__(self, "acceptance", AcceptanceEstimate(self.prior))
+
+    def record(self, num_verified: int, num_accepted: int) -> None:
+        """A step verified `num_verified` confidence-less drafts of a sequence, accepted the first
+        `num_accepted`."""
+        self.acceptance.record(num_verified, num_accepted)
 
     def budgets(
         self,
@@ -66,12 +74,13 @@ class SchedulingPolicy(ABC):
     def survival_inputs(
         self, num_drafts: Sequence[int], confidences: Sequence[Sequence[float] | None]
     ) -> list[list[float]]:
-        """Each request's per-draft confidences, the prior standing in where the drafter has none."""
+        """Each request's per-draft confidences; where the drafter has none, the acceptance observed
+        at each draft position."""
         filled = []
         for n, cs in zip(num_drafts, confidences):
             if cs is not None and len(cs) != n:
                 raise ValueError(f"{len(cs)} confidences for {n} drafts")
-            filled.append(list(cs) if cs is not None else [self.prior] * n)
+            filled.append(list(cs) if cs is not None else self.acceptance.confidences(n))
         return filled
 
 

@@ -1,6 +1,12 @@
 """The verifier's engine: sessions, a segment queue and the batching loop, without any transport.
 
-Draft workers open a session (prefill), then send one `DraftSegment` at a time. Each step takes
+Draft workers open a session (prefill), then send one `DraftSegment` at a time. A step's sessions
+come back together: each gets its result, and its draft worker sends the next segment a network
+round trip later. So before a step the loop waits for the sessions of the previous step that have
+not sent their next segment yet, up to a fraction of a step's time (`GATHER_WINDOW`); otherwise the
+first segment back would start a step of its own and the others the one after, and the sessions
+would stay split into half-full steps (on CPU a step of one sequence costs nearly as much as a
+step of all). A session that misses the window joins the step after. Each step takes
 queued segments from many sessions (continuous batching, under the sequence and token limits) in
 priority order: segments that already waited a step first, then by expected accepted length (the sum
 of their survival probabilities). The confidence scheduler then decides how many of each segment's
@@ -30,6 +36,10 @@ from specray.workers.verifier.segment_validation import check_draft_probs, split
 from specray.workers.verifier.telemetry import VerifierTelemetry
 
 Code = pb.VerifyError.Code
+# How long a step waits for the previous step's sessions, as a fraction of the recent step time:
+# waiting costs the sessions present this long, starting without the late ones costs them a step.
+GATHER_WINDOW = 0.5
+STEP_TIME_SMOOTHING = 0.2  # weight of the latest step in the running step time
 
 
 class SegmentRejected(Exception):
@@ -84,6 +94,11 @@ class VerifierCore:
         self._arrivals = itertools.count()
         self._queue: list[_Job] = []
         self._in_flight: set[str] = set()  # sessions with a queued or running job
+        self._returning: set[str] = set()  # the last step's sessions: their next segment is due
+        # A step's duration, seconds: running average and last; the smaller bounds the gathering
+        # wait (one slow step, e.g. a first forward that compiles a kernel, must not make it long).
+        self._step_time = 0.0
+        self._last_step_time = 0.0
         # Set whenever there is work (a queued job or a session to free); binds to no loop until used.
         self._wakeup = asyncio.Event()
 
@@ -204,15 +219,19 @@ class VerifierCore:
     # ---- the batching loop ----------------------------------------------------------------------
     async def run(self) -> None:
         """Serve steps forever; the forward runs in a thread so the event loop keeps taking segments."""
+        loop = asyncio.get_running_loop()
+        answered = loop.time()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
+            await self._gather(answered + GATHER_WINDOW * min(self._step_time, self._last_step_time))
             self.scheduler.free_released()
             self.telemetry.begin_step()
             batch = self._take_batch()
             if not batch:
                 continue
             self.telemetry.scheduled(batch)
+            started = loop.time()
             try:
                 replies = await asyncio.to_thread(self._step, batch)
             except Exception as err:  # a failed forward fails its segments, not the replica
@@ -220,6 +239,9 @@ class VerifierCore:
                     _error(j.seq.seq_id, j.segment_id, Code.UNKNOWN, repr(err), j.seq.num_tokens)
                     for j in batch
                 ]
+            answered = loop.time()
+            self._last_step_time = answered - started
+            self._step_time += STEP_TIME_SMOOTHING * (self._last_step_time - self._step_time)
             self.telemetry.end_step(batch, replies)
             for job, reply in zip(batch, replies):
                 self._in_flight.discard(job.seq.seq_id)
@@ -227,8 +249,27 @@ class VerifierCore:
                     self.close(job.seq.seq_id)
                 if not job.done.done():
                     job.done.set_result(reply)
+            self._returning = {job.seq.seq_id for job in batch if not job.seq.finished}
             if self._queue or self.scheduler.has_released:
                 self._wakeup.set()
+
+    async def _gather(self, deadline: float) -> None:
+        """Wait until the last step's sessions have sent their next segments (or closed), or the
+        loop's clock reaches `deadline`. Arrivals and closes wake the loop; it re-checks then."""
+        loop = asyncio.get_running_loop()
+        while self._due() and (remaining := deadline - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+            self._wakeup.clear()
+
+    def _due(self) -> bool:
+        """Whether a session of the last step is still open here without its next segment."""
+        self._returning = {
+            sid for sid in self._returning if sid in self.sessions and sid not in self._in_flight
+        }
+        return bool(self._returning)
 
     def _take_batch(self) -> list[_Job]:
         """The next step's jobs, their proposals cut to the drafts the policy verifies."""

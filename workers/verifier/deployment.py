@@ -82,15 +82,17 @@ class VerifierServicer(verify_pb2_grpc.VerifierServicer):
                     finished = result.finished
                     if kind == "segment":
                         verify_lengths.append(result.num_drafts)
-                    await self.store.record_step(
+                    written = self.store.record_step(
                         session_id,
                         output_ids,
                         result.committed_len - 1,  # the last committed token is not in the KV yet
                         result.num_drafts,
                         result.accepted,
                         result.finish_reason if finished else None,
-                        verify_lengths=verify_lengths,
+                        verify_lengths,
                     )
+                    if finished:  # the record says finished before the last token goes out
+                        await written
                 yield reply
         finally:
             # The stream is over: done, closed by the draft worker, or the client went away.
@@ -185,12 +187,17 @@ class Verifier:
             ),
             feature_layers,
         )
+        bookkeeping = SessionBookkeeping(self.store)
         verify_pb2_grpc.add_VerifierServicer_to_server(
-            VerifierServicer(self.verifier_id, self.core, SessionBookkeeping(self.store)), self.server
+            VerifierServicer(self.verifier_id, self.core, bookkeeping), self.server
         )
         self.address = self._bind(pool.host, pool.port_range)
+        self._tasks = [
+            asyncio.create_task(self.core.run()),
+            asyncio.create_task(bookkeeping.run()),
+            asyncio.create_task(self._heartbeat()),
+        ]
         await self.server.start()
-        self._tasks = [asyncio.create_task(self.core.run()), asyncio.create_task(self._heartbeat())]
         await self._publish()
         logger.info("verifier %s serving on %s", self.verifier_id, self.address)
 

@@ -9,6 +9,7 @@ from local_channel import LocalChannel
 from replay_drafter import ReplayDrafter
 
 from specray.protos.specray.v1 import verify_pb2 as pb
+from specray.workers.draft_worker.draft_batcher import DraftBatcher
 from specray.workers.draft_worker.session import DraftSessionConfig, VerifyFailed, draft_session
 from specray.workers.drafters.ngram import NgramDrafter
 from specray.workers.engine.config import EngineConfig
@@ -38,7 +39,7 @@ async def _generate(
 ) -> list[int]:
     tokens = []
     async for result in draft_session(
-        LocalChannel(core), NgramDrafter(), session_id, prompt, params, DraftSessionConfig()
+        LocalChannel(core), DraftBatcher(NgramDrafter()), session_id, prompt, params, DraftSessionConfig()
     ):
         tokens += result.tokens
     return tokens
@@ -167,14 +168,17 @@ def test_features_reach_the_drafter_for_every_committed_position(smollm2, prompt
     drafter = _RecordingNgram()
     core = VerifierCore(smollm2, EngineConfig(kv_cache_tokens=2048), drafter.feature_layers)
 
+    batcher = DraftBatcher(drafter)
+
     async def scenario():
         tokens = []
-        session = draft_session(LocalChannel(core), drafter, "f", prompt_ids[0], PARAMS, DraftSessionConfig())
+        session = draft_session(LocalChannel(core), batcher, "f", prompt_ids[0], PARAMS, DraftSessionConfig())
         async for result in session:
             tokens += result.tokens
         return tokens
 
     assert asyncio.run(_with_loop(core, scenario())) == engine_outputs[0]
+    batcher.close()  # the drafting thread has run every observation queued
     # Contiguous from 0: each result covers the positions whose KV it computed and kept.
     position = 0
     for start, rows in drafter.observed:
@@ -220,7 +224,7 @@ def test_logprobs_and_penalties_cross_the_protocol(smollm2, prompt_ids):
     async def scenario():
         results = []
         session = draft_session(
-            LocalChannel(core), drafter, "lp", prompt_ids[0], params, DraftSessionConfig()
+            LocalChannel(core), DraftBatcher(drafter), "lp", prompt_ids[0], params, DraftSessionConfig()
         )
         async for result in session:
             results.append(result)

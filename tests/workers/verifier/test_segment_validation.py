@@ -13,6 +13,7 @@ import torch
 from local_channel import LocalChannel
 
 from specray.protos.specray.v1 import verify_pb2 as pb
+from specray.workers.draft_worker.draft_batcher import DraftBatcher
 from specray.workers.draft_worker.session import DraftSessionConfig, draft_session
 from specray.workers.drafters.ngram import NgramDrafter
 from specray.workers.engine.config import EngineConfig
@@ -99,7 +100,13 @@ async def _generate(
 ) -> list[int]:
     tokens = []
     session = draft_session(
-        LocalChannel(core), NgramDrafter(), "r", PROMPT, params, DraftSessionConfig(), resumed_output=resumed
+        LocalChannel(core),
+        DraftBatcher(NgramDrafter()),
+        "r",
+        PROMPT,
+        params,
+        DraftSessionConfig(),
+        resumed_output=resumed,
     )
     async for result in session:
         tokens += result.tokens

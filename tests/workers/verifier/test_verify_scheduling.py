@@ -10,6 +10,7 @@ from local_channel import LocalChannel
 from tiny_models import tiny_hf_model
 
 from specray.protos.specray.v1 import verify_pb2 as pb
+from specray.workers.draft_worker.draft_batcher import DraftBatcher
 from specray.workers.draft_worker.session import DraftSessionConfig, draft_session
 from specray.workers.drafters.ngram import NgramDrafter
 from specray.workers.engine.config import EngineConfig
@@ -139,7 +140,12 @@ def test_draft_sessions_follow_the_budget_and_equal_autoregressive(target):
 
     async def one(i: int) -> list[pb.VerifyResult]:
         session = draft_session(
-            LocalChannel(core), NgramDrafter(), f"s{i}", PROMPTS[i], PARAMS, DraftSessionConfig(5, 256)
+            LocalChannel(core),
+            DraftBatcher(NgramDrafter()),
+            f"s{i}",
+            PROMPTS[i],
+            PARAMS,
+            DraftSessionConfig(5, 256),
         )
         return [result async for result in session]
 
