@@ -1,4 +1,4 @@
-"""`specray train data|cache|fit|calibrate|score`: the DeepSpec-style drafter training pipeline.
+"""`specray train data|cache|fit|calibrate|score|recipe`: the DeepSpec-style drafter training pipeline.
 
 Each step reads the previous one's output directory, is resumable, and shows progress bars.
 """
@@ -156,6 +156,72 @@ def register(p: argparse.ArgumentParser) -> None:
     score.add_argument("--device", default="cpu")
     score.add_argument("--json", type=Path, help="write both reports here (+ a PNG per temperature)")
     score.set_defaults(func=run_score)
+
+    _register_recipe(steps)
+
+
+def _register_recipe(steps: argparse._SubParsersAction) -> None:
+    recipe = steps.add_parser(
+        "recipe",
+        formatter_class=HelpFormatter,
+        help="data → fit of every kind (features online) → calibrate → score, in one timed run (a GPU slot)",
+    )
+    recipe.add_argument("--out", type=Path, default=WORK / "recipe", help="working directory (resumable)")
+    recipe.add_argument("--export", type=Path, required=True, help="the checkpoints and recipe.json, flat")
+    recipe.add_argument("--target", default=DEFAULT_MODEL)
+    recipe.add_argument("--sharegpt", type=Path, help="a ShareGPT-format file instead of the package")
+    recipe.add_argument("--prompt-turns", choices=("first", "all"), default="all")
+    recipe.add_argument("--num-train", type=int, default=60_000)
+    recipe.add_argument("--num-valid", type=int, default=256)
+    recipe.add_argument("--max-prompt-tokens", type=int, default=256)
+    recipe.add_argument("--max-new-tokens", type=int, default=256)
+    recipe.add_argument("--data-workers", type=int, default=12, help="regeneration processes")
+    recipe.add_argument("--batch-size", type=int, default=512, help="sequences per regeneration process")
+    recipe.add_argument("--shard-size", type=int, default=1024)
+    recipe.add_argument("--data-minutes", type=float, default=4.0, help="no new shard after this")
+    recipe.add_argument("--fit-minutes", type=float, default=2.5, help="each kind's training budget")
+    recipe.add_argument("--kinds", nargs="+", choices=KIND_NAMES, default=list(KIND_NAMES))
+    recipe.add_argument("--num-layers", type=int, default=1)
+    recipe.add_argument("--epochs", type=int, default=1)
+    recipe.add_argument("--sequences-per-step", type=int, default=16)
+    recipe.add_argument("--anchors-per-sequence", type=int, default=64)
+    recipe.add_argument("--lr", type=float, default=1e-3)
+    recipe.add_argument("--device", default="cpu")
+    recipe.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="regeneration dtype")
+    recipe.set_defaults(func=run_recipe)
+
+
+def run_recipe(args: argparse.Namespace) -> int:
+    from specray.training.recipe import RecipeConfig, run_recipe
+
+    report = run_recipe(
+        RecipeConfig(
+            out_dir=args.out,
+            export_dir=args.export,
+            target=args.target,
+            sharegpt=args.sharegpt,
+            prompt_turns=args.prompt_turns,
+            num_train=args.num_train,
+            num_valid=args.num_valid,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_new_tokens=args.max_new_tokens,
+            data_workers=args.data_workers,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            data_minutes=args.data_minutes,
+            fit_minutes=args.fit_minutes,
+            kinds=tuple(args.kinds),
+            num_layers=args.num_layers,
+            epochs=args.epochs,
+            sequences_per_step=args.sequences_per_step,
+            anchors_per_sequence=args.anchors_per_sequence,
+            lr=args.lr,
+            device=args.device,
+            dtype=args.dtype,
+        )
+    )
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1))
+    return 0
 
 
 def _worker_share(text: str) -> tuple[int, int]:
