@@ -22,11 +22,12 @@ cd "$(dirname "$0")/.."
 STASH=/root/specray-stash
 PYTHON=${PYTHON:-python3}
 
-# The whole 9-minute plan: 12 regeneration processes for 4.5 minutes, then DSpark, DFlash and
-# EAGLE-3 side by side for 2.5 minutes each on features computed online, then calibration and τ.
+# The 9-minute plan: ~1 min of setup (install, unpack, GGUF conversion, prompt plan); 12
+# regeneration processes for 3.5 minutes (+ the shard each has in flight); DSpark, DFlash and
+# EAGLE-3 side by side for 2 minutes each on features computed online; ~1 min of calibration and τ.
 GPU_ARGS=(--device cuda --dtype bfloat16 --num-train 60000 --num-valid 256 --prompt-turns all
   --max-prompt-tokens 256 --max-new-tokens 256 --data-workers 12 --batch-size 512 --shard-size 512
-  --data-minutes 4.5 --fit-minutes 2.5 --sequences-per-step 16 --anchors-per-sequence 64)
+  --data-minutes 3.5 --fit-minutes 2 --sequences-per-step 16 --anchors-per-sequence 64)
 
 recipe() {  # recipe TARGET OUT EXTRA...
   local target=$1 out=$2

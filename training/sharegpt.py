@@ -73,8 +73,10 @@ def sharegpt_prompts(
 ) -> list[SharegptPrompt]:
     """The first `limit` prompts of a split, in file order. A prompt is the first human turn of a
     conversation, or with `turns="all"` every human turn on its own (ids `<conversation>#<turn>`
-    past the first); the split is always by conversation, so no conversation spans two splits."""
+    past the first, each distinct text once); the split is always by conversation, so no
+    conversation spans two splits."""
     out: list[SharegptPrompt] = []
+    seen: set[str] = set()
     if limit <= 0:
         return out
     for record in iter_conversations(source):
@@ -89,8 +91,10 @@ def sharegpt_prompts(
         if turns == "first":
             human = [h for h in human[:1] if h[0] == 0]
         for number, text in human:
-            if not text or len(text) > max_chars:
+            if not text or len(text) > max_chars or text in seen:
                 continue
+            if turns == "all":
+                seen.add(text)  # later turns repeat themselves ("continue"): one response each is enough
             out.append(
                 SharegptPrompt(conversation_id if number == 0 else f"{conversation_id}#{number}", text)
             )
