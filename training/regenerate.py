@@ -7,7 +7,8 @@ the prompt's place in the split), through the engine's continuous batching.
 Output is sharded: `{split}-{NNNNN}.jsonl` holds prompts NNNNN·shard_size onwards, written under a
 temporary name and renamed when complete. A rerun skips finished shards, so an interrupted run
 resumes where it stopped and produces the same records as one that was never interrupted (a
-shard's outputs depend only on its prompts and seeds). Several processes can share one run: worker
+shard's outputs depend only on its prompts and seeds). Prompts are tokenized and planned once, into
+`{split}.plan.json`, which restarts and workers read. Several processes can share one run: worker
 w of n takes the shards whose number is w modulo n.
 """
 
@@ -159,6 +160,12 @@ def regenerate(
     """Write this worker's missing shards; returns the records now on disk per split."""
     started = time.perf_counter()
     target = target or load_model(config.target, config.dtype, config.device)
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plans = {split: planned_prompts(config, target, split, wanted)
+             for split, wanted in zip(SPLITS, (config.num_valid, config.num_train))}  # fmt: skip
+    if config.plan_only:
+        return {split: len(read_responses(out, split)) for split in SPLITS}
     engine = LLMEngine(
         target,
         None,
@@ -170,22 +177,20 @@ def regenerate(
             kv_cache_tokens=config.batch_size * (config.max_prompt_tokens + config.max_new_tokens + 16),
         ),
     )
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     # The small validation split first, so a run cut short at a time limit still has one.
-    for split, wanted in zip(SPLITS, (config.num_valid, config.num_train)):
-        jobs = planned_prompts(config, target, split, wanted)
-        if config.plan_only:
-            continue
-        numbers = range(config.worker, -(-len(jobs) // config.shard_size), config.num_workers)
-        todo = [n for n in numbers if not shard_path(out, split, n).exists()]
-        mine = sum(len(jobs[n * config.shard_size : (n + 1) * config.shard_size]) for n in numbers)
-        left = sum(len(jobs[n * config.shard_size : (n + 1) * config.shard_size]) for n in todo)
+    for split, jobs in plans.items():
+        shards = {
+            n: jobs[n * config.shard_size : (n + 1) * config.shard_size]
+            for n in range(config.worker, -(-len(jobs) // config.shard_size), config.num_workers)
+        }
+        # A shard is done when it holds all its prompts (a run grown by --num-train refills its last).
+        todo = [n for n, shard in shards.items() if _records_in(shard_path(out, split, n)) != len(shard)]
+        mine, left = sum(map(len, shards.values())), sum(len(shards[n]) for n in todo)
         with tqdm(total=mine, initial=mine - left, desc=split, unit="resp", disable=not progress) as bar:
             for number in todo:
                 if config.time_budget_s is not None and time.perf_counter() - started > config.time_budget_s:
                     break
-                shard = jobs[number * config.shard_size : (number + 1) * config.shard_size]
+                shard = shards[number]
                 seqs = engine.generate([j.prompt_ids for j in shard], [_params(config, j) for j in shard])
                 records = [
                     {"id": j.id, "mode": j.mode, "prompt_ids": j.prompt_ids, "output_ids": s.output_ids}
@@ -194,6 +199,10 @@ def regenerate(
                 write_shard(out, split, number, records)
                 bar.update(len(shard))
     return {split: len(read_responses(out, split)) for split in SPLITS}
+
+
+def _records_in(path: Path) -> int:
+    return sum(1 for _ in path.open()) if path.exists() else 0
 
 
 def _params(config: DataConfig, job: PromptJob) -> SamplingParams:
