@@ -25,7 +25,7 @@ from specray.training.regenerate import DataConfig, read_responses, regenerate, 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _kill_when(command: list[str], ready: Callable[[], bool], timeout: float = 300.0) -> None:
+def _kill_when(command: list[str], ready: Callable[[], bool], timeout: float = 540.0) -> None:
     """Start `command`, SIGKILL it as soon as `ready()` holds, and fail if it finished first."""
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout
