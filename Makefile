@@ -89,3 +89,23 @@ drafter-gpu: $(STAMP)
 	  $(VENV)/bin/specray train fit --kind $$kind --cache $(GPU_TRAIN)/cache --out $(GPU_TRAIN)/$$kind --markov-rank 256 --markov-tied --state-input --epochs 4 --anchors-per-sequence 32 --sequences-per-step 8 --lr 1e-3 --device cuda --time-budget-minutes 4 & \
 	done; wait
 	$(VENV)/bin/specray train calibrate --drafter $(GPU_TRAIN)/dspark --cache $(GPU_TRAIN)/cache
+
+# The long CPU run of #17: 24k regenerated responses (every ShareGPT human turn as a prompt) of
+# <= 256 tokens, then 2-layer drafters trained on target features computed online (no cache on disk).
+# Hours on a 2-core CPU; every step resumes where it stopped: rerun the same command after any
+# interruption (data skips finished shards, fit reloads its last checkpoint, saved every 10 minutes).
+.PHONY: drafter-long
+LONG_TRAIN := $(SCRATCH)/train-long
+drafter-long: $(STAMP)
+	$(VENV)/bin/specray train data --out $(LONG_TRAIN)/data --num-train 24000 --num-valid 256 --prompt-turns all --max-prompt-tokens 192 --max-new-tokens 256 --batch-size 256 --shard-size 256 --dtype bfloat16
+	for kind in dspark dflash eagle3; do \
+	  $(VENV)/bin/specray train fit --kind $$kind --cache $(LONG_TRAIN)/data --out $(LONG_TRAIN)/$$kind --num-layers 2 --markov-rank 256 --markov-tied --state-input --epochs 1 --sequences-per-step 8 --anchors-per-sequence 64 --lr 1e-3 --autocast || exit 1; \
+	done
+	$(VENV)/bin/specray train score --cache $(LONG_TRAIN)/data --drafter $(LONG_TRAIN)/dspark --drafter $(LONG_TRAIN)/dflash --drafter $(LONG_TRAIN)/eagle3 --json $(LONG_TRAIN)/score.json
+	$(VENV)/bin/specray train calibrate --cache $(LONG_TRAIN)/data --drafter $(LONG_TRAIN)/dspark
+
+# The whole recipe in one lent GPU slot (training/gpu_recipe.sh says how): packs the model in two
+# parts, the prompts and the gguf wheel into .gpu-a/ and .gpu-b/ (git-ignored).
+.PHONY: drafter-gpu-pack
+drafter-gpu-pack: $(STAMP)
+	PYTHON=$(VENV)/bin/python training/gpu_recipe.sh pack

@@ -20,29 +20,30 @@ import torch
 from tqdm import tqdm
 
 from specray.training.objective import choose_anchors, teacher_forced_blocks
-from specray.training.target_cache import TargetCache
+from specray.training.online_features import FeatureSource, open_features
 from specray.workers.drafters.checkpoint import load_drafter_model
 from specray.workers.models.loader import LoadedModel
 
 
 @torch.inference_mode()
 def score_drafter(
-    drafter: str | Path, target: LoadedModel, cache: TargetCache, progress: bool = True
+    drafter: str | Path, target: LoadedModel, cache: FeatureSource, progress: bool = True
 ) -> dict[float, dict]:
     """{temperature: {"drafter", "tau", "accept_by_position", "anchors"}} for T = 0 and T = 1."""
-    model = load_drafter_model(drafter).eval()
+    device = next(target.model.parameters()).device
+    model = load_drafter_model(drafter, device).eval()
     block_len = model.config.draft_block_size
     greedy, sampled, anchors = torch.zeros(block_len), torch.zeros(block_len), 0
     # EAGLE-3's first step reads position anchor−1, so anchors start at 1 for every kind alike.
     for i in tqdm(range(len(cache)), desc=f"score {Path(drafter).name}", disable=not progress):
-        sample = cache[i]
+        sample = cache[i].to(device)
         at = choose_anchors(sample.loss_mask, sample.ids.shape[0], torch.Generator(), min_anchor=1)
         if at.numel() == 0:
             continue
         blocks = teacher_forced_blocks(model, target.model, sample, at)
         hit = (blocks.logits.argmax(-1) == blocks.labels) & blocks.supervised
-        greedy += hit.long().cumprod(1).sum(0).float()
-        sampled += (blocks.survival() * blocks.supervised).cumprod(1).sum(0)
+        greedy += hit.long().cumprod(1).sum(0).float().cpu()
+        sampled += (blocks.survival() * blocks.supervised).cumprod(1).sum(0).cpu()
         anchors += at.numel()
     name = Path(drafter).name
     reports = {}
@@ -61,7 +62,8 @@ def score_drafters(
     drafters: list[str | Path], target: LoadedModel, target_name: str, cache_dir: Path, split: str = "valid"
 ) -> list[dict]:
     """One report per temperature, in `specray eval drafter`'s schema (dataset = the cache split)."""
-    cache = TargetCache(cache_dir, split)
+    # Online features (a data directory) are computed at the first drafter's layers.
+    cache = open_features(cache_dir, split, target, load_drafter_model(drafters[0]).config.feature_layers)
     if len(cache) == 0:
         raise ValueError(f"the target cache at {cache_dir} has no {split!r} samples")
     scored = [score_drafter(d, target, cache) for d in drafters]

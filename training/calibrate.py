@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from specray.training.objective import choose_anchors, teacher_forced_blocks
-from specray.training.target_cache import TargetCache
+from specray.training.online_features import open_features
 from specray.workers.drafters.checkpoint import load_drafter_model, resolve_drafter_path
 from specray.workers.drafters.kinds import DrafterModel, trained_kind
 from specray.workers.models.loader import LoadedModel, load_model
@@ -27,11 +27,12 @@ from specray.workers.models.loader import LoadedModel, load_model
 @dataclass(frozen=True)
 class CalibrateConfig:
     drafter: Path
-    cache_dir: Path = Path(".scratch/train/cache")
+    cache_dir: Path = Path(".scratch/train/cache")  # or a `train data` directory (features online)
     split: str = "valid"
     anchors_per_sequence: int = 64
     num_bins: int = 10
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.anchors_per_sequence < 1 or self.num_bins < 2:
@@ -64,21 +65,22 @@ def collect(
     model: DrafterModel, target: LoadedModel, config: CalibrateConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Confidence logits [M, γ] and observed prefix acceptance [M, γ] over full blocks of the split."""
-    data = TargetCache(config.cache_dir, config.split)
+    data = open_features(config.cache_dir, config.split, target, model.config.feature_layers)
     if len(data) == 0:
         raise ValueError(f"no {config.split} samples in {config.cache_dir}")
     gen = torch.Generator().manual_seed(config.seed)
     logits_out, accept_out = [], []
     for i in tqdm(range(len(data)), desc="calibrate"):
-        sample = data[i]
-        anchors = choose_anchors(sample.loss_mask, config.anchors_per_sequence, gen)
+        sample = data[i].to(config.device)
+        anchors = choose_anchors(sample.loss_mask.cpu(), config.anchors_per_sequence, gen).to(config.device)
         if anchors.numel() == 0:
             continue
         blocks = teacher_forced_blocks(model, target.model, sample, anchors)
         full = blocks.supervised.all(dim=1)
         survive = blocks.survival()
+        survive, full = survive.cpu(), full.cpu()
         drawn = (torch.rand(survive.shape, generator=gen) < survive).float().cumprod(dim=1)
-        logits_out.append(blocks.confidence[full])
+        logits_out.append(blocks.confidence.float().cpu()[full])
         accept_out.append(drawn[full])
     return torch.cat(logits_out), torch.cat(accept_out)
 
@@ -113,12 +115,12 @@ def fit_temperatures(
 def calibrate(config: CalibrateConfig, target: LoadedModel | None = None) -> dict:
     """Fit the temperatures, write them into the drafter's config.json, and save calibration.json."""
     path = resolve_drafter_path(config.drafter)
-    model = load_drafter_model(path).eval()
+    model = load_drafter_model(path, config.device).eval()
     if not trained_kind(model.config.kind).confidence_head or not model.config.confidence:
         raise ValueError(
             f"{path} has no confidence head to calibrate (only kinds with one, such as dspark, do)"
         )
-    target = target or load_model(model.config.target_name or "smollm2-135m", "float32")
+    target = target or load_model(model.config.target_name or "smollm2-135m", "float32", config.device)
     # Calibrate the raw head: earlier temperatures must not leak into a re-run.
     conf_logits, accepted = collect(model, target, config)
     temperatures, report = fit_temperatures(conf_logits, accepted, config.num_bins)

@@ -1,10 +1,12 @@
 """`specray train fit`: train a DSpark, DFlash or EAGLE-3 drafter from the target cache.
 
-AdamW (weight decay 0), linear warm-up then cosine decay to 0, gradient clipping; fp32 on CPU,
-bf16 autocast on GPU. Each optimizer step accumulates a few cached sequences, each contributing
-many anchors in one packed attention mask. Every `save_every` steps the full training state is
-saved, so a rerun resumes where it stopped; the final drafter is written as config.json +
-model.safetensors.
+AdamW (weight decay 0), linear warm-up then cosine decay to 0, gradient clipping; fp32 master
+weights, bf16 autocast on GPU (and on CPU when asked). Each optimizer step accumulates a few
+sequences, each contributing many anchors in one packed attention mask. Samples come from the
+target cache, or are computed online from `specray train data`'s records (`online_features.py`).
+The full training state is saved every `save_every` steps and `save_every_minutes`
+(`checkpointing.py`), so a rerun resumes where it stopped, with the same result; the final drafter
+is written as config.json + model.safetensors.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from specray.training.checkpointing import TrainingCheckpoint
 from specray.training.objective import choose_anchors, drafter_loss, teacher_forced_blocks
-from specray.training.target_cache import CachedSample, TargetCache
+from specray.training.online_features import open_features
+from specray.training.target_cache import CachedSample
 from specray.workers.drafters.checkpoint import DrafterModel, build_model, save_drafter_model
-from specray.workers.drafters.config import DrafterConfig
+from specray.workers.drafters.config import DrafterConfig, spread_feature_layers
 from specray.workers.drafters.kinds import TrainedKind, trained_kind
 from specray.workers.drafters.loss_weights import LossWeights
 from specray.workers.models.decoder import DecoderModel
@@ -35,7 +39,9 @@ _MASK_CANDIDATES = ("<mask>", "<|mask|>", "<repo_name>", "<reponame>", "<unused0
 class FitConfig:
     kind: str = "dspark"  # an entry of the drafter table (workers/drafters/kinds.py)
     target: str = "smollm2-135m"
+    # A target cache, or a `specray train data` directory: then features are computed online.
     cache_dir: Path = Path(".scratch/train/cache")
+    num_features: int = 5  # m target layers when features are computed online (a cache fixes its own)
     out_dir: Path = Path(".scratch/train/dspark")
     num_layers: int = 1
     draft_block_size: int = 7
@@ -49,8 +55,10 @@ class FitConfig:
     anchors_per_sequence: int = 16
     grad_clip: float = 1.0
     save_every: int = 20
+    save_every_minutes: float | None = 10.0
     seed: int = 0
     device: str = "cpu"
+    autocast: bool | None = None  # bf16 autocast; None: on for CUDA, off on CPU
     # Wall-clock budget: after a few timed steps the schedule is shortened to end within it.
     time_budget_s: float | None = None
 
@@ -64,6 +72,22 @@ class FitConfig:
             raise ValueError("need anchors_per_sequence >= 1, lr > 0, 0 <= warmup < 1, grad_clip > 0")
         if self.markov_rank < 0:
             raise ValueError("markov_rank must be >= 0")
+        if not 1 <= self.num_features <= 8:
+            raise ValueError("num_features must be in 1..8")
+        if self.save_every < 1 or (self.save_every_minutes is not None and self.save_every_minutes <= 0):
+            raise ValueError("save_every must be >= 1 and save_every_minutes > 0")
+
+    @property
+    def use_autocast(self) -> bool:
+        return self.device.startswith("cuda") if self.autocast is None else self.autocast
+
+    def schedule_fingerprint(self, sequences: int) -> dict:
+        """The settings a resumed run must share with the run that saved the checkpoint."""
+        keys = (
+            "kind", "target", "num_layers", "draft_block_size", "markov_rank", "state_input", "markov_tied",
+            "epochs", "lr", "warmup", "sequences_per_step", "anchors_per_sequence", "grad_clip", "seed",
+        )  # fmt: skip
+        return {**{k: getattr(self, k) for k in keys}, "sequences": sequences}
 
     @property
     def drafter_kind(self) -> TrainedKind:
@@ -128,9 +152,10 @@ def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = T
     target = target or load_model(config.target, "float32", config.device)
     for p in target.model.parameters():
         p.requires_grad_(False)
-    data = TargetCache(config.cache_dir, "train")
+    online_layers = spread_feature_layers(target.config.num_layers, config.num_features)
+    data = open_features(config.cache_dir, "train", target, online_layers)
     if len(data) == 0:
-        raise ValueError(f"the target cache at {config.cache_dir} has no training samples")
+        raise ValueError(f"{config.cache_dir} has no training samples")
     model = build_model(drafter_config(config, target, data.feature_layers)).to(config.device)
     model.config.check_target(target.config)
     with torch.no_grad():
@@ -145,16 +170,24 @@ def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = T
     )
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "training_state.pt"
+    checkpoint = TrainingCheckpoint(
+        out / "training_state.pt",
+        config.schedule_fingerprint(len(data)),
+        config.save_every,
+        None if config.save_every_minutes is None else 60 * config.save_every_minutes,
+    )
     step, history = 0, []
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+    state = checkpoint.load()
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        step, history = state["step"], state["history"]
-        plan["total"] = state.get("total", plan["total"])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.device.startswith("cuda"))
+        step, history, plan["total"] = state["step"], state["history"], state["total"]
+    autocast = torch.autocast(
+        "cuda" if config.device.startswith("cuda") else "cpu",
+        dtype=torch.bfloat16,
+        enabled=config.use_autocast,
+    )
     started = time.perf_counter()
     model.train()
     bar = tqdm(total=plan["total"], initial=step, desc=f"fit {config.kind}", disable=not progress)
@@ -162,15 +195,14 @@ def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = T
     while step < plan["total"]:
         epoch, within = divmod(step, steps_per_epoch)
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-        chunk = order[within * config.sequences_per_step : (within + 1) * config.sequences_per_step]
+        chunk = order[within * config.sequences_per_step : (within + 1) * config.sequences_per_step].tolist()
         optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
-        for i in chunk.tolist():
-            sample = data[i]
+        for i, sample in zip(chunk, data.samples(chunk)):
             rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 131 + i)
             min_anchor = config.drafter_kind.first_anchor
             # Anchors are drawn on the CPU (the seeded generator lives there), then moved with the sample.
-            anchors = choose_anchors(sample.loss_mask, config.anchors_per_sequence, rng, min_anchor)
+            anchors = choose_anchors(sample.loss_mask.cpu(), config.anchors_per_sequence, rng, min_anchor)
             sample, anchors = sample.to(config.device), anchors.to(config.device)
             if anchors.numel() == 0:
                 continue
@@ -191,8 +223,8 @@ def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = T
             affordable = step + int((config.time_budget_s - (time.perf_counter() - started)) / per_step)
             plan["total"] = max(step, min(plan["total"], affordable))
             bar.total = plan["total"]
-        if step % config.save_every == 0 or step == plan["total"]:
-            torch.save(
+        if checkpoint.due(step, plan["total"]):
+            checkpoint.save(
                 {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -200,17 +232,18 @@ def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = T
                     "step": step,
                     "total": plan["total"],
                     "history": history,
-                },
-                state_path,
+                }
             )
     bar.close()
     save_drafter_model(model, out)
+    seconds = time.perf_counter() - started
     summary = {
         "kind": config.kind,
         "steps": plan["total"],
         "sequences": len(data),
         "epochs": config.epochs,
-        "seconds_this_run": round(time.perf_counter() - started, 1),
+        "seconds_this_run": round(seconds, 1),
+        "steps_per_second_this_run": round((step - first_step) / seconds, 4) if seconds > 0 else None,
         "final": history[-1] if history else {},
         "first": history[0] if history else {},
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},

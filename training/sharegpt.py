@@ -69,19 +69,52 @@ def sharegpt_prompts(
     heldout_fraction: float = 0.02,
     max_chars: int = 2000,
     source: Path | None = None,
+    turns: Literal["first", "all"] = "first",
 ) -> list[SharegptPrompt]:
-    """The first `limit` prompts of a split, in file order (a prompt is the first human turn)."""
+    """The first `limit` prompts of a split, in file order. A prompt is the first human turn of a
+    conversation, or with `turns="all"` every human turn on its own (ids `<conversation>#<turn>`
+    past the first, each distinct text once); the split is always by conversation, so no
+    conversation spans two splits."""
     out: list[SharegptPrompt] = []
+    seen: set[str] = set()
+    if limit <= 0:
+        return out
     for record in iter_conversations(source):
-        turns = record.get("conversations") or []
-        if not turns or turns[0].get("from") != "human":
+        conversation_id = str(record.get("id"))
+        if split_of(conversation_id, seed, valid_fraction, heldout_fraction) != split:
             continue
-        text = (turns[0].get("value") or "").strip()
-        if not text or len(text) > max_chars:
-            continue
-        if split_of(str(record.get("id")), seed, valid_fraction, heldout_fraction) != split:
-            continue
-        out.append(SharegptPrompt(str(record["id"]), text))
-        if len(out) >= limit:
-            break
+        human = [
+            (number, (turn.get("value") or "").strip())
+            for number, turn in enumerate(record.get("conversations") or [])
+            if turn.get("from") == "human"
+        ]
+        if turns == "first":
+            human = [h for h in human[:1] if h[0] == 0]
+        for number, text in human:
+            if not text or len(text) > max_chars or text in seen:
+                continue
+            if turns == "all":
+                seen.add(text)  # later turns repeat themselves ("continue"): one response each is enough
+            out.append(
+                SharegptPrompt(conversation_id if number == 0 else f"{conversation_id}#{number}", text)
+            )
+            if len(out) >= limit:
+                return out
     return out
+
+
+def write_human_turns(path: Path, source: Path | None = None, max_chars: int = 2000) -> int:
+    """A gzipped ShareGPT-format JSONL of the human turns only (assistant turns kept empty, so turn
+    numbers and splits are unchanged): every prompt, in a fraction of the dataset's bytes, for a
+    machine without the package. Returns the conversations written."""
+    count = 0
+    with gzip.open(path, "wt", encoding="utf-8") as sink:
+        for record in iter_conversations(source):
+            turns = [
+                {"from": t.get("from"), "value": (t.get("value") or "") if t.get("from") == "human" else ""}
+                for t in record.get("conversations") or []
+            ]
+            if any(t["from"] == "human" and 0 < len(t["value"].strip()) <= max_chars for t in turns):
+                sink.write(json.dumps({"id": str(record.get("id")), "conversations": turns}) + "\n")
+                count += 1
+    return count

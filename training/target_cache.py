@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from specray.training.regenerate import read_responses, responses_path
+from specray.training.regenerate import read_responses
 from specray.workers.drafters.config import spread_feature_layers
 from specray.workers.engine.model_runner import ModelRunner, ScheduledSequence
 from specray.workers.models.dtype import DTYPE_CHOICES
@@ -60,6 +60,44 @@ class CachedSample:
         )
 
 
+class TargetFeatureRunner:
+    """Runs the target over whole records and returns their samples, as the cache stores them.
+
+    Features and final hidden states are rounded through bf16, the cache's storage type, so a drafter
+    trained on features computed online sees the numbers it would have read from the cache."""
+
+    def __init__(self, target: LoadedModel, feature_layers: tuple[int, ...], batch_tokens: int) -> None:
+        self.batch_tokens = batch_tokens
+        self.runner = ModelRunner(target.model, 4 * batch_tokens, 16, feature_layers)
+
+    def samples(self, records: list[dict]) -> list[CachedSample]:
+        out = []
+        for batch in _batches(records, self.batch_tokens):
+            scheduled = [
+                ScheduledSequence(f"features-{i}", r["prompt_ids"] + r["output_ids"], 1)
+                for i, r in enumerate(batch)
+            ]
+            result = self.runner.run(scheduled, return_final_hidden=True)
+            for i, r in enumerate(batch):
+                self.runner.free(f"features-{i}")
+                device = result.features[i].device
+                mask = [False] * len(r["prompt_ids"]) + [True] * len(r["output_ids"])
+                out.append(
+                    CachedSample(
+                        features=result.features[i].to(torch.bfloat16).float(),
+                        final_hidden=result.final_hidden[i].to(torch.bfloat16).float(),
+                        ids=torch.tensor(r["prompt_ids"] + r["output_ids"], dtype=torch.long, device=device),
+                        loss_mask=torch.tensor(mask, dtype=torch.bool, device=device),
+                    )
+                )
+        return out
+
+
+def usable_records(data_dir: Path, split: str) -> list[dict]:
+    """A split's regenerated records with enough response tokens to train on."""
+    return [r for r in read_responses(data_dir, split) if len(r["output_ids"]) >= MIN_LOSS_TOKENS]
+
+
 def build_cache(config: CacheConfig, target: LoadedModel | None = None, progress: bool = True) -> dict:
     target = target or load_model(config.target, config.dtype, config.device)
     layers = spread_feature_layers(target.config.num_layers, config.num_features)
@@ -71,13 +109,9 @@ def build_cache(config: CacheConfig, target: LoadedModel | None = None, progress
         "hidden_size": target.config.hidden_size,
         "splits": {},
     }
-    runner = ModelRunner(target.model, 4 * config.batch_tokens, 16, layers)
+    runner = TargetFeatureRunner(target, layers, config.batch_tokens)
     for split in ("train", "valid"):
-        records = [
-            r
-            for r in read_responses(responses_path(config.data_dir, split))
-            if len(r["output_ids"]) >= MIN_LOSS_TOKENS
-        ]
+        records = usable_records(config.data_dir, split)
         shards = []
         starts = range(0, len(records), config.shard_records)
         for number, start in enumerate(
@@ -85,33 +119,21 @@ def build_cache(config: CacheConfig, target: LoadedModel | None = None, progress
         ):
             name = f"{split}-{number:05d}"
             if not (out / f"{name}.json").exists():
-                _write_shard(
-                    runner, records[start : start + config.shard_records], out, name, config.batch_tokens
-                )
+                _write_shard(runner.samples(records[start : start + config.shard_records]), out, name)
             shards.append(name)
         manifest["splits"][split] = shards
     (out / "manifest.json").write_text(json.dumps({**manifest, "config": _jsonable(config)}, indent=2))
     return manifest
 
 
-def _write_shard(runner: ModelRunner, records: list[dict], out: Path, name: str, batch_tokens: int) -> None:
-    arrays: dict[str, list[np.ndarray]] = {key: [] for key in ARRAYS}
-    lengths = []
-    for batch in _batches(records, batch_tokens):
-        scheduled = [
-            ScheduledSequence(f"cache-{i}", r["prompt_ids"] + r["output_ids"], 1) for i, r in enumerate(batch)
-        ]
-        result = runner.run(scheduled, return_final_hidden=True)
-        for i, r in enumerate(batch):
-            runner.free(f"cache-{i}")
-            tokens = r["prompt_ids"] + r["output_ids"]
-            arrays["features"].append(_bf16_bits(result.features[i]))
-            arrays["final"].append(_bf16_bits(result.final_hidden[i]))
-            arrays["ids"].append(np.asarray(tokens, dtype=np.int32))
-            arrays["loss_mask"].append(
-                np.asarray([0] * len(r["prompt_ids"]) + [1] * len(r["output_ids"]), dtype=np.uint8)
-            )
-            lengths.append(len(tokens))
+def _write_shard(samples: list[CachedSample], out: Path, name: str) -> None:
+    arrays = {
+        "features": [_bf16_bits(s.features) for s in samples],
+        "final": [_bf16_bits(s.final_hidden) for s in samples],
+        "ids": [s.ids.cpu().numpy().astype(np.int32) for s in samples],
+        "loss_mask": [s.loss_mask.cpu().numpy().astype(np.uint8) for s in samples],
+    }
+    lengths = [s.ids.shape[0] for s in samples]
     for key in ARRAYS:
         tmp = out / f"{name}.{key}.tmp.npy"
         np.save(tmp, np.concatenate(arrays[key]))
@@ -169,6 +191,9 @@ class TargetCache:
         if name not in self._shards:
             self._shards[name] = {k: np.load(self.dir / f"{name}.{k}.npy", mmap_mode="r") for k in ARRAYS}
         return self._shards[name]
+
+    def samples(self, indices: list[int]) -> list[CachedSample]:
+        return [self[i] for i in indices]
 
     def __getitem__(self, i: int) -> CachedSample:
         name, offset, length = self._index[i]

@@ -1,4 +1,4 @@
-"""`specray train data|cache|fit|calibrate|score`: the DeepSpec-style drafter training pipeline.
+"""`specray train data|cache|fit|calibrate|score|recipe`: the DeepSpec-style drafter training pipeline.
 
 Each step reads the previous one's output directory, is resumable, and shows progress bars.
 """
@@ -31,13 +31,35 @@ def register(p: argparse.ArgumentParser) -> None:
     data.add_argument("--num-valid", type=int, default=24)
     data.add_argument("--max-prompt-tokens", type=int, default=192)
     data.add_argument("--max-new-tokens", type=int, default=64)
-    data.add_argument("--batch-size", type=int, default=48)
+    data.add_argument("--batch-size", type=int, default=48, help="sequences decoded at once")
+    data.add_argument(
+        "--batch-tokens", type=int, default=4096, help="tokens per engine step (prefill chunks)"
+    )
+    data.add_argument(
+        "--shard-size", type=int, default=256, help="prompts per output shard (a restart redoes at most one)"
+    )
+    data.add_argument(
+        "--prompt-turns",
+        choices=("first", "all"),
+        default="first",
+        help="a conversation's first human turn, or every human turn as its own prompt (~3x as many)",
+    )
     data.add_argument("--seed", type=int, default=0)
     data.add_argument(
         "--sharegpt", type=Path, help="a ShareGPT-format JSON/JSONL(.gz) instead of the package"
     )
     data.add_argument("--device", default="cpu")
     data.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    data.add_argument(
+        "--worker",
+        type=_worker_share,
+        default=(0, 1),
+        help="W/N: this process writes the shards numbered W mod N (N processes share one run)",
+    )
+    data.add_argument("--time-budget-minutes", type=float, help="start no new shard after this long")
+    data.add_argument(
+        "--plan-only", action="store_true", help="tokenize and plan the prompts for the workers, then stop"
+    )
     data.set_defaults(func=run_data)
 
     cache = steps.add_parser(
@@ -58,7 +80,18 @@ def register(p: argparse.ArgumentParser) -> None:
     )
     fit.add_argument("--kind", choices=KIND_NAMES, default="dspark")
     fit.add_argument("--target", default=DEFAULT_MODEL)
-    fit.add_argument("--cache", type=Path, default=WORK / "cache")
+    fit.add_argument(
+        "--cache",
+        type=Path,
+        default=WORK / "cache",
+        help="a target cache, or a `train data` directory to compute the target's features online",
+    )
+    fit.add_argument(
+        "--num-features",
+        type=int,
+        default=5,
+        help="m target layers for online features (a cache fixes its own)",
+    )
     fit.add_argument("--out", type=Path, required=True)
     fit.add_argument("--num-layers", type=int, default=1)
     fit.add_argument(
@@ -85,8 +118,16 @@ def register(p: argparse.ArgumentParser) -> None:
     fit.add_argument("--sequences-per-step", type=int, default=4)
     fit.add_argument("--anchors-per-sequence", type=int, default=16)
     fit.add_argument("--device", default="cpu")
+    fit.add_argument(
+        "--autocast",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: on for CUDA, off on CPU)",
+    )
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--time-budget-minutes", type=float, help="shorten the schedule to end within this")
+    fit.add_argument("--save-every", type=int, default=20, help="checkpoint the training state every N steps")
+    fit.add_argument("--save-every-minutes", type=float, default=10.0, help="... and every this many minutes")
     fit.set_defaults(func=run_fit)
 
     cal = steps.add_parser(
@@ -95,8 +136,11 @@ def register(p: argparse.ArgumentParser) -> None:
         help="sequential temperature scaling of the confidence head",
     )
     cal.add_argument("--drafter", type=Path, required=True)
-    cal.add_argument("--cache", type=Path, default=WORK / "cache")
+    cal.add_argument(
+        "--cache", type=Path, default=WORK / "cache", help="a target cache or a `train data` directory"
+    )
     cal.add_argument("--anchors-per-sequence", type=int, default=64)
+    cal.add_argument("--device", default="cpu")
     cal.set_defaults(func=run_calibrate)
 
     score = steps.add_parser(
@@ -106,14 +150,91 @@ def register(p: argparse.ArgumentParser) -> None:
     )
     score.add_argument("--drafter", action="append", required=True, help="a checkpoint dir; repeatable")
     score.add_argument("--target", default=DEFAULT_MODEL)
-    score.add_argument("--cache", type=Path, default=WORK / "cache")
+    score.add_argument(
+        "--cache", type=Path, default=WORK / "cache", help="a target cache or a `train data` directory"
+    )
+    score.add_argument("--device", default="cpu")
     score.add_argument("--json", type=Path, help="write both reports here (+ a PNG per temperature)")
     score.set_defaults(func=run_score)
+
+    _register_recipe(steps)
+
+
+def _register_recipe(steps: argparse._SubParsersAction) -> None:
+    recipe = steps.add_parser(
+        "recipe",
+        formatter_class=HelpFormatter,
+        help="data → fit of every kind (features online) → calibrate → score, in one timed run (a GPU slot)",
+    )
+    recipe.add_argument("--out", type=Path, default=WORK / "recipe", help="working directory (resumable)")
+    recipe.add_argument("--export", type=Path, required=True, help="the checkpoints and recipe.json, flat")
+    recipe.add_argument("--target", default=DEFAULT_MODEL)
+    recipe.add_argument("--sharegpt", type=Path, help="a ShareGPT-format file instead of the package")
+    recipe.add_argument("--prompt-turns", choices=("first", "all"), default="all")
+    recipe.add_argument("--num-train", type=int, default=60_000)
+    recipe.add_argument("--num-valid", type=int, default=256)
+    recipe.add_argument("--max-prompt-tokens", type=int, default=256)
+    recipe.add_argument("--max-new-tokens", type=int, default=256)
+    recipe.add_argument("--data-workers", type=int, default=12, help="regeneration processes")
+    recipe.add_argument("--batch-size", type=int, default=512, help="sequences per regeneration process")
+    recipe.add_argument("--shard-size", type=int, default=1024)
+    recipe.add_argument("--data-minutes", type=float, default=4.0, help="no new shard after this")
+    recipe.add_argument("--fit-minutes", type=float, default=2.5, help="each kind's training budget")
+    recipe.add_argument("--kinds", nargs="+", choices=KIND_NAMES, default=list(KIND_NAMES))
+    recipe.add_argument("--num-layers", type=int, default=1)
+    recipe.add_argument("--epochs", type=int, default=1)
+    recipe.add_argument("--sequences-per-step", type=int, default=16)
+    recipe.add_argument("--anchors-per-sequence", type=int, default=64)
+    recipe.add_argument("--lr", type=float, default=1e-3)
+    recipe.add_argument("--device", default="cpu")
+    recipe.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="regeneration dtype")
+    recipe.set_defaults(func=run_recipe)
+
+
+def run_recipe(args: argparse.Namespace) -> int:
+    from specray.training.recipe import RecipeConfig, run_recipe
+
+    report = run_recipe(
+        RecipeConfig(
+            out_dir=args.out,
+            export_dir=args.export,
+            target=args.target,
+            sharegpt=args.sharegpt,
+            prompt_turns=args.prompt_turns,
+            num_train=args.num_train,
+            num_valid=args.num_valid,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_new_tokens=args.max_new_tokens,
+            data_workers=args.data_workers,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            data_minutes=args.data_minutes,
+            fit_minutes=args.fit_minutes,
+            kinds=tuple(args.kinds),
+            num_layers=args.num_layers,
+            epochs=args.epochs,
+            sequences_per_step=args.sequences_per_step,
+            anchors_per_sequence=args.anchors_per_sequence,
+            lr=args.lr,
+            device=args.device,
+            dtype=args.dtype,
+        )
+    )
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1))
+    return 0
+
+
+def _worker_share(text: str) -> tuple[int, int]:
+    worker, _, count = text.partition("/")
+    if not (worker.isdigit() and count.isdigit() and int(worker) < int(count)):
+        raise argparse.ArgumentTypeError(f"expected W/N with 0 <= W < N, got {text!r}")
+    return int(worker), int(count)
 
 
 def run_data(args: argparse.Namespace) -> int:
     from specray.training.regenerate import DataConfig, regenerate
 
+    worker, num_workers = args.worker
     counts = regenerate(
         DataConfig(
             target=args.target,
@@ -123,10 +244,17 @@ def run_data(args: argparse.Namespace) -> int:
             max_prompt_tokens=args.max_prompt_tokens,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
+            batch_tokens=args.batch_tokens,
+            shard_size=args.shard_size,
+            prompt_turns=args.prompt_turns,
             seed=args.seed,
             sharegpt=args.sharegpt,
             device=args.device,
             dtype=args.dtype,
+            worker=worker,
+            num_workers=num_workers,
+            time_budget_s=None if args.time_budget_minutes is None else 60 * args.time_budget_minutes,
+            plan_only=args.plan_only,
         )
     )
     print(json.dumps(counts))
@@ -160,6 +288,7 @@ def run_fit(args: argparse.Namespace) -> int:
             kind=args.kind,
             target=args.target,
             cache_dir=args.cache,
+            num_features=args.num_features,
             out_dir=args.out,
             num_layers=args.num_layers,
             draft_block_size=args.draft_block_size,
@@ -171,8 +300,11 @@ def run_fit(args: argparse.Namespace) -> int:
             sequences_per_step=args.sequences_per_step,
             anchors_per_sequence=args.anchors_per_sequence,
             device=args.device,
+            autocast=args.autocast,
             seed=args.seed,
             time_budget_s=None if args.time_budget_minutes is None else 60 * args.time_budget_minutes,
+            save_every=args.save_every,
+            save_every_minutes=args.save_every_minutes,
         )
     )
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
@@ -184,7 +316,9 @@ def run_score(args: argparse.Namespace) -> int:
     from specray.training.evaluate import plot_acceptance
     from specray.workers.models.loader import load_model
 
-    reports = score_drafters(args.drafter, load_model(args.target), args.target, args.cache)
+    reports = score_drafters(
+        args.drafter, load_model(args.target, "float32", args.device), args.target, args.cache
+    )
     for report in reports:
         print(f"T={report['temperature']:g}")
         for r in report["results"]:
@@ -205,7 +339,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     report = calibrate(
         CalibrateConfig(
-            drafter=args.drafter, cache_dir=args.cache, anchors_per_sequence=args.anchors_per_sequence
+            drafter=args.drafter,
+            cache_dir=args.cache,
+            anchors_per_sequence=args.anchors_per_sequence,
+            device=args.device,
         )
     )
     for key in ("position", "ece_before", "ece_after", "auc_before", "auc_after"):

@@ -1,4 +1,5 @@
-"""Cache → fit on a tiny random target: the loss falls, checkpoints round-trip, greedy stays lossless."""
+"""Cache → fit on a tiny random target: the loss falls, checkpoints round-trip, greedy stays lossless;
+features computed online are the cache's."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 
 from specray.training.acceptance_estimate import score_drafters
 from specray.training.fit import FitConfig, fit
+from specray.training.online_features import OnlineTargetFeatures, open_features
+from specray.training.regenerate import write_shard
 from specray.training.target_cache import CacheConfig, TargetCache, build_cache
 from specray.workers.drafters.checkpoint import (
     build_model,
@@ -23,26 +26,25 @@ from specray.workers.engine.llm_engine import LLMEngine
 from specray.workers.engine.sampling import SamplingParams
 
 
-def _write_responses(target, data_dir: Path, n: int, seed: int) -> None:  # noqa: ANN001
+def write_tiny_responses(target, data_dir: Path, n: int, seed: int) -> None:  # noqa: ANN001
     """Target-regenerated responses, as `specray train data` writes them (greedy, tiny target)."""
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, 96, (8,), generator=gen).tolist() for _ in range(n)]
     engine = LLMEngine(target, None, EngineConfig(num_speculative_tokens=0, kv_cache_tokens=4096))
     seqs = engine.generate(prompts, SamplingParams(max_tokens=40, ignore_eos=True))
     data_dir.mkdir(parents=True, exist_ok=True)
-    with (data_dir / ("train.jsonl" if seed == 0 else "valid.jsonl")).open("w") as f:
-        for i, (p, s) in enumerate(zip(prompts, seqs)):
-            f.write(
-                json.dumps({"id": str(i), "mode": "greedy", "prompt_ids": p, "output_ids": s.output_ids})
-                + "\n"
-            )
+    records = [
+        {"id": str(i), "mode": "greedy", "prompt_ids": p, "output_ids": s.output_ids}
+        for i, (p, s) in enumerate(zip(prompts, seqs))
+    ]
+    write_shard(data_dir, "train" if seed == 0 else "valid", 0, records)
 
 
 @pytest.fixture(scope="module")
 def tiny_cache(tiny_target, tmp_path_factory) -> Path:  # noqa: ANN001
     root = tmp_path_factory.mktemp("train")
-    _write_responses(tiny_target, root / "data", 12, seed=0)
-    _write_responses(tiny_target, root / "data", 4, seed=1)
+    write_tiny_responses(tiny_target, root / "data", 12, seed=0)
+    write_tiny_responses(tiny_target, root / "data", 4, seed=1)
     config = CacheConfig(data_dir=root / "data", out_dir=root / "cache", num_features=3, shard_records=5)
     build_cache(config, tiny_target, progress=False)
     return root / "cache"
@@ -56,14 +58,31 @@ def test_cache_holds_features_and_masks(tiny_cache, tiny_target) -> None:  # noq
     assert sample.loss_mask[:8].sum() == 0 and sample.loss_mask[8:].all()
 
 
-def _short_fit(kind: str, recipe: bool, cache: Path, out: Path) -> FitConfig:
+def test_online_features_are_the_cached_ones(tiny_cache, tiny_target) -> None:  # noqa: ANN001
+    cached = TargetCache(tiny_cache, "train")
+    online = open_features(tiny_cache.parent / "data", "train", tiny_target, cached.feature_layers)
+    assert isinstance(online, OnlineTargetFeatures) and len(online) == len(cached)
+    # One batched forward for several records, as a training step asks for them.
+    for i, b in zip([3, 0, 7], online.samples([3, 0, 7])):
+        c = cached[i]
+        assert torch.equal(c.ids, b.ids) and torch.equal(c.loss_mask, b.loss_mask), f"record {i} differs"
+        assert torch.allclose(c.features, b.features, atol=1e-2, rtol=1e-2), f"record {i}: features differ"
+        assert torch.allclose(c.final_hidden, b.final_hidden, atol=1e-2, rtol=1e-2), f"record {i}: final"
+
+
+def _short_fit(
+    kind: str, recipe: bool, cache: Path, out: Path, num_layers: int = 1, autocast: bool | None = None
+) -> FitConfig:
     """A few epochs on the tiny cache, enough for the loss to fall; `recipe` adds `make drafter`'s
     switches (state input, embedding-tied Markov head)."""
     return FitConfig(
         kind=kind,
+        num_layers=num_layers,
+        autocast=autocast,
         state_input=recipe,
         markov_tied=recipe,
         cache_dir=cache,
+        num_features=3,  # the tiny cache's (online features only; a cache fixes its own)
         out_dir=out,
         markov_rank=8,
         epochs=6,
@@ -74,9 +93,22 @@ def _short_fit(kind: str, recipe: bool, cache: Path, out: Path) -> FitConfig:
     )
 
 
-@pytest.mark.parametrize("kind", ["dspark", "dspark-recipe", "dflash", "eagle3"])
+@pytest.mark.parametrize(
+    "kind",
+    ["dspark", "dspark-recipe", "dspark-recipe-2layers", "dspark-recipe-online-bf16", "dflash", "eagle3"],
+)
 def test_fit_reduces_loss_and_round_trips(kind, tiny_cache, tiny_target, tmp_path) -> None:  # noqa: ANN001
-    config = _short_fit(kind.split("-")[0], kind.endswith("recipe"), tiny_cache, tmp_path / kind)
+    """Each kind trains and loads into the engine, which drafts losslessly with it; the recipe also
+    with 2 backbone layers, and with online features under CPU bf16 autocast."""
+    source = tiny_cache.parent / "data" if "online" in kind else tiny_cache
+    config = _short_fit(
+        kind.split("-")[0],
+        "recipe" in kind,
+        source,
+        tmp_path / kind,
+        num_layers=2 if "2layers" in kind else 1,
+        autocast=True if "bf16" in kind else None,
+    )
     summary = fit(config, tiny_target, progress=False)
     history = json.loads((tmp_path / kind / "train_log.json").read_text())["history"]
     first = sum(h["ce"] for h in history[:4]) / 4
@@ -90,6 +122,7 @@ def test_fit_reduces_loss_and_round_trips(kind, tiny_cache, tiny_target, tmp_pat
     assert not any(k.startswith(("model.embed_tokens", "lm_head")) for k in trained)
 
     drafter = load_drafter(tmp_path / kind, tiny_target)
+    assert model.config.num_layers == config.num_layers, "the checkpoint lost the layer count"
     prompts = [[5, 9, 17, 33, 2, 40], [7, 7, 8, 60, 61, 3, 12]]
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     plain = LLMEngine(tiny_target, None, EngineConfig(num_speculative_tokens=0)).generate(prompts, params)

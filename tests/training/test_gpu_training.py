@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from specray.training.fit import FitConfig, fit
+from specray.training.regenerate import write_shard
 from specray.training.target_cache import CacheConfig, TargetCache, build_cache
 from specray.workers.drafters.checkpoint import load_drafter
 from specray.workers.engine.config import EngineConfig
@@ -40,13 +42,11 @@ def test_cache_fit_and_lossless_drafting_on_cuda(tiny_target, tmp_path) -> None:
     data = tmp_path / "data"
     data.mkdir()
     for split, rows in (("train", range(0, 20)), ("valid", range(20, 24))):
-        lines = [
-            json.dumps(
-                {"id": str(i), "mode": "greedy", "prompt_ids": prompts[i], "output_ids": seqs[i].output_ids}
-            )
+        records = [
+            {"id": str(i), "mode": "greedy", "prompt_ids": prompts[i], "output_ids": seqs[i].output_ids}
             for i in rows
         ]
-        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+        write_shard(data, split, 0, records)
     build_cache(
         CacheConfig(data_dir=data, out_dir=tmp_path / "cache", num_features=3, shard_records=8),
         target,
@@ -65,10 +65,15 @@ def test_cache_fit_and_lossless_drafting_on_cuda(tiny_target, tmp_path) -> None:
         anchors_per_sequence=8,
         device="cuda",
     )
-    fit(config, target, progress=False)
-    history = json.loads((tmp_path / "dspark" / "train_log.json").read_text())["history"]
-    first, last = sum(h["ce"] for h in history[:4]) / 4, sum(h["ce"] for h in history[-4:]) / 4
-    assert last < first * 0.9, f"CUDA training did not reduce the loss: {first:.3f} -> {last:.3f}"
+    # From the cache, and with the target's features computed online from the data (no cache).
+    online = replace(config, cache_dir=data, num_features=3, out_dir=tmp_path / "dspark-online")
+    for run in (config, online):
+        fit(run, target, progress=False)
+        history = json.loads((run.out_dir / "train_log.json").read_text())["history"]
+        first, last = sum(h["ce"] for h in history[:4]) / 4, sum(h["ce"] for h in history[-4:]) / 4
+        assert last < first * 0.9, (
+            f"CUDA training ({run.cache_dir.name}) did not reduce the loss: {first:.3f} -> {last:.3f}"
+        )
 
     fp32 = _on_cuda(tiny_target, torch.float32)
     drafter = load_drafter(tmp_path / "dspark", fp32)
