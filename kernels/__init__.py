@@ -70,6 +70,7 @@ def sample_markov_block(
     conf_bias: float = 0.0,
     conf_temperature: torch.Tensor | None = None,
     return_probs: bool = False,
+    token_ids: torch.Tensor | None = None,
 ) -> MarkovDraft:
     """Draft a block with the Markov head; see `markov_sampling.sample_markov_block` for the contract."""
     args = (
@@ -84,6 +85,7 @@ def sample_markov_block(
         conf_bias,
         conf_temperature,
         return_probs,
+        token_ids,
     )
     if use_triton(logits):
         from specray.kernels.triton_markov import sample_markov_block_triton

@@ -9,6 +9,9 @@ sampled left to right by inverse CDF with the caller's uniforms (argmax where T 
 distribution is then one-hot). The confidence head reads the same previous token before x_k is drawn:
 c_k = σ((w · [h_k; W1[x_{k-1}]] + b) / t_k), t_k the calibration temperature of position k.
 A drafter without Markov head (DFlash) passes no W1/W2 and its confidence weight has only the h part.
+A drafter with a draft vocabulary passes `token_ids`: logit column j is token token_ids[j]. W2 then
+has one row per column, W1 one row per token id (the anchor may be any token), and the sampled
+columns are returned as token ids, the distributions over the columns.
 
 Every distribution is computed in fp32 so that the draft probability of a token is the exact value
 the acceptance test will divide by.
@@ -25,9 +28,11 @@ from specray.kernels.acceptance import sample_from_probs
 
 @dataclass
 class MarkovDraft:
-    tokens: torch.Tensor  # [B, γ] long
+    tokens: torch.Tensor  # [B, γ] long token ids
     token_probs: torch.Tensor  # [B, γ] fp32, p_d(x_k) under the distribution x_k was drawn from
-    probs: torch.Tensor | None  # [B, γ, V] fp32 full draft distributions, when asked for
+    probs: (
+        torch.Tensor | None
+    )  # [B, γ, V] fp32 full draft distributions over the logit columns, when asked for
     confidence: torch.Tensor | None  # [B, γ] fp32 c_k, when a confidence head is given
 
 
@@ -37,13 +42,20 @@ def check_markov_inputs(
     w2: torch.Tensor | None,
     hidden: torch.Tensor | None,
     conf_weight: torch.Tensor | None,
+    token_ids: torch.Tensor | None = None,
 ) -> None:
     """Shape checks shared by the reference and the kernel."""
     if (w1 is None) != (w2 is None):
         raise ValueError("the Markov head needs both W1 and W2")
-    if w1 is not None and (w1.shape != w2.shape or w1.shape[0] != logits.shape[-1]):
+    columns = logits.shape[-1]
+    if token_ids is not None and token_ids.shape != (columns,):
+        raise ValueError(f"token_ids {tuple(token_ids.shape)} must name the {columns} logit columns")
+    if w1 is not None and (
+        w1.shape[1] != w2.shape[1] or w2.shape[0] != columns or (token_ids is None and w1.shape[0] != columns)
+    ):
         raise ValueError(
-            f"W1 {tuple(w1.shape)} and W2 {tuple(w2.shape)} must both be [V, r], V = {logits.shape[-1]}"
+            f"W1 {tuple(w1.shape)} must be [V, r] and W2 {tuple(w2.shape)} [C, r], C = {columns} "
+            "logit columns (V = C without token_ids)"
         )
     if conf_weight is not None:
         if hidden is None:
@@ -67,21 +79,23 @@ def sample_markov_block(
     conf_bias: float = 0.0,
     conf_temperature: torch.Tensor | None = None,
     return_probs: bool = False,
+    token_ids: torch.Tensor | None = None,
 ) -> MarkovDraft:
     """Draft one block.
 
-    logits            [B, γ, V] backbone logits U_k = lm_head(h_k)
+    logits            [B, γ, C] backbone logits U_k = lm_head(h_k) over C columns (C = V without token_ids)
     anchor            [B] long, the last token the target produced
     temperature       [B] float, 0 = argmax
     uniforms          [B, γ] in [0, 1), one per slot
-    w1, w2            [V, r] Markov embedding and Linear(r, V) weight, or None for rank 0
+    w1, w2            [V, r] Markov embedding (by token id) and [C, r] Linear(r, C) weight, or None for rank 0
     hidden            [B, γ, d] slot hidden states h_k (needed by the confidence head)
     conf_weight       [d + r] confidence head weight, or None for no confidence
     conf_bias         its bias
     conf_temperature  [γ] calibration temperatures dividing the confidence logit, or None
     return_probs      also return the full per-slot distributions (needed for rejection sampling)
+    token_ids         [C] long, the token id of each logit column (a draft vocabulary), or None
     """
-    check_markov_inputs(logits, w1, w2, hidden, conf_weight)
+    check_markov_inputs(logits, w1, w2, hidden, conf_weight, token_ids)
     batch, num_slots, vocab = logits.shape
     greedy = temperature <= 0
     inv_temp = torch.where(greedy, 1.0, 1.0 / temperature.float().clamp(min=1e-30)).unsqueeze(1)
@@ -118,12 +132,13 @@ def sample_markov_block(
             confidence[:, k] = torch.sigmoid(conf_logit / scale)
         z = z * inv_temp
         p = torch.softmax(z, dim=-1)
-        token = torch.where(greedy, z.argmax(dim=-1), sample_from_probs(p, uniforms[:, k]))
-        chosen = p.gather(1, token.unsqueeze(1)).squeeze(1)
+        column = torch.where(greedy, z.argmax(dim=-1), sample_from_probs(p, uniforms[:, k]))
+        chosen = p.gather(1, column.unsqueeze(1)).squeeze(1)
         token_probs[:, k] = torch.where(greedy, 1.0, chosen)
         if return_probs:
-            one_hot = torch.zeros_like(p).scatter_(1, token.unsqueeze(1), 1.0)
+            one_hot = torch.zeros_like(p).scatter_(1, column.unsqueeze(1), 1.0)
             probs_out[:, k] = torch.where(greedy.unsqueeze(1), one_hot, p)
+        token = column if token_ids is None else token_ids[column]
         tokens[:, k] = token
         prev = token
     return MarkovDraft(tokens=tokens, token_probs=token_probs, probs=probs_out, confidence=confidence)

@@ -9,6 +9,8 @@ Slot k needs the token of slot k-1, so the block is sampled slot by slot, two la
   which the inverse-CDF threshold falls, recomputes that one tile to place the token, and writes the
   token, its probability and the confidence of the slot.
 A last launch turns the kept logits into probabilities. No full-vocabulary copy is written otherwise.
+With a draft vocabulary (`token_ids`) the kernels work on logit columns and write the chosen
+column's token id; W1 is read by token id, W2 by column.
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ def _select_kernel(
     hidden_ptr,
     conf_w_ptr,
     conf_temp_ptr,
+    token_ids_ptr,
     part_max_ptr,
     part_sum_ptr,
     part_arg_ptr,
@@ -131,6 +134,7 @@ def _select_kernel(
     HAS_MARKOV: tl.constexpr,
     HAS_CONF: tl.constexpr,
     HAS_CONF_TEMP: tl.constexpr,
+    HAS_IDS: tl.constexpr,
     STORE_STATS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -200,6 +204,8 @@ def _select_kernel(
         idx = tl.minimum(idx, last_positive)
         token = hit * BLOCK_V + idx
         token_prob = tl.exp(tl.sum(tl.where(v == idx, z, 0.0), axis=0) - z_max) / total
+    if HAS_IDS:
+        token = tl.load(token_ids_ptr + token)
     tl.store(tokens_ptr + out, token.to(tl.int64))
     tl.store(token_probs_ptr + out, token_prob)
     if STORE_STATS:
@@ -213,8 +219,10 @@ def _normalize_kernel(
     stats_ptr,
     tokens_ptr,
     temperature_ptr,
+    token_ids_ptr,
     num_slots,
     vocab,
+    HAS_IDS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -226,7 +234,11 @@ def _normalize_kernel(
     z = tl.load(ptrs, mask=col_ok, other=0.0)
     p = tl.exp(z - tl.load(stats_ptr + out * 2)) / tl.load(stats_ptr + out * 2 + 1)
     greedy = tl.load(temperature_ptr + row) <= 0
-    one_hot = tl.where(cols == tl.load(tokens_ptr + out), 1.0, 0.0)
+    if HAS_IDS:
+        col_tokens = tl.load(token_ids_ptr + cols, mask=col_ok, other=-1)
+    else:
+        col_tokens = cols
+    one_hot = tl.where(col_tokens == tl.load(tokens_ptr + out), 1.0, 0.0)
     tl.store(ptrs, tl.where(greedy, one_hot, p), mask=col_ok)
 
 
@@ -242,10 +254,11 @@ def sample_markov_block_triton(
     conf_bias: float = 0.0,
     conf_temperature: torch.Tensor | None = None,
     return_probs: bool = False,
+    token_ids: torch.Tensor | None = None,
     block_v: int | None = None,
 ) -> MarkovDraft:
     """Same contract as `markov_sampling.sample_markov_block`; `block_v` overrides the vocabulary tile."""
-    check_markov_inputs(logits, w1, w2, hidden, conf_weight)
+    check_markov_inputs(logits, w1, w2, hidden, conf_weight, token_ids)
     batch, num_slots, vocab = logits.shape
     device = logits.device
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
@@ -255,6 +268,8 @@ def sample_markov_block_triton(
     uniforms = uniforms.to(device, torch.float32).contiguous()
     if conf_temperature is not None:
         conf_temperature = conf_temperature.to(device, torch.float32).contiguous()
+    if token_ids is not None:
+        token_ids = token_ids.to(device, torch.long).contiguous()
     has_markov = w1 is not None
     rank = w1.shape[1] if has_markov else 0
     if has_markov:
@@ -326,6 +341,7 @@ def sample_markov_block_triton(
             hidden if has_conf else dummy,
             conf_weight if has_conf else dummy,
             conf_temperature if conf_temperature is not None else dummy,
+            token_ids if token_ids is not None else dummy,
             part_max,
             part_sum,
             part_arg,
@@ -349,6 +365,7 @@ def sample_markov_block_triton(
             HAS_MARKOV=has_markov,
             HAS_CONF=has_conf,
             HAS_CONF_TEMP=conf_temperature is not None,
+            HAS_IDS=token_ids is not None,
             STORE_STATS=return_probs,
             BLOCK_S=triton.next_power_of_2(num_tiles),
             BLOCK_V=block_v,
@@ -357,6 +374,14 @@ def sample_markov_block_triton(
         )
     if return_probs:
         _normalize_kernel[(num_tiles, num_slots, batch)](
-            probs, stats, tokens, temperature, num_slots, vocab, BLOCK_V=block_v
+            probs,
+            stats,
+            tokens,
+            temperature,
+            token_ids if token_ids is not None else dummy,
+            num_slots,
+            vocab,
+            HAS_IDS=token_ids is not None,
+            BLOCK_V=block_v,
         )
     return MarkovDraft(tokens=tokens, token_probs=token_probs, probs=probs, confidence=confidence)

@@ -41,7 +41,7 @@ def score_drafter(
         if at.numel() == 0:
             continue
         blocks = teacher_forced_blocks(model, target.model, sample, at)
-        hit = (blocks.logits.argmax(-1) == blocks.labels) & blocks.supervised
+        hit = (blocks.greedy_tokens() == blocks.labels) & blocks.supervised
         greedy += hit.long().cumprod(1).sum(0).float().cpu()
         sampled += (blocks.survival() * blocks.supervised).cumprod(1).sum(0).cpu()
         anchors += at.numel()

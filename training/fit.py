@@ -26,6 +26,7 @@ from specray.training.online_features import open_features
 from specray.training.target_cache import CachedSample
 from specray.workers.drafters.checkpoint import DrafterModel, build_model, save_drafter_model
 from specray.workers.drafters.config import DrafterConfig, spread_feature_layers
+from specray.workers.drafters.draft_vocab import frequent_tokens
 from specray.workers.drafters.kinds import TrainedKind, trained_kind
 from specray.workers.drafters.loss_weights import LossWeights
 from specray.workers.models.decoder import DecoderModel
@@ -48,6 +49,7 @@ class FitConfig:
     markov_rank: int = 32
     state_input: bool = False  # block drafters: slot inputs carry H_ctx at anchor−1 (see DrafterConfig)
     markov_tied: bool = False  # DSpark: Markov tables through the target's embedding (see DrafterConfig)
+    draft_vocab_size: int = 0  # K > 0: propose only the training data's K most frequent tokens
     epochs: int = 2
     lr: float = 6e-4
     warmup: float = 0.04
@@ -70,8 +72,8 @@ class FitConfig:
             raise ValueError("num_layers, draft_block_size, epochs and sequences_per_step must be >= 1")
         if self.anchors_per_sequence < 1 or self.lr <= 0 or not 0 <= self.warmup < 1 or self.grad_clip <= 0:
             raise ValueError("need anchors_per_sequence >= 1, lr > 0, 0 <= warmup < 1, grad_clip > 0")
-        if self.markov_rank < 0:
-            raise ValueError("markov_rank must be >= 0")
+        if self.markov_rank < 0 or self.draft_vocab_size < 0:
+            raise ValueError("markov_rank and draft_vocab_size must be >= 0")
         if not 1 <= self.num_features <= 8:
             raise ValueError("num_features must be in 1..8")
         if self.save_every < 1 or (self.save_every_minutes is not None and self.save_every_minutes <= 0):
@@ -86,6 +88,7 @@ class FitConfig:
         keys = (
             "kind", "target", "num_layers", "draft_block_size", "markov_rank", "state_input", "markov_tied",
             "epochs", "lr", "warmup", "sequences_per_step", "anchors_per_sequence", "grad_clip", "seed",
+            "draft_vocab_size",
         )  # fmt: skip
         return {**{k: getattr(self, k) for k in keys}, "sequences": sequences}
 
@@ -119,6 +122,7 @@ def drafter_config(config: FitConfig, target: LoadedModel, feature_layers: tuple
         markov_tied=config.markov_tied and kind.markov_head and config.markov_rank > 0,
         confidence=kind.confidence_head,
         mask_token_id=pick_mask_token(target),
+        draft_vocab_size=config.draft_vocab_size,
         target_name=config.target,
     )
     # The cache decides which target layers the drafter reads.
@@ -135,7 +139,13 @@ def sequence_loss(
     """The loss of one cached sequence over the given anchors."""
     blocks = teacher_forced_blocks(model, target, sample, anchors)
     return drafter_loss(
-        blocks.logits, blocks.confidence, blocks.target_logits, blocks.labels, blocks.supervised, weights
+        blocks.logits,
+        blocks.confidence,
+        blocks.target_logits,
+        blocks.labels,
+        blocks.supervised,
+        weights,
+        blocks.vocab,
     )
 
 
@@ -157,6 +167,9 @@ def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = T
     if len(data) == 0:
         raise ValueError(f"{config.cache_dir} has no training samples")
     model = build_model(drafter_config(config, target, data.feature_layers)).to(config.device)
+    if config.draft_vocab_size:
+        samples = ((s.ids, s.loss_mask) for s in (data[i] for i in range(len(data))))
+        model.set_draft_vocab(frequent_tokens(samples, config.draft_vocab_size, target))
     model.config.check_target(target.config)
     with torch.no_grad():
         # Start from the target's final norm: the frozen LM head expects states at that scale.

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from specray.training.target_cache import CachedSample
+from specray.workers.drafters.draft_vocab import DraftVocab
 from specray.workers.drafters.loss_weights import LossWeights
 
 
@@ -49,14 +50,32 @@ class TeacherForcedBlocks:
 
     labels: torch.Tensor  # [N, γ] the true tokens at anchor+k+1
     supervised: torch.Tensor  # [N, γ] bool
-    logits: torch.Tensor  # [N, γ, V] Markov-corrected draft logits
+    logits: torch.Tensor  # [N, γ, K] Markov-corrected draft logits over the output vocabulary
     confidence: torch.Tensor | None  # [N, γ] confidence logits (DSpark)
     target_logits: torch.Tensor  # [N, γ, V] the target's logits for the same positions
+    vocab: DraftVocab | None = None  # the draft vocabulary the K columns name (None: K = V)
 
     def survival(self) -> torch.Tensor:
         """[N, γ] P(a sampled draft survives verification at T = 1) = 1 − ½‖p_d − p_t‖₁."""
-        l1 = (self.logits.float().softmax(-1) - self.target_logits.float().softmax(-1)).abs().sum(-1)
+        l1 = l1_distance(self.logits.float().softmax(-1), self.target_logits.float().softmax(-1), self.vocab)
         return (1.0 - 0.5 * l1).clamp(0.0, 1.0)
+
+    def greedy_tokens(self) -> torch.Tensor:
+        """[N, γ] the drafts at T = 0, as target token ids."""
+        return greedy_tokens(self.logits, self.vocab)
+
+
+def l1_distance(p_d: torch.Tensor, p_t: torch.Tensor, vocab: DraftVocab | None) -> torch.Tensor:
+    """‖p_d − p_t‖₁ over the target vocabulary, p_d [.., K] being 0 outside the draft vocabulary."""
+    if vocab is None:
+        return (p_d - p_t).abs().sum(-1)
+    inside = p_t[..., vocab.ids.to(p_t.device)]
+    return (p_d - inside).abs().sum(-1) + (1.0 - inside.sum(-1)).clamp(min=0.0)
+
+
+def greedy_tokens(logits: torch.Tensor, vocab: DraftVocab | None) -> torch.Tensor:
+    columns = logits.argmax(-1)
+    return columns if vocab is None else vocab.to_target(columns)
 
 
 def teacher_forced_blocks(
@@ -71,7 +90,7 @@ def teacher_forced_blocks(
     unique, inverse = target_pos.unique(return_inverse=True)
     with torch.no_grad():
         target_logits = target.compute_logits(sample.final_hidden[unique])[inverse]
-    return TeacherForcedBlocks(labels, supervised, logits, confidence, target_logits)
+    return TeacherForcedBlocks(labels, supervised, logits, confidence, target_logits, model.draft_vocab())
 
 
 def drafter_loss(
@@ -81,8 +100,13 @@ def drafter_loss(
     labels: torch.Tensor,
     supervised: torch.Tensor,
     weights: LossWeights,
+    vocab: DraftVocab | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss over [N, γ, V] draft logits (Markov-corrected) against the target's [N, γ, V] logits."""
+    """Loss over [N, γ, K] draft logits (Markov-corrected) against the target's [N, γ, V] logits.
+
+    With a draft vocabulary, p_d is 0 outside it: the L1 term counts p_t's mass there, and a label
+    outside it has no CE (the drafter cannot propose it).
+    """
     block_len = logits.shape[1]
     position_weight = torch.tensor(
         [math.exp(-k / weights.decay) for k in range(block_len)], device=logits.device
@@ -92,8 +116,10 @@ def drafter_loss(
     log_pd = logits.float().log_softmax(-1)
     p_d = log_pd.exp()
     p_t = target_logits.float().softmax(-1)
-    ce = F.nll_loss(log_pd.flatten(0, 1), labels.flatten(), reduction="none").view_as(w)
-    l1 = (p_d - p_t).abs().sum(-1)
+    columns = labels if vocab is None else vocab.to_draft(labels)
+    ce = F.nll_loss(log_pd.flatten(0, 1), columns.clamp(min=0).flatten(), reduction="none").view_as(w)
+    ce = ce * (columns >= 0)
+    l1 = l1_distance(p_d, p_t, vocab)
     loss = weights.ce * (w * ce).sum() / total + weights.l1 * (w * l1).sum() / total
     metrics = {"ce": float((w * ce).detach().sum() / total), "l1": float((w * l1).detach().sum() / total)}
     if confidence_logits is not None and weights.bce > 0:
@@ -102,6 +128,6 @@ def drafter_loss(
         bce = F.binary_cross_entropy_with_logits(confidence_logits.float(), accept, reduction="none")
         loss = loss + weights.bce * (w * bce).sum() / total
         metrics["bce"] = float((w * bce).detach().sum() / total)
-    greedy_hit = (logits.argmax(-1) == labels).float()
+    greedy_hit = (greedy_tokens(logits, vocab) == labels).float()
     metrics["acc0"] = float((greedy_hit[:, 0] * supervised[:, 0]).sum() / supervised[:, 0].sum().clamp(min=1))
     return loss, metrics

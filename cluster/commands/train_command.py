@@ -113,6 +113,12 @@ def register(p: argparse.ArgumentParser) -> None:
         default=False,
         help="dspark: the Markov head's W1/W2 factor through the target's embedding and LM head",
     )
+    fit.add_argument(
+        "--draft-vocab-size",
+        type=int,
+        default=0,
+        help="propose only the K most frequent target tokens of the training data (0: the whole vocabulary)",
+    )
     fit.add_argument("--epochs", type=int, default=2)
     fit.add_argument("--lr", type=float, default=6e-4)
     fit.add_argument("--sequences-per-step", type=int, default=4)
@@ -295,6 +301,7 @@ def run_fit(args: argparse.Namespace) -> int:
             markov_rank=args.markov_rank,
             state_input=args.state_input,
             markov_tied=args.markov_tied,
+            draft_vocab_size=args.draft_vocab_size,
             epochs=args.epochs,
             lr=args.lr,
             sequences_per_step=args.sequences_per_step,

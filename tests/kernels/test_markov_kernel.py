@@ -78,3 +78,36 @@ def test_the_markov_bias_changes_the_draft() -> None:
     with_bias = sample_markov_block(**args)
     without = sample_markov_block(**{**args, "w1": None, "w2": None, "conf_weight": None})
     assert not torch.equal(with_bias.tokens, without.tokens)
+
+
+def _draft_vocabulary_case(device: str, dtype: torch.dtype) -> tuple[dict, torch.Tensor]:
+    """A block over a draft vocabulary: every third token id, W1 over all ids, W2 over the columns."""
+    args = markov_inputs(4, 3, VOCAB, RANK, D_MODEL, dtype, 8, device=device)
+    ids = torch.arange(1, VOCAB, 3, device=device)
+    return {**args, "logits": args["logits"][..., ids], "w2": args["w2"][ids], "token_ids": ids}, ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_draft_vocabulary(device: str, dtype: torch.dtype) -> None:
+    args, ids = _draft_vocabulary_case(device, dtype)
+    draft = assert_same(args)
+    assert bool(torch.isin(draft.tokens, ids).all()), "a draft outside the draft vocabulary"
+    assert draft.probs.shape[-1] == ids.numel()
+    picked = draft.probs.gather(2, (draft.tokens.unsqueeze(-1) - 1) // 3).squeeze(-1)
+    torch.testing.assert_close(picked, draft.token_probs)
+
+
+def test_draft_vocabulary_is_the_full_vocabulary_with_the_rest_banned() -> None:
+    """Sampling C columns named by token_ids = sampling the whole vocabulary with every other token
+    at −inf: same tokens, same probabilities, same confidences (W1 is read by token id)."""
+    args, ids = _draft_vocabulary_case("cpu", torch.float32)
+    full = markov_inputs(4, 3, VOCAB, RANK, D_MODEL, torch.float32, 8)
+    banned = torch.ones(VOCAB, dtype=torch.bool)
+    banned[ids] = False
+    full["logits"][..., banned] = -float("inf")
+    reduced = sample_markov_block(**args, return_probs=True)
+    expected = sample_markov_block(**full, return_probs=True)
+    assert torch.equal(reduced.tokens, expected.tokens)
+    torch.testing.assert_close(reduced.token_probs, expected.token_probs, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(reduced.probs, expected.probs[..., ids], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(reduced.confidence, expected.confidence)

@@ -4,6 +4,7 @@ features computed online are the cache's."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,36 @@ def test_score_ranks_a_trained_drafter_above_its_untrained_start(tiny_cache, tin
             )
             assert r["tau"] == pytest.approx(1 + sum(by_position))
         assert trained["tau"] > untrained["tau"], f"T={report['temperature']}: training did not raise τ"
+
+
+def test_fit_with_a_draft_vocabulary(tiny_cache, tiny_target, tmp_path) -> None:  # noqa: ANN001
+    """`draft_vocab_size` keeps the training data's most frequent tokens (stop tokens always), ships
+    the map in the checkpoint, and the drafter trained over it learns, drafts inside it and stays
+    lossless."""
+    from specray.workers.drafters.draft_vocab import frequent_tokens
+
+    config = replace(_short_fit("dspark", True, tiny_cache, tmp_path / "vocab"), draft_vocab_size=24)
+    fit(config, tiny_target, progress=False)
+    history = json.loads((tmp_path / "vocab" / "train_log.json").read_text())["history"]
+    assert sum(h["ce"] for h in history[-4:]) < 0.9 * sum(h["ce"] for h in history[:4])
+
+    data = TargetCache(tiny_cache, "train")
+    expected = frequent_tokens(
+        ((s.ids, s.loss_mask) for s in (data[i] for i in range(len(data)))), 24, tiny_target
+    )
+    model = load_drafter_model(tmp_path / "vocab")
+    assert model.config.draft_vocab_size == 24 and model.config.markov_tied
+    assert model.draft_ids.tolist() == expected.ids.tolist(), "the checkpoint's map is not the data's"
+    assert set(tiny_target.stop_token_ids) <= set(model.draft_ids.tolist())
+
+    reports = score_drafters([tmp_path / "vocab"], tiny_target, "tiny", tiny_cache, split="train")
+    assert reports[0]["results"][0]["tau"] > 1.0
+
+    drafter = load_drafter(tmp_path / "vocab", tiny_target)
+    # Training prompts: the tiny target's text there is what the drafter learnt to predict.
+    prompts = [data[i].ids[: int((~data[i].loss_mask).sum())].tolist() for i in range(2)]
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    plain = LLMEngine(tiny_target, None, EngineConfig(num_speculative_tokens=0)).generate(prompts, params)
+    spec = LLMEngine(tiny_target, drafter, EngineConfig(num_speculative_tokens=7)).generate(prompts, params)
+    assert [s.output_ids for s in spec] == [s.output_ids for s in plain]
+    assert sum(s.stats.accepted_tokens for s in spec) > 0

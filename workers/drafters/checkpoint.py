@@ -31,11 +31,15 @@ def build_model(config: DrafterConfig) -> DrafterModel:
 
 
 def save_drafter_model(model: DrafterModel, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
-    """Weights are stored in bf16 by default: half the size, and drafts need no more precision."""
+    """Weights are stored in bf16 by default: half the size, and drafts need no more precision.
+    Integer tensors (a draft vocabulary's token ids) keep their type."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.config.save(path / "config.json")
-    state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {
+        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
+        for k, v in model.state_dict().items()
+    }
     save_file(state, path / "model.safetensors", metadata={"kind": model.config.kind})
 
 

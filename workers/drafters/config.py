@@ -50,6 +50,9 @@ class DrafterConfig:
     # W1[x] = A·norm(embed(x)) and W2 = lm_head·B, so the bigram it learns generalises to tokens
     # the training data rarely shows; otherwise W1 and W2 are free V×r tables.
     markov_tied: bool = False
+    # K > 0: the drafter proposes only K target tokens (draft_vocab.py); its LM head and Markov output
+    # table have K rows and the ids ship in model.safetensors. 0 = the target's whole vocabulary.
+    draft_vocab_size: int = 0
     # Per-position calibration temperatures dividing the confidence logit (1 = uncalibrated).
     confidence_temperatures: tuple[float, ...] = field(default=())
     target_name: str = ""
@@ -70,6 +73,8 @@ class DrafterConfig:
             or min(self.confidence_temperatures) <= 0
         ):
             raise ValueError("need one positive confidence temperature per block position")
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size {self.draft_vocab_size} outside 0..{self.vocab_size}")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id {self.mask_token_id} outside the vocabulary")
 
@@ -88,6 +93,11 @@ class DrafterConfig:
             feature_layers=spread_feature_layers(target.num_layers, num_features),
             **kwargs,
         )
+
+    @property
+    def output_vocab_size(self) -> int:
+        """Rows of the drafter's LM head: the draft vocabulary, or the target's."""
+        return self.draft_vocab_size or self.vocab_size
 
     def layer_config(self) -> ModelConfig:
         """A Llama-style layer config at the target's shapes (the drafter's own layers)."""

@@ -2,7 +2,8 @@
 
 The engine reports features of newly committed positions after every step (`observe`); a start
 before the cached length means the previous draft was partly rejected, so everything from there on
-is cropped. Keys/values are projected lazily, only up to the position a proposal needs.
+is cropped. Keys/values are projected lazily, only up to the position a proposal needs, and for all
+sequences of a proposal in one projection call; the proposal reads them back padded into one batch.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from specray.workers.drafters.layers import KV
 
-# project(features_of_new_positions, start) -> per-layer KV of those positions
-Projector = Callable[[torch.Tensor, int], list[KV]]
+# project(features [T, m·d], positions [T], owners [T]) -> per-layer KV [T, ...] of those positions,
+# where owners[t] is the index, in the proposal's batch, of the sequence position t belongs to.
+Projector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], list[KV]]
 
 
 @dataclass
@@ -47,26 +50,45 @@ class ContextCache:
         state = self._states.get(seq_id)
         return 0 if state is None else state.features.shape[0]
 
-    def features(self, seq_id: str, start: int, end: int) -> torch.Tensor:
-        return self._states[seq_id].features[start:end]
+    def features_at(self, seq_ids: list[str], positions: list[int]) -> torch.Tensor:
+        """[B, m·d]: each sequence's features at one position."""
+        return torch.stack([self._states[s].features[p] for s, p in zip(seq_ids, positions)])
 
-    def context_kv(self, seq_id: str, length: int, project: Projector) -> list[KV]:
-        """Per-layer context KV of positions 0..length-1, projecting the positions not cached yet."""
-        state = self._states[seq_id]
-        if length > state.features.shape[0]:
-            raise ValueError(f"{seq_id}: context of {length} needs features the drafter has not seen")
-        if state.kv_len > length:
-            state.kv = [(k[:length], v[:length]) for k, v in state.kv]
-            state.kv_len = length
-        if state.kv_len < length or not state.kv:
-            new = project(state.features[state.kv_len : length], state.kv_len)
-            state.kv = (
-                [(torch.cat((k, nk)), torch.cat((v, nv))) for (k, v), (nk, nv) in zip(state.kv, new)]
-                if state.kv
-                else new
+    def context_kv(self, seq_ids: list[str], lengths: list[int], project: Projector) -> list[KV]:
+        """Per-layer context KV [B, max(lengths), ...] of positions 0..lengths[b]−1 of each sequence,
+        zero-padded past its length; positions not cached yet are projected in one `project` call."""
+        states = [self._states[s] for s in seq_ids]
+        spans = []
+        for row, (seq_id, state, length) in enumerate(zip(seq_ids, states, lengths)):
+            if length > state.features.shape[0]:
+                raise ValueError(f"{seq_id}: context of {length} needs features the drafter has not seen")
+            if state.kv_len > length:
+                state.kv = [(k[:length], v[:length]) for k, v in state.kv]
+                state.kv_len = length
+            if state.kv_len < length or not state.kv:
+                spans.append((row, state.kv_len, length))
+        if spans:
+            device = states[0].features.device
+            new = project(
+                torch.cat([states[row].features[start:end] for row, start, end in spans]),
+                torch.cat([torch.arange(start, end, device=device) for _, start, end in spans]),
+                torch.cat([torch.full((end - start,), row, device=device) for row, start, end in spans]),
             )
-            state.kv_len = length
-        return state.kv
+            sizes = [end - start for _, start, end in spans]
+            pieces = [(k.split(sizes), v.split(sizes)) for k, v in new]
+            for i, (row, _, end) in enumerate(spans):
+                state = states[row]
+                mine = [(k[i], v[i]) for k, v in pieces]
+                state.kv = (
+                    [(torch.cat((k, nk)), torch.cat((v, nv))) for (k, v), (nk, nv) in zip(state.kv, mine)]
+                    if state.kv
+                    else mine
+                )
+                state.kv_len = end
+        return [
+            tuple(pad_sequence([s.kv[layer][part] for s in states], batch_first=True) for part in (0, 1))
+            for layer in range(len(states[0].kv))
+        ]
 
     def release(self, seq_id: str) -> None:
         self._states.pop(seq_id, None)

@@ -47,20 +47,36 @@ class DSparkModel(FeatureDrafterBackbone):
             # Zero B (hence W2): training starts from the plain backbone distribution.
             nn.init.zeros_(self.markov_out.weight)
         elif r:
+            # W1 reads any previous token (the anchor may lie outside a draft vocabulary); W2 writes
+            # only the tokens the drafter may propose.
             self.markov_w1 = nn.Embedding(config.vocab_size, r)
-            self.markov_w2 = nn.Linear(r, config.vocab_size, bias=False)
+            self.markov_w2 = nn.Linear(r, config.output_vocab_size, bias=False)
             nn.init.normal_(self.markov_w1.weight, std=r**-0.5)
             nn.init.zeros_(self.markov_w2.weight)
         if config.confidence:
             self.confidence_head = nn.Linear(d + r, 1)
 
-    def context_kv(self, features: torch.Tensor, start: int) -> list[KV]:
-        """Per-layer KV of raw target features [T, m·d] at positions start..start+T−1."""
-        return self._fused_kv(self.fuse(features), start)
+    def context_kv(self, features: torch.Tensor, positions: torch.Tensor) -> list[KV]:
+        """Per-layer KV of raw target features [T, m·d] at `positions` [T]."""
+        return self._fused_kv(self.fuse(features), positions)
 
-    def _fused_kv(self, fused: torch.Tensor, start: int) -> list[KV]:
-        rotary = self.rotary(torch.arange(start, start + fused.shape[0], device=fused.device), fused.dtype)
+    def _fused_kv(self, fused: torch.Tensor, positions: torch.Tensor) -> list[KV]:
+        rotary = self.rotary(positions, fused.dtype)
         return [layer.context_kv(fused, rotary) for layer in self.layers]
+
+    def block_inputs(
+        self, anchor_embeds: torch.Tensor, mask_embed: torch.Tensor, states: torch.Tensor | None
+    ) -> torch.Tensor:
+        """[N, γ, d] slot inputs of blocks `[anchor, MASK × (γ−1)]`; `states` [N, d] is H_ctx at
+        anchor−1 (zeros where there is none), read when `state_input`."""
+        n, block_len = anchor_embeds.shape[0], self.config.draft_block_size
+        x = mask_embed.expand(n, block_len, -1).clone()
+        x[:, 0] = anchor_embeds
+        if self.config.state_input:
+            x = self.in_proj(
+                torch.cat((self.embed_norm(x), states.unsqueeze(1).expand(-1, block_len, -1)), -1)
+            )
+        return x
 
     def blocks(
         self,
@@ -70,24 +86,38 @@ class DSparkModel(FeatureDrafterBackbone):
         mask_embed: torch.Tensor,
         states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-normed slot states [N, γ, d] for blocks at `anchors` over a shared context.
+        """Final-normed slot states [N, γ, d] of one block per row (inference): row i's context KV
+        [N, L, ...] holds its own sequence, of which its block sees positions j < anchors[i]."""
+        block_len = self.config.draft_block_size
+        x = self.block_inputs(anchor_embeds, mask_embed, states)
+        positions = anchors.unsqueeze(1) + torch.arange(block_len, device=anchors.device)
+        context_len = context[0][0].shape[1]
+        sees_context = torch.arange(context_len, device=anchors.device) < anchors.unsqueeze(1)
+        mask = torch.cat(
+            (
+                sees_context.unsqueeze(1).expand(-1, block_len, -1),
+                sees_context.new_ones(anchors.shape[0], block_len, block_len),
+            ),
+            -1,
+        )
+        return self.norm(self.run_layers(x, positions, context, mask))
 
-        `states` [N, d] is H_ctx at anchor−1 (zeros where there is none), read when `state_input`.
-        """
+    def packed_blocks(
+        self,
+        context: list[KV],
+        anchors: torch.Tensor,
+        anchor_embeds: torch.Tensor,
+        mask_embed: torch.Tensor,
+        states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-normed slot states [N, γ, d] of many blocks over one shared context KV [L, ...]
+        (training: every block of a sequence packed into one row under `block_mask`)."""
         n, block_len = anchors.shape[0], self.config.draft_block_size
-        x = mask_embed.expand(n, block_len, -1).clone()
-        x[:, 0] = anchor_embeds
-        if self.config.state_input:
-            x = self.in_proj(
-                torch.cat((self.embed_norm(x), states.unsqueeze(1).expand(-1, block_len, -1)), -1)
-            )
-        x = x.reshape(n * block_len, -1)
-        positions = (anchors.unsqueeze(1) + torch.arange(block_len, device=anchors.device)).reshape(-1)
-        rotary = self.rotary(positions, x.dtype)
-        mask = block_mask(anchors, context[0][0].shape[0], block_len)
-        for layer, kv in zip(self.layers, context):
-            x = layer(x, rotary, kv, mask)
-        return self.norm(x).view(n, block_len, -1)
+        x = self.block_inputs(anchor_embeds, mask_embed, states).reshape(1, n * block_len, -1)
+        positions = (anchors.unsqueeze(1) + torch.arange(block_len, device=anchors.device)).reshape(1, -1)
+        mask = block_mask(anchors, context[0][0].shape[0], block_len).unsqueeze(0)
+        packed = [(k.unsqueeze(0), v.unsqueeze(0)) for k, v in context]
+        return self.norm(self.run_layers(x, positions, packed, mask)).view(n, block_len, -1)
 
     def markov_code(self, prev: torch.Tensor, target: DecoderModel) -> torch.Tensor | None:
         """W1[x_{k−1}]: the r-dim code of the previous token that the Markov and confidence heads read."""
@@ -98,20 +128,21 @@ class DSparkModel(FeatureDrafterBackbone):
         return self.markov_w1(prev)
 
     def markov_bias(self, code: torch.Tensor, target: DecoderModel) -> torch.Tensor:
-        """W2·W1[x_{k−1}] [.., V], the Markov head's logit correction."""
+        """W2·W1[x_{k−1}] [.., K], the Markov head's logit correction over the output vocabulary."""
         if self.config.markov_tied:
-            return F.linear(self.markov_out(code), target.lm_head.weight.to(code.dtype))
+            return F.linear(self.markov_out(code), self.output_head(target).to(code.dtype))
         return self.markov_w2(code)
 
     def markov_tables(self, target: DecoderModel) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(W1, W2), both [V, r] fp32, the tables the block sampler reads."""
+        """(W1 [V, r], W2 [K, r]) fp32, the tables the block sampler reads: W1 by previous token id,
+        W2 by output column."""
         if not self.config.markov_rank:
             return None
         if not self.config.markov_tied:
             return self.markov_w1.weight.float(), self.markov_w2.weight.float()
         vocab = torch.arange(self.config.vocab_size, device=self.markov_in.weight.device)
         w1 = self.markov_code(vocab, target).float()
-        w2 = target.lm_head.weight.float() @ self.markov_out.weight.float()
+        w2 = self.output_head(target).float() @ self.markov_out.weight.float()
         return w1, w2
 
     def confidence_logits(self, hidden: torch.Tensor, code: torch.Tensor | None) -> torch.Tensor | None:
@@ -123,21 +154,22 @@ class DSparkModel(FeatureDrafterBackbone):
     def training_outputs(
         self, features: torch.Tensor, ids: torch.Tensor, anchors: torch.Tensor, target: DecoderModel
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Teacher-forced logits [N, γ, V] and confidence logits [N, γ] for many anchors at once.
+        """Teacher-forced logits [N, γ, K] over the output vocabulary and confidence logits [N, γ]
+        for many anchors at once.
 
         Slot k's previous token is the true token at anchor+k (the anchor itself for k = 0): the
         Markov and confidence heads see what inference sees when the earlier drafts were accepted.
         """
         block_len = self.config.draft_block_size
         fused = self.fuse(features)
-        context = self._fused_kv(fused, 0)
+        context = self._fused_kv(fused, torch.arange(fused.shape[0], device=fused.device))
         mask_embed = target.embed(torch.tensor([self.config.mask_token_id], device=ids.device))[0]
         states = torch.cat((torch.zeros_like(fused[:1]), fused))[anchors]  # H_ctx at anchor−1
-        hidden = self.blocks(context, anchors, target.embed(ids[anchors]), mask_embed, states)
+        hidden = self.packed_blocks(context, anchors, target.embed(ids[anchors]), mask_embed, states)
         prev_pos = (anchors.unsqueeze(1) + torch.arange(block_len, device=ids.device)).clamp(
             max=ids.shape[0] - 1
         )
-        logits = target.compute_logits(hidden)
+        logits = self.output_logits(hidden, target)
         code = self.markov_code(ids[prev_pos], target)
         if code is not None:
             logits = logits + self.markov_bias(code, target)
@@ -145,7 +177,8 @@ class DSparkModel(FeatureDrafterBackbone):
 
 
 class DSparkDrafter(FeatureDrafter):
-    """Serves a DSparkModel through the engine's drafter interface."""
+    """Serves a DSparkModel through the engine's drafter interface: one backbone forward, one LM
+    head product and one block sampler call for all ready sequences of a proposal."""
 
     def __init__(self, model: DSparkModel, target: DecoderModel) -> None:
         super().__init__(model, target)
@@ -163,34 +196,32 @@ class DSparkDrafter(FeatureDrafter):
         ]
         if not ready:
             return proposals
-        device = next(self.target.parameters()).device
-        mask_embed = self.target.embed(torch.tensor([self.config.mask_token_id], device=device))[0].float()
-        hidden = []
-        for i in ready:
-            r = requests[i]
-            anchor_pos = len(r.token_ids) - 1
-            context = self.cache.context_kv(r.seq_id, anchor_pos, self.model.context_kv)
-            anchor_embed = self.target.embed(torch.tensor([r.token_ids[-1]], device=device)).float()
-            anchor_at = torch.tensor([anchor_pos], device=device)
-            state = (
-                self.model.fuse(self.cache.features(r.seq_id, anchor_pos - 1, anchor_pos))
-                if self.config.state_input
-                else None
-            )
-            hidden.append(self.model.blocks(context, anchor_at, anchor_embed, mask_embed, state)[0])
+        batch = [requests[i] for i in ready]
+        device = self.device
+        m, seq_ids = self.model, [r.seq_id for r in batch]
+        anchor_pos = [len(r.token_ids) - 1 for r in batch]
+        context = self.cache.context_kv(seq_ids, anchor_pos, lambda f, pos, _: m.context_kv(f, pos))
+        mask_embed = self._embed(torch.tensor([self.config.mask_token_id], device=device))[0]
+        anchors = torch.tensor([r.token_ids[-1] for r in batch], device=device)
+        states = (
+            m.fuse(self.cache.features_at(seq_ids, [p - 1 for p in anchor_pos]))
+            if self.config.state_input
+            else None
+        )
+        hidden = m.blocks(
+            context, torch.tensor(anchor_pos, device=device), self._embed(anchors), mask_embed, states
+        )
         # Slot k's hidden state depends on the whole block (bidirectional attention), but nothing
         # after slot k depends on its logits: only the slots asked for get the LM head, a draft's
         # largest cost, so drafting to a smaller verify budget is cheaper.
-        width = max(min(requests[i].max_tokens, self.config.draft_block_size) for i in ready)
-        hidden = torch.stack(hidden)[:, :width]
-        logits = self.target.compute_logits(hidden.to(self._target_dtype)).float()
-        anchors = torch.tensor([requests[i].token_ids[-1] for i in ready], device=device)
-        temperature = torch.tensor([requests[i].params.temperature for i in ready], device=device)
+        width = max(min(r.max_tokens, self.config.draft_block_size) for r in batch)
+        hidden = hidden[:, :width]
+        logits = self.logits(hidden)
+        temperature = torch.tensor([r.params.temperature for r in batch], device=device)
         # A whole block's worth of draws whatever the width: a request's random stream advances alike.
         uniforms = torch.stack(
-            [torch.rand(self.config.draft_block_size, generator=requests[i].generator) for i in ready]
+            [torch.rand(self.config.draft_block_size, generator=r.generator) for r in batch]
         )[:, :width].to(device)
-        m = self.model
         w1, w2 = self.markov_tables or (None, None)
         draft = sample_markov_block(
             logits,
@@ -204,17 +235,15 @@ class DSparkDrafter(FeatureDrafter):
             conf_bias=float(m.confidence_head.bias) if self.config.confidence else 0.0,
             conf_temperature=torch.tensor(self.config.confidence_temperatures[:width], device=device),
             return_probs=bool((temperature > 0).any()),
+            token_ids=self.token_ids,
         )
-        for row, i in enumerate(ready):
-            r = requests[i]
+        tokens = draft.tokens.tolist()
+        confidence = draft.confidence.tolist() if draft.confidence is not None else None
+        for row, (i, r) in enumerate(zip(ready, batch)):
             k = min(r.max_tokens, self.config.draft_block_size)
             proposals[i] = DraftProposal(
-                tokens=draft.tokens[row, :k].tolist(),
-                probs=None if r.params.greedy else draft.probs[row, :k],
-                confidence=draft.confidence[row, :k].tolist() if draft.confidence is not None else None,
+                tokens=tokens[row][:k],
+                probs=None if r.params.greedy else self.target_probs(draft.probs[row, :k]),
+                confidence=confidence[row][:k] if confidence is not None else None,
             )
         return proposals
-
-    @property
-    def _target_dtype(self) -> torch.dtype:
-        return self.target.lm_head.weight.dtype

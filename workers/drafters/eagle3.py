@@ -43,92 +43,123 @@ class Eagle3Model(FeatureDrafterBackbone):
     def step_inputs(self, token_embeds: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         return self.in_proj(torch.cat((self.embed_norm(token_embeds), states), -1))
 
-    def context_kv(self, inputs: torch.Tensor, start: int) -> list[KV]:
-        """KV of step inputs [T, d] at positions start..; causal self-attention normalises them first."""
-        rotary = self.rotary(torch.arange(start, start + inputs.shape[0], device=inputs.device), inputs.dtype)
+    def context_kv(self, inputs: torch.Tensor, positions: torch.Tensor) -> list[KV]:
+        """KV of step inputs [T, d] at `positions`; causal self-attention normalises them first."""
+        rotary = self.rotary(positions, inputs.dtype)
         if len(self.layers) != 1:
             raise ValueError("EAGLE-3 caches context for its single layer only")
         layer = self.layers[0]
         return [layer.context_kv(layer.input_layernorm(inputs), rotary)]
 
     def chains(self, context: list[KV], anchors: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """Layer outputs (pre-norm) [N, s, d] for chain inputs [N, s, d] starting at position anchor−1."""
+        """Layer outputs (pre-norm) [N, s, d] of one chain per row (inference): row i's inputs
+        [N, s, d] start at position anchors[i]−1 and see its context KV [N, L, ...] before that."""
+        steps = inputs.shape[1]
+        positions = anchors.unsqueeze(1) - 1 + torch.arange(steps, device=anchors.device)
+        context_len = context[0][0].shape[1]
+        sees_context = torch.arange(context_len, device=anchors.device) < (anchors - 1).unsqueeze(1)
+        causal = torch.ones(steps, steps, dtype=torch.bool, device=anchors.device).tril()
+        mask = torch.cat(
+            (
+                sees_context.unsqueeze(1).expand(-1, steps, -1),
+                causal.expand(anchors.shape[0], -1, -1),
+            ),
+            -1,
+        )
+        return self.run_layers(inputs, positions, context, mask)
+
+    def packed_chains(self, context: list[KV], anchors: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Layer outputs (pre-norm) [N, s, d] of many chains over one shared context KV [L, ...]
+        (training: every chain of a sequence packed into one row under `chain_mask`)."""
         n, steps, d = inputs.shape
-        positions = (anchors.unsqueeze(1) - 1 + torch.arange(steps, device=anchors.device)).reshape(-1)
-        rotary = self.rotary(positions, inputs.dtype)
-        mask = chain_mask(anchors, context[0][0].shape[0], steps)
-        x = inputs.reshape(n * steps, d)
-        for layer, kv in zip(self.layers, context):
-            x = layer(x, rotary, kv, mask)
-        return x.view(n, steps, d)
+        positions = (anchors.unsqueeze(1) - 1 + torch.arange(steps, device=anchors.device)).reshape(1, -1)
+        mask = chain_mask(anchors, context[0][0].shape[0], steps).unsqueeze(0)
+        packed = [(k.unsqueeze(0), v.unsqueeze(0)) for k, v in context]
+        return self.run_layers(inputs.reshape(1, n * steps, d), positions, packed, mask).view(n, steps, d)
 
     def training_outputs(
         self, features: torch.Tensor, ids: torch.Tensor, anchors: torch.Tensor, target: DecoderModel
     ) -> tuple[torch.Tensor, None]:
-        """Logits [N, γ, V] of the unrolled chain, teacher-forced on the true tokens."""
+        """Logits [N, γ, K] over the output vocabulary of the unrolled chain, teacher-forced on the
+        true tokens."""
         block_len, length = self.config.draft_block_size, ids.shape[0]
         fused = self.fuse(features)
         # Step input at t pairs H_t with x_{t+1}; the last position has no next token (never used).
         next_ids = torch.cat((ids[1:], ids[-1:]))
         all_inputs = self.step_inputs(target.embed(next_ids), fused)
-        context = self.context_kv(all_inputs, 0)
+        context = self.context_kv(all_inputs, torch.arange(length, device=ids.device))
         inputs = all_inputs[anchors - 1].unsqueeze(1)
         for j in range(1, block_len):
-            outputs = self.chains(context, anchors, inputs)
+            outputs = self.packed_chains(context, anchors, inputs)
             token = ids[(anchors + j).clamp(max=length - 1)]
             inputs = torch.cat(
                 (inputs, self.step_inputs(target.embed(token), outputs[:, -1]).unsqueeze(1)), 1
             )
-        outputs = self.chains(context, anchors, inputs)
-        return target.compute_logits(self.norm(outputs)), None
+        outputs = self.packed_chains(context, anchors, inputs)
+        return self.output_logits(self.norm(outputs), target), None
 
 
 class Eagle3Drafter(FeatureDrafter):
+    """Serves an Eagle3Model: γ chain steps, each one forward and one LM head product for all
+    ready sequences of a proposal."""
+
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[DraftProposal]:
-        return [self._propose_one(r) for r in requests]
+        proposals = [DraftProposal(tokens=[]) for _ in requests]
+        ready = [
+            i
+            for i, r in enumerate(requests)
+            if r.max_tokens > 0 and self.cache.num_features(r.seq_id) >= len(r.token_ids) - 1 > 0
+        ]
+        if not ready:
+            return proposals
+        batch = [requests[i] for i in ready]
+        m, device = self.model, self.device
+        seq_ids = [r.seq_id for r in batch]
+        anchor_pos = [len(r.token_ids) - 1 for r in batch]
 
-    def _propose_one(self, r: DraftRequest) -> DraftProposal:
-        anchor_pos = len(r.token_ids) - 1
-        if r.max_tokens <= 0 or anchor_pos < 1 or self.cache.num_features(r.seq_id) < anchor_pos:
-            return DraftProposal(tokens=[])
-        m, ids = self.model, r.token_ids
-        device = next(self.target.parameters()).device
-
-        def project(features: torch.Tensor, start: int) -> list[KV]:
-            next_ids = torch.tensor(ids[start + 1 : start + 1 + features.shape[0]], device=device)
-            return m.context_kv(m.step_inputs(self._embed(next_ids), m.fuse(features)), start)
+        def project(features: torch.Tensor, positions: torch.Tensor, owners: torch.Tensor) -> list[KV]:
+            # Step input at t pairs H_t with x_{t+1}.
+            next_ids = [batch[o].token_ids[p + 1] for o, p in zip(owners.tolist(), positions.tolist())]
+            inputs = m.step_inputs(self._embed(torch.tensor(next_ids, device=device)), m.fuse(features))
+            return m.context_kv(inputs, positions)
 
         # Steps up to position anchor−2 are context; the step at anchor−1 (reading the anchor) drafts.
-        context = self.cache.context_kv(r.seq_id, anchor_pos - 1, project)
-        features = self._features(r.seq_id, anchor_pos - 1)
-        inputs = m.step_inputs(
-            self._embed(torch.tensor([ids[-1]], device=device)), m.fuse(features)
-        ).unsqueeze(0)
-        anchors = torch.tensor([anchor_pos], device=device)
-        steps = min(r.max_tokens, self.config.draft_block_size)
+        context = self.cache.context_kv(seq_ids, [p - 1 for p in anchor_pos], project)
+        features = self.cache.features_at(seq_ids, [p - 1 for p in anchor_pos])
+        prev = torch.tensor([r.token_ids[-1] for r in batch], device=device)
+        inputs = m.step_inputs(self._embed(prev), m.fuse(features)).unsqueeze(1)
+        anchors = torch.tensor(anchor_pos, device=device)
+        temperature = torch.tensor([r.params.temperature for r in batch], device=device)
+        limits = [min(r.max_tokens, self.config.draft_block_size) for r in batch]
+        sampled = bool((temperature > 0).any())
         tokens, probs = [], []
-        for j in range(steps):
+        for j in range(max(limits)):
             out = m.chains(context, anchors, inputs)[:, -1]
-            logits = self.target.compute_logits(m.norm(out).to(self._dtype)).float().unsqueeze(1)
-            prev = torch.tensor([tokens[-1] if tokens else ids[-1]], device=device)
-            u = torch.rand(1, 1, generator=r.generator).to(device)
-            temperature = torch.tensor([r.params.temperature], device=device)
-            draft = sample_markov_block(logits, prev, temperature, u, return_probs=not r.params.greedy)
-            tokens.append(int(draft.tokens[0, 0]))
-            if not r.params.greedy:
-                probs.append(draft.probs[0, 0])
-            if j + 1 < steps:
-                step = m.step_inputs(self._embed(torch.tensor([tokens[-1]], device=device)), out).unsqueeze(1)
+            logits = self.logits(m.norm(out)).unsqueeze(1)
+            # One draw per step from each request's own stream, only while it still drafts.
+            uniforms = torch.stack(
+                [
+                    torch.rand(1, generator=r.generator) if j < limit else torch.zeros(1)
+                    for r, limit in zip(batch, limits)
+                ]
+            ).to(device)
+            draft = sample_markov_block(
+                logits, prev, temperature, uniforms, return_probs=sampled, token_ids=self.token_ids
+            )
+            prev = draft.tokens[:, 0]
+            tokens.append(prev)
+            if sampled:
+                probs.append(draft.probs[:, 0])
+            if j + 1 < max(limits):
+                step = m.step_inputs(self._embed(prev), out).unsqueeze(1)
                 inputs = torch.cat((inputs, step), 1)
-        return DraftProposal(tokens=tokens, probs=torch.stack(probs) if probs else None)
-
-    def _features(self, seq_id: str, position: int) -> torch.Tensor:
-        return self.cache.features(seq_id, position, position + 1)
-
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.target.embed(ids).float()
-
-    @property
-    def _dtype(self) -> torch.dtype:
-        return self.target.lm_head.weight.dtype
+        drafted = torch.stack(tokens, 1).tolist()
+        chain_probs = torch.stack(probs, 1) if sampled else None
+        for row, (i, r) in enumerate(zip(ready, batch)):
+            k = limits[row]
+            proposals[i] = DraftProposal(
+                tokens=drafted[row][:k],
+                probs=None if r.params.greedy else self.target_probs(chain_probs[row, :k]),
+            )
+        return proposals

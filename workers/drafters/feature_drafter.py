@@ -1,5 +1,6 @@
-"""What the trained drafters share on the engine side: a model bound to its frozen target, and the
-target features each sequence has delivered so far (kept per sequence, dropped on release)."""
+"""What the trained drafters share on the engine side: a model bound to its frozen target, the
+target features each sequence has delivered so far (kept per sequence, dropped on release), and
+the output head: the target's LM head rows of the tokens the drafter may propose."""
 
 from __future__ import annotations
 
@@ -19,9 +20,28 @@ class FeatureDrafter(Drafter):
         self.name = model.config.kind
         self.feature_layers = model.config.feature_layers
         self.cache = ContextCache()
+        self.device = next(target.parameters()).device
+        self.vocab = model.draft_vocab()
+        # Logit column j is token token_ids[j]; None when the columns are the target's vocabulary.
+        self.token_ids = None if self.vocab is None else self.vocab.ids.to(self.device)
+        with torch.inference_mode():
+            # Gathered once, in the target's dtype (the whole LM head itself without a draft vocabulary).
+            self.head = model.output_head(target)
 
     def observe(self, seq_id: str, features: torch.Tensor, start: int) -> None:
         self.cache.observe(seq_id, features.float(), start)
 
     def release(self, seq_id: str) -> None:
         self.cache.release(seq_id)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [..., K] over the output columns of final-normed drafter states [..., d]."""
+        return self.model.output_logits(hidden.to(self.head.dtype), self.target, self.head).float()
+
+    def target_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """Draft distributions over the output columns → over the target's vocabulary (0 outside
+        the draft vocabulary), as verification reads them."""
+        return probs if self.vocab is None else self.vocab.scatter(probs)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.target.embed(ids).float()

@@ -3,7 +3,9 @@
 Queries come only from the drafted tokens; keys and values are [proj(context); proj(drafted)] with
 the same projections for both. The context is projected raw (it skips the layer's input norm), so
 its keys/values depend only on the fused target features and can be cached across steps.
-Masks are explicit booleans [queries, context + queries] (True = may attend).
+Layers run on a batch of independent rows: training packs all blocks of a sequence into one row,
+inference gives every sequence its own row over its context, padded to the longest. Masks are
+explicit booleans [rows, queries, context + queries] (True = may attend).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from specray.workers.drafters.config import DrafterConfig
+from specray.workers.drafters.draft_vocab import DraftVocab
 from specray.workers.models.config import ModelConfig
-from specray.workers.models.decoder import MLP, RMSNorm, RotaryEmbedding, apply_rotary
+from specray.workers.models.decoder import MLP, DecoderModel, RMSNorm, RotaryEmbedding, apply_rotary
 
 KV = tuple[torch.Tensor, torch.Tensor]  # [T, kv_heads, head_dim] each, RoPE applied to keys
 
@@ -38,13 +41,18 @@ class InjectedAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], context: KV, mask: torch.Tensor
     ) -> torch.Tensor:
+        """x [B, T, d], rotary of the B·T queries, context KV [B, L, kv_heads, head_dim] each,
+        mask [B, T, L + T]."""
         c = self.config
-        q = apply_rotary(self.q_proj(x).view(x.shape[0], c.num_heads, c.head_dim), *rotary)
-        k, v = self.project_kv(x, rotary)
-        keys = torch.cat((context[0], k)).transpose(0, 1)
-        values = torch.cat((context[1], v)).transpose(0, 1)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(out.transpose(0, 1).reshape(x.shape[0], c.num_heads * c.head_dim))
+        rows, length, _ = x.shape
+        flat = x.reshape(rows * length, -1)
+        q = apply_rotary(self.q_proj(flat).view(rows * length, c.num_heads, c.head_dim), *rotary)
+        k, v = self.project_kv(flat, rotary)
+        keys = torch.cat((context[0], k.view(rows, length, *k.shape[1:])), 1).transpose(1, 2)
+        values = torch.cat((context[1], v.view(rows, length, *v.shape[1:])), 1).transpose(1, 2)
+        q = q.view(rows, length, c.num_heads, c.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(rows, length, c.num_heads * c.head_dim))
 
 
 class InjectedLayer(nn.Module):
@@ -67,7 +75,8 @@ class InjectedLayer(nn.Module):
 
 class FeatureDrafterBackbone(nn.Module):
     """What DSpark/DFlash and EAGLE-3 share: the target's fused features projected to the drafter's
-    width (H_ctx), injected layers over them, a final norm and the target's RoPE."""
+    width (H_ctx), injected layers over them, a final norm, the target's RoPE, and the output head:
+    the target's frozen LM head, restricted to the draft vocabulary when the config has one."""
 
     def __init__(self, config: DrafterConfig) -> None:
         super().__init__()
@@ -79,7 +88,48 @@ class FeatureDrafterBackbone(nn.Module):
         self.layers = nn.ModuleList(InjectedLayer(layer_config) for _ in range(config.num_layers))
         self.norm = RMSNorm(d, config.rms_norm_eps, False)
         self.rotary = RotaryEmbedding(config.head_dim, layer_config.rope)
+        if config.draft_vocab_size:
+            # Overwritten by `set_draft_vocab` (training) or the checkpoint (loading).
+            self.register_buffer("draft_ids", torch.arange(config.draft_vocab_size))
 
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
         """H_ctx: raw target features [T, m·d] → [T, d]."""
         return self.context_norm(self.fc(features))
+
+    def run_layers(
+        self, x: torch.Tensor, positions: torch.Tensor, context: list[KV], mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Layer outputs (pre-norm) [B, T, d] of queries x [B, T, d] at `positions` [B, T] over
+        per-layer context KV [B, L, ...] under `mask` [B, T, L + T]."""
+        rotary = self.rotary(positions.reshape(-1), x.dtype)
+        for layer, kv in zip(self.layers, context):
+            x = layer(x, rotary, kv, mask)
+        return x
+
+    def draft_vocab(self) -> DraftVocab | None:
+        if not self.config.draft_vocab_size:
+            return None
+        return DraftVocab(self.draft_ids, self.config.vocab_size)
+
+    def set_draft_vocab(self, vocab: DraftVocab) -> None:
+        if vocab.size != self.config.draft_vocab_size or vocab.target_vocab_size != self.config.vocab_size:
+            raise ValueError(
+                f"a draft vocabulary of {vocab.size} of {vocab.target_vocab_size} tokens for a drafter "
+                f"configured with {self.config.draft_vocab_size} of {self.config.vocab_size}"
+            )
+        self.draft_ids.copy_(vocab.ids)
+
+    def output_head(self, target: DecoderModel) -> torch.Tensor:
+        """The LM head rows [K, d] (or [V, d]) of the tokens the drafter may propose."""
+        weight = target.lm_head.weight
+        return weight[self.draft_ids] if self.config.draft_vocab_size else weight
+
+    def output_logits(
+        self, hidden: torch.Tensor, target: DecoderModel, head: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits over the output vocabulary, as the target's own head computes them (softcap included)."""
+        if not self.config.draft_vocab_size and head is None:
+            return target.compute_logits(hidden)
+        logits = F.linear(hidden, self.output_head(target) if head is None else head)
+        cap = target.config.final_logit_softcapping
+        return cap * torch.tanh(logits / cap) if cap else logits

@@ -100,16 +100,35 @@ def test_context_cache_crops_rejected_positions() -> None:
     cache = ContextCache()
     calls = []
 
-    def project(features: torch.Tensor, start: int) -> list:
-        calls.append((start, features.shape[0]))
+    def project(features: torch.Tensor, positions: torch.Tensor, owners: torch.Tensor) -> list:
+        calls.append((positions.tolist(), owners.tolist()))
         return [(features[:, None, :2].clone(), features[:, None, 2:4].clone())]
 
     cache.observe("s", torch.arange(24.0).view(6, 4), 0)
-    assert cache.context_kv("s", 5, project)[0][0].shape[0] == 5
+    assert cache.context_kv(["s"], [5], project)[0][0].shape == (1, 5, 1, 2)
     cache.observe("s", torch.full((2, 4), -1.0), 3)  # positions 3.. were rejected and replaced
-    kv = cache.context_kv("s", 5, project)
-    assert calls == [(0, 5), (3, 2)]
-    assert kv[0][0][:3, 0].tolist() == [[0, 1], [4, 5], [8, 9]] and (kv[0][0][3:] == -1).all()
+    kv = cache.context_kv(["s"], [5], project)
+    assert calls == [([0, 1, 2, 3, 4], [0] * 5), ([3, 4], [0, 0])]
+    assert kv[0][0][0, :3, 0].tolist() == [[0, 1], [4, 5], [8, 9]] and (kv[0][0][0, 3:] == -1).all()
+
+
+def test_context_cache_projects_a_batch_at_once_and_pads() -> None:
+    """Every sequence's missing positions go through one projection call; the batch comes back
+    zero-padded to the longest context."""
+    cache = ContextCache()
+    calls = []
+
+    def project(features: torch.Tensor, positions: torch.Tensor, owners: torch.Tensor) -> list:
+        calls.append((positions.tolist(), owners.tolist()))
+        return [(features[:, None, :1].clone(), features[:, None, 1:2].clone())]
+
+    cache.observe("a", torch.arange(8.0).view(4, 2), 0)
+    cache.observe("b", torch.arange(100.0, 112.0).view(6, 2), 0)
+    cache.context_kv(["a"], [2], project)
+    kv = cache.context_kv(["b", "a"], [5, 3], project)
+    assert calls == [([0, 1], [0, 0]), ([0, 1, 2, 3, 4, 2], [0, 0, 0, 0, 0, 1])]
+    keys = kv[0][0][..., 0, 0]
+    assert keys.tolist() == [[100, 102, 104, 106, 108], [0, 2, 4, 0, 0]]
 
 
 def test_a_shorter_draft_is_a_prefix_of_the_full_block(tiny_target) -> None:  # noqa: ANN001
