@@ -7,18 +7,14 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+from tiny_models import make_tiny_target
 
-from specray.workers.models.config import ModelConfig, RopeConfig
-from specray.workers.models.decoder import DecoderModel
 from specray.workers.models.loader import LoadedModel
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("SPECRAY_CACHE_DIR", str(REPO / ".scratch" / "cache"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-
-TINY_VOCAB = 96
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,29 +32,6 @@ def smollm2() -> LoadedModel:
     from specray.workers.models.loader import load_model
 
     return load_model("smollm2-135m", "float32")
-
-
-def make_tiny_target(seed: int = 0) -> LoadedModel:
-    config = ModelConfig(
-        family="llama",
-        vocab_size=TINY_VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=6,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=512,
-        rope=RopeConfig(theta=10_000.0),
-        eos_token_ids=(1,),
-    )
-    torch.manual_seed(seed)
-    model = DecoderModel(config)
-    # Peaked logits make greedy decoding stable and drafts sometimes right.
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(8.0)
-    return LoadedModel(model.eval(), config, None, Path("."), (1,))
 
 
 @pytest.fixture(scope="session")

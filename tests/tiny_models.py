@@ -1,10 +1,17 @@
-"""Tiny random Hugging Face checkpoints of each family, written to disk for parity tests."""
+"""Tiny random models: Hugging Face checkpoints of each family written to disk for parity tests, and
+a tiny random target fast enough for every drafter and training test."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from specray.workers.models.config import ModelConfig, RopeConfig
+from specray.workers.models.decoder import DecoderModel
+from specray.workers.models.loader import LoadedModel
+
+TINY_VOCAB = 96
 
 
 def tiny_hf_model(family: str, path: Path, vocab_size: int = 96, seed: int = 0):
@@ -64,3 +71,26 @@ def _write_tokenizer(path: Path, vocab_size: int) -> None:
     PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     ).save_pretrained(path)
+
+
+def make_tiny_target(seed: int = 0) -> LoadedModel:
+    config = ModelConfig(
+        family="llama",
+        vocab_size=TINY_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=6,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=512,
+        rope=RopeConfig(theta=10_000.0),
+        eos_token_ids=(1,),
+    )
+    torch.manual_seed(seed)
+    model = DecoderModel(config)
+    # Peaked logits make greedy decoding stable and drafts sometimes right.
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(8.0)
+    return LoadedModel(model.eval(), config, None, Path("."), (1,))

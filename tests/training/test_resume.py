@@ -73,7 +73,7 @@ def _fit_script(config: FitConfig) -> str:
     return (
         "import sys, torch; from pathlib import Path; sys.path.insert(0, 'tests');"
         "torch.set_num_threads(1);"
-        "from conftest import make_tiny_target; from specray.training.fit import FitConfig, fit;"
+        "from tiny_models import make_tiny_target; from specray.training.fit import FitConfig, fit;"
         f"args = {args!r}; args.update(cache_dir=Path(args['cache_dir']), out_dir=Path(args['out_dir']));"
         "fit(FitConfig(**args), make_tiny_target(), progress=False)"
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_target
+from tiny_models import make_tiny_target
 
 from specray.kernels import cpu_attention
 from specray.workers.engine.config import EngineConfig
