@@ -177,6 +177,9 @@ class RayNodes:
             RAY_AUTH_MODE="token",
             RAY_AUTH_TOKEN_PATH=str(ray_auth_token_file()),
             RAY_USAGE_STATS_ENABLED="0",
+            # Serve's own components (controller, proxy) log to their files only, as under
+            # `specray serve`'s own cluster: a joined `specray serve` shows the replicas' lines.
+            RAY_SERVE_LOG_TO_STDERR="0",
             # A node told to stop stops at once: draining it first, so that Serve moves its
             # replicas away, is for a node leaving a cluster that goes on, not for `down`.
             RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
