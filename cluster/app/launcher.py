@@ -1,6 +1,9 @@
 """The local launcher: Redis, a Ray cluster on 127.0.0.1 and the application, torn down together.
 
-Everything listens on 127.0.0.1 except the HTTP and gRPC APIs, which listen on `config.host`.
+Everything listens on 127.0.0.1 except the HTTP and gRPC APIs, which listen on `config.host`. Given
+the address of a running Ray cluster (`ray_address`), it joins that one instead of starting one, and
+leaves it running when it stops. Either way it deploys the Serve config the Helm chart renders
+(cluster/app/serve_config.py), so each pool lands where its `resources` say.
 Progress and events go to `console` (a callable taking one line; `specray serve` prints them):
 the model preparation, Ray's start, each deployment's replicas, and later, from `watch()`, a
 replica lost and replaced or a Redis restarted. The replicas' own log lines (the router's access
@@ -9,10 +12,10 @@ log, warnings) reach the same console through Ray's log streaming.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
-import secrets
 import sys
 import time
 import urllib.request
@@ -24,15 +27,15 @@ import ray
 import redis
 from ray import serve
 from ray._private import ray_constants
+from ray._private.authentication.authentication_token_setup import enable_token_auth_by_default
 from ray.serve.exceptions import RayServeException
 
-from specray.cluster.app.application import build_app
+from specray.cluster.app.ray_auth import ray_auth_token_file
 from specray.cluster.app.redis_server import LocalRedis, free_port
-from specray.cluster.app.serve_config import APP_NAME
+from specray.cluster.app.serve_config import APP_NAME, serve_config
 from specray.cluster.runtime.config import ClusterConfig, Pool
 from specray.cluster.runtime.redis_client import redacted
 from specray.cluster.runtime.stats_board import SERVE_STATUS_KEY
-from specray.defaults import run_dir
 
 LOOPBACK = "127.0.0.1"
 _SERVE_STATUS_TTL_S = 10  # `watch()` refreshes it every second or so
@@ -45,16 +48,24 @@ class LocalCluster:
     `console`: where progress and events go, and with it Ray streams the replicas' own output to
     this process's stdout and stderr; None (tests, benchmarks): quiet, the replicas' output stays
     in Ray's log files. `state_file`: where to write the running cluster's addresses for `specray
-    status` (removed on stop); None writes none.
+    status` (removed on stop); None writes none. `ray_address`: a running Ray cluster's GCS
+    (host:port) to deploy on; None starts a single-node cluster here.
     """
 
-    def __init__(self, config: ClusterConfig, console: Console | None = None, state_file: Path | None = None):
+    def __init__(
+        self,
+        config: ClusterConfig,
+        console: Console | None = None,
+        state_file: Path | None = None,
+        ray_address: str | None = None,
+    ):
         self.config = config
         self._say = console or (lambda line: None)
         self._stream_replica_output = console is not None
         self._state_file = state_file
+        self._ray_address = ray_address
         self._redis: LocalRedis | None = None
-        self._started_ray = False
+        self._connected_ray = False
         self._replicas: dict[str, str] = {}  # deployment → its replica states, as last reported
 
     @property
@@ -72,6 +83,9 @@ class LocalCluster:
 
     @property
     def ray_session_dir(self) -> Path:
+        """The Ray session of the node this process is attached to (a joined cluster's head)."""
+        if self._connected_ray and self._ray_address is not None:
+            return Path(ray.get_runtime_context().get_temp_dir()) / "session_latest"
         return Path(self.config.ray_temp_dir or "/tmp/ray").resolve() / "session_latest"
 
     def start(self, timeout_s: float = 600.0) -> LocalCluster:
@@ -96,14 +110,20 @@ class LocalCluster:
         if config.grpc_port == 0:
             changes["grpc_port"] = free_port(config.host)
         self.config = config = config.with_overrides(**changes)
+        if ray.is_initialized() and self._ray_address is not None:
+            raise RuntimeError(
+                f"this process is attached to a Ray cluster already: cannot join {self._ray_address}"
+            )
         if not ray.is_initialized():
-            self._say("Ray: starting a local cluster on 127.0.0.1 ...")
+            if self._ray_address is None:
+                self._say("Ray: starting a local cluster on 127.0.0.1 ...")
+            else:
+                self._say(f"Ray: joining the cluster at {self._ray_address} ...")
             self._init_ray()
-            self._started_ray = True
-        serve.start(http_options={"host": config.host, "port": config.http_port})
+            self._connected_ray = True
         pools = f"router, {_replicas(config.draft_workers)} draft worker(s), {_replicas(config.verifiers)} verifier(s)"
         self._say(f"application: deploying {pools} ...")
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        self._deploy()
         self._wait_healthy(timeout_s)
         if self._state_file is not None:
             self._write_state(self._state_file)
@@ -133,18 +153,44 @@ class LocalCluster:
             torch.set_num_threads(threads)
         self._say(f"step curve: ready ({time.monotonic() - started:.1f} s)")
 
+    def _deploy(self) -> None:
+        """Serve and the application, from the Serve config a RayService gets (serveConfigV2):
+        its proxy location and HTTP options, its application built by its import path and args."""
+        deployment = serve_config(self.config)
+        serve.start(proxy_location=deployment["proxy_location"], http_options=deployment["http_options"])
+        [application] = deployment["applications"]
+        module, builder = application["import_path"].split(":")
+        serve.run(
+            getattr(importlib.import_module(module), builder)(application["args"]),
+            name=application["name"],
+            route_prefix=application["route_prefix"],
+            blocking=False,
+        )
+
     def _init_ray(self) -> None:
         # Ray binds its own servers (GCS, raylet, workers, agents) to every interface unless the
-        # node's address is loopback, and turns a loopback node address into the machine's unless
-        # Ray clusters are disabled, as on macOS. A local cluster is one node: disable them. Ray
-        # reads the constant at each call (the variable reaches the processes it starts).
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        ray_constants.ENABLE_RAY_CLUSTER = False
+        # node's address is loopback, and turns a loopback address (a node's, or that of a cluster
+        # to join) into the machine's unless Ray clusters are disabled, as on macOS. A local cluster
+        # is one node, and a cluster joined on loopback is one `specray cluster up` started on
+        # 127.0.0.1: disable them. Ray reads the constant at each call (the variable reaches the
+        # processes it starts).
+        on_this_machine = self._ray_address is None or self._ray_address.rpartition(":")[0] in (
+            LOOPBACK,
+            "localhost",
+        )
+        if on_this_machine:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+            ray_constants.ENABLE_RAY_CLUSTER = False
         # Token auth, which Ray turns on for a new local cluster, with the token in our run directory
-        # rather than ~/.ray/auth_token. Ray's notice that it did so invites opting out: not shown.
+        # rather than ~/.ray/auth_token; `specray cluster up` starts its nodes with that token and
+        # token auth on, which a driver given an address must be told (for a remote cluster, its
+        # operator sets RAY_AUTH_MODE and the token). Ray's notice that it turned token auth on
+        # invites opting out: not shown.
         if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
-            os.environ["RAY_AUTH_TOKEN_PATH"] = str(_auth_token_file())
+            os.environ["RAY_AUTH_TOKEN_PATH"] = str(ray_auth_token_file())
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        if on_this_machine and self._ray_address is not None:
+            enable_token_auth_by_default()  # unless RAY_AUTH_MODE says otherwise
         # Serve's components log to their files only: the console shows the replicas' own lines.
         os.environ["RAY_SERVE_LOG_TO_STDERR"] = "0"
         if not sys.stdout.isatty():  # a log file or a pipe: Ray's replica prefixes without colors
@@ -154,12 +200,17 @@ class LocalCluster:
         logging.getLogger("ray.serve").setLevel(
             logging.DEBUG if self.config.log_level == "debug" else logging.WARNING
         )
+        # The replicas' stdout and stderr on the console: access log, warnings, tracebacks.
+        if self._ray_address is not None:
+            ray.init(
+                address=self._ray_address, log_to_driver=self._stream_replica_output, configure_logging=False
+            )
+            return
         temp_dir = str(Path(self.config.ray_temp_dir).resolve()) if self.config.ray_temp_dir else None
         ray.init(
             _node_ip_address=LOOPBACK,
             include_dashboard=False,
             _temp_dir=temp_dir,
-            # The replicas' stdout and stderr on the console: access log, warnings, tracebacks.
             log_to_driver=self._stream_replica_output,
             configure_logging=False,
         )
@@ -242,17 +293,18 @@ class LocalCluster:
     def stop(self) -> None:
         if self._state_file is not None:
             self._state_file.unlink(missing_ok=True)
-        if self._started_ray:
+        if self._connected_ray:
             try:
                 # The application first, gracefully (replicas unregister from Redis), then Ray
                 # with the Serve controller in it: `serve.shutdown()` would have the controller
-                # kill itself mid-call, which Ray reports as a failed task it retries forever.
+                # kill itself mid-call, which Ray reports as a failed task it retries forever. A
+                # joined cluster keeps running, with Serve (it may serve other applications).
                 serve.delete(APP_NAME)
             except RayServeException:
                 pass  # a start that failed before Serve was up: no application to delete
             finally:
                 ray.shutdown()
-                self._started_ray = False
+                self._connected_ray = False
         if self._redis is not None:
             self._redis.stop()
             self._redis = None
@@ -278,14 +330,3 @@ def _plain(state: object) -> str:
 def _dialable(host: str) -> str:
     # A wildcard bind is reached on loopback from this machine.
     return LOOPBACK if host in ("0.0.0.0", "::", "") else host
-
-
-def _auth_token_file() -> Path:
-    """Ray's auth token for local clusters started from here, created once, readable by this user."""
-    path = run_dir() / "ray_auth_token"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(secrets.token_hex(32))
-    return path

@@ -20,6 +20,10 @@ def serve_config(config: ClusterConfig) -> dict[str, Any]:
     if config.redis_url is None:
         raise ValueError("a Serve config needs redis_url: no launcher starts a Redis for it")
     return {
+        # Serve's HTTP proxy on the head only, where the router is and where the chart's Services
+        # point; a proxy per node would also collide on its port when nodes share an address (the
+        # nodes of `specray cluster up` all run on 127.0.0.1).
+        "proxy_location": "HeadOnly",
         "http_options": {"host": config.host, "port": config.http_port},
         "applications": [
             {

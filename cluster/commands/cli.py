@@ -32,6 +32,10 @@ COMMANDS = {
         "specray.cluster.commands.serve_command:register",
         "run the cluster locally: HTTP (OpenAI) and gRPC APIs",
     ),
+    "cluster": (
+        "specray.cluster.commands.cluster_command:register",
+        "a multi-node Ray cluster on this machine for `serve --ray-address` (up, kill-node, down, ...)",
+    ),
     "status": (
         "specray.cluster.commands.status_command:register",
         "show a running cluster: health, pools and replicas, verifiers, sessions, Redis",

@@ -1,4 +1,5 @@
-"""`specray serve`: Redis, a local Ray cluster on 127.0.0.1 and the application, until Ctrl-C."""
+"""`specray serve`: Redis, a local Ray cluster on 127.0.0.1 (or a running one it joins) and the
+application, until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -54,6 +55,11 @@ def register(p: argparse.ArgumentParser) -> None:
         help=f"verifier replicas, a fixed count (default: {d.verifiers.num_replicas})",
     )
     p.add_argument("--ray-temp-dir", help="Ray's session directory (default: Ray's own, /tmp/ray)")
+    p.add_argument(
+        "--ray-address",
+        help="deploy on this running Ray cluster (its GCS, host:port, e.g. what `specray cluster up`"
+        " prints) instead of starting one; it keeps running after Ctrl-C",
+    )
     p.add_argument("--api-key", help="the key clients must send (default: $SPECRAY_API_KEY; unset: none)")
     p.add_argument(
         "--max-concurrent-requests",
@@ -117,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
     check_num_speculative_tokens(config.drafter, config.num_speculative_tokens)
     stop = threading.Event()
     print("specray serve: starting (Ctrl-C stops it) ...", flush=True)
-    with LocalCluster(config, console=_say, state_file=run_dir() / STATE_FILE) as cluster:
+    with LocalCluster(
+        config, console=_say, state_file=run_dir() / STATE_FILE, ray_address=args.ray_address
+    ) as cluster:
         print(
             f"specray is serving {cluster.config.model} (drafter {cluster.config.drafter})\n"
             f"  HTTP (OpenAI): {cluster.http_url}/v1\n"

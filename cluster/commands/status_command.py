@@ -202,8 +202,9 @@ def _render_redis(found: dict[str, Any]) -> list[str]:
     lines.append("verifiers (registered)")
     for v in found["verifiers"] or [{"id": "none"}]:
         if "address" in v:
+            node = f"node {v['node_id'][:8]}, " if v.get("node_id") else ""
             lines.append(
-                f"  {v['id']:<28} {v['address']:<22} {v.get('active_sessions', 0)} session(s), "
+                f"  {v['id']:<28} {v['address']:<22} {node}{v.get('active_sessions', 0)} session(s), "
                 f"registration expires in {v['expires_in_s']} s"
             )
         else:

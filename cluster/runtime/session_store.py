@@ -3,8 +3,8 @@
 Keys (all with TTLs, so a crashed replica's state ages out):
 - `specray:session:<id>` hash: owner verifier, draft worker, prompt and committed token ids, KV
   length, sampling params, status, acceptance counters, drafts verified at each step.
-- `specray:verifier:<id>` hash: the verifier's gRPC address and active session count, refreshed by
-  its heartbeat.
+- `specray:verifier:<id>` hash: the verifier's gRPC address, active session count and Ray node id,
+  refreshed by its heartbeat.
 """
 
 from __future__ import annotations
@@ -163,11 +163,19 @@ class SessionStore:
 
     # ---- verifier registry ----------------------------------------------------------------------
     async def heartbeat_verifier(
-        self, verifier_id: str, address: str, active_sessions: int, ttl_s: int = VERIFIER_TTL_S
+        self,
+        verifier_id: str,
+        address: str,
+        active_sessions: int,
+        ttl_s: int = VERIFIER_TTL_S,
+        node_id: str = "",
     ) -> None:
+        """Register (or refresh) a verifier; `node_id`: the Ray node it runs on, for operators."""
         key = VERIFIER_PREFIX + verifier_id
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={"address": address, "active_sessions": active_sessions})
+            pipe.hset(
+                key, mapping={"address": address, "active_sessions": active_sessions, "node_id": node_id}
+            )
             pipe.expire(key, ttl_s)
             await pipe.execute()
 

@@ -14,6 +14,7 @@ import yaml
 
 from specray.cluster.app.serve_config import serve_config
 from specray.cluster.runtime.config import ClusterConfig
+from specray.cluster.runtime.node_roles import NODE_ROLES
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "specray"
@@ -121,6 +122,32 @@ def test_serve_config_is_what_specray_serve_builds(chart: helm.Chart, case: str,
     config_file.write_text(yaml.safe_dump({**merged["specray"], "host": "0.0.0.0", "redis_url": redis_url}))
     expected = serve_config(ClusterConfig.from_yaml(config_file))
     assert yaml.safe_load(rayservice["spec"]["serveConfigV2"]) == expected
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_worker_groups_advertise_the_node_roles_resources_and_hold_their_pools(
+    chart: helm.Chart, case: str
+) -> None:
+    """Each group's `ray start --resources` is its node role's (what `specray cluster up` gives a
+    local node), each pool asks for one unit of it per replica, and the group's pods at their most
+    hold the pool at its most."""
+    merged = chart.merge_values(CASES[case])
+    cluster = only(render(chart, CASES[case]), "RayService")["spec"]["rayClusterConfig"]
+    groups = {"head": cluster["headGroupSpec"]} | {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    config = ClusterConfig.model_validate(merged["specray"])
+    for name, role in NODE_ROLES.items():
+        assert json.loads(json.loads(groups[name]["rayStartParams"]["resources"])) == role.node_resources
+        pool = getattr(config, role.pool)
+        assert pool.resources == role.replica_resources, role.pool
+        if name != "head":
+            most = pool.autoscaling.max_replicas if pool.autoscaling else pool.num_replicas
+            assert groups[name]["maxReplicas"] * role.per_node >= most, (name, most)
+
+
+def test_the_local_multinode_config_pins_the_pools_as_the_chart_does() -> None:
+    config = ClusterConfig.from_yaml(REPO / "cluster" / "multinode.yaml")
+    for role in NODE_ROLES.values():
+        assert getattr(config, role.pool).resources == role.replica_resources, role.pool
 
 
 def test_external_redis_url_goes_through(chart: helm.Chart) -> None:

@@ -159,6 +159,7 @@ class Verifier:
         torch.set_num_threads(config.verifiers.torch_threads)
         # Named after the Serve replica, so a session's owner in Redis leads to its actor.
         self.verifier_id = f"verifier-{serve.get_replica_context().replica_id.unique_id}"
+        self.node_id = ray.get_runtime_context().get_node_id()  # registered with the address
         self.tls = config.internal_tls
         # Created first so that __del__ finds them even when a later step fails.
         self.store = SessionStore(config.redis_url, config.session_ttl_s, config.finished_ttl_s)
@@ -219,7 +220,9 @@ class Verifier:
         raise RuntimeError(f"no free port for the verifier in {host}:{low}-{high}")
 
     async def _publish(self) -> None:
-        await self.store.heartbeat_verifier(self.verifier_id, self.address, len(self.core.sessions))
+        await self.store.heartbeat_verifier(
+            self.verifier_id, self.address, len(self.core.sessions), node_id=self.node_id
+        )
         await self.stats_board.publish(VERIFIER_POOL, self.verifier_id, self._stats().snapshot())
 
     def _stats(self) -> VerifierStats:

@@ -45,7 +45,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "specray.serveConfig" -}}
 {{- $args := merge (dict "host" "0.0.0.0" "redis_url" (include "specray.redisUrl" .)) (deepCopy .Values.specray) -}}
 {{- $app := dict "name" "specray" "route_prefix" "/" "import_path" "specray.cluster.app.application:app_builder" "args" $args -}}
-{{- toYaml (dict "http_options" (dict "host" "0.0.0.0" "port" .Values.specray.http_port) "applications" (list $app)) -}}
+{{- toYaml (dict "proxy_location" "HeadOnly" "http_options" (dict "host" "0.0.0.0" "port" .Values.specray.http_port) "applications" (list $app)) -}}
 {{- end -}}
 
 {{/* Ray custom resources as `ray start --resources` takes them (a quoted JSON object). */}}

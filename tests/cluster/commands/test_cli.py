@@ -28,6 +28,8 @@ HELP_COMMANDS = [
     ["train", "data"],
     ["train", "fit"],
     ["eval", "drafter"],
+    ["cluster", "up"],
+    ["cluster", "kill-node"],
 ]
 
 

@@ -196,7 +196,9 @@ def test_status_shows_pools_replicas_sessions_verifiers_and_redis(served):
     for deployment in ("Router", "DraftWorker", "Verifier"):
         assert re.search(rf"{deployment} +healthy +1 running", out), out
     # (Session counts come from reports up to a second old: the last request may still be closing.)
-    assert re.search(r"verifier-\S+ +127\.0\.0\.1:\d+ +\d+ session\(s\), registration expires", out), out
+    assert re.search(
+        r"verifier-\S+ +127\.0\.0\.1:\d+ +node [0-9a-f]{8}, \d+ session\(s\), registration expires", out
+    ), out
     assert re.search(r"draft_workers +draft-\S+", out) and re.search(
         r"verifiers +verifier-\S+ .*KV cache", out
     )

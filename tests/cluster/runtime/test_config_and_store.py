@@ -63,10 +63,11 @@ def test_session_store_on_real_redis():
         record = await store.get_session("s1")
         assert record["status"] == "finished" and record["verify_steps"] == "2"
         assert 0 < await store.redis.ttl("specray:session:s1") <= 5
-        await store.heartbeat_verifier("verifier-a", "127.0.0.1:1234", 3, ttl_s=10)
+        await store.heartbeat_verifier("verifier-a", "127.0.0.1:1234", 3, ttl_s=10, node_id="ab12")
         assert [(v.verifier_id, v.address, v.active_sessions) for v in await store.live_verifiers()] == [
             ("verifier-a", "127.0.0.1:1234", 3)
         ]
+        assert await store.redis.hget("specray:verifier:verifier-a", "node_id") == "ab12"
         await store.unregister_verifier("verifier-a")
         await store.delete_session("s1")
         assert await store.live_verifiers() == [] and await store.session_ids() == []
