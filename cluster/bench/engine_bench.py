@@ -2,7 +2,9 @@
 transformers `generate` (plain and prompt-lookup assisted) on the same model and prompts, in one run.
 
 Every mode decodes the same prompts one at a time (batch 1, greedy), so tokens/s are comparable and
-each mode's output can be checked token for token against our autoregressive output.
+each mode's output can be checked token for token against our autoregressive output. With
+`--batch-size N` (repeatable) the same run also measures throughput with N prompts at once
+(`engine_throughput.py`), on the CPU or a GPU (`--device`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from specray.cluster.bench import engine_throughput
 from specray.training.prompt_sets import humaneval_prompts, jsonl_prompts
 from specray.workers.drafters.registry import build_drafter
 from specray.workers.engine.config import EngineConfig
@@ -36,31 +39,75 @@ class ModeResult:
 
 
 def run(args: argparse.Namespace) -> int:
-    dtypes = list(dict.fromkeys(str(resolve_dtype(d)).removeprefix("torch.") for d in args.dtype or ["auto"]))
-    prompts = (
-        jsonl_prompts(args.prompts, args.num_prompts) if args.prompts else humaneval_prompts(args.num_prompts)
+    device = torch.device(args.device)
+    dtypes = list(
+        dict.fromkeys(str(resolve_dtype(d, device)).removeprefix("torch.") for d in args.dtype or ["auto"])
     )
+    batch_sizes = sorted(set(args.batch_size or []))
+    wanted = max([args.num_prompts, *batch_sizes])
+    prompts = jsonl_prompts(args.prompts, wanted) if args.prompts else humaneval_prompts(wanted)
     params = SamplingParams(max_tokens=args.max_tokens)
     default_drafters = ["ngram", "smollm2-135m-dspark"] if args.model == DEFAULT_MODEL else ["ngram"]
     modes: list[_Mode] = []
+    throughput: list[engine_throughput.ThroughputResult] = []
+    prompt_ids: list[list[int]] = []
     for dtype in dtypes:
-        target = load_model(args.model, dtype)
-        modes.append(_engine_mode(target, "autoregressive", None, params, args.num_speculative_tokens))
-        for name in args.drafter or default_drafters:
-            drafter = build_drafter(name, target)
-            modes.append(_engine_mode(target, _mode_name(name), drafter, params, args.num_speculative_tokens))
-        if not args.no_hf:
-            modes += _hf_modes(target, args.max_tokens)
-    if not args.no_llama_cpp:
+        target = load_model(args.model, dtype, device)
+        if not prompt_ids:
+            prompt_ids = _encode(target, prompts)
+        hf_model = None if args.no_hf else _hf_model(target)
+        if not args.only_throughput:
+            graphs = not args.no_cuda_graphs
+            modes.append(
+                _engine_mode(target, "autoregressive", None, params, args.num_speculative_tokens, graphs)
+            )
+            for name in args.drafter or default_drafters:
+                drafter = build_drafter(name, target)
+                modes.append(
+                    _engine_mode(
+                        target, _mode_name(name), drafter, params, args.num_speculative_tokens, graphs
+                    )
+                )
+            if hf_model is not None:
+                modes += _hf_modes(hf_model, target, args.max_tokens)
+        if batch_sizes:
+            throughput += _throughput(args, target, hf_model, prompt_ids, batch_sizes)
+    if not args.no_llama_cpp and not args.only_throughput:
         modes += _llama_cpp_modes(target, args.max_tokens)
-    tokenizer_engine = LLMEngine(target, None, EngineConfig(num_speculative_tokens=0, max_num_seqs=1))
-    prompt_ids = [
-        tokenizer_engine.encode_prompt(messages=p)
-        if isinstance(p, list)
-        else tokenizer_engine.encode_prompt(prompt=p)
+    results = _batch_one(modes, prompt_ids[: args.num_prompts], dtypes) if modes else []
+
+    report = {
+        "model": args.model,
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "dtypes": dtypes,
+        "torch_threads": torch.get_num_threads(),
+        "num_prompts": args.num_prompts,
+        "max_tokens": args.max_tokens,
+        "modes": [asdict(r) for r in results],
+        "throughput": [asdict(r) for r in throughput],
+    }
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    if results:
+        _print_table(results)
+    if throughput:
+        engine_throughput.print_table(throughput)
+    _plot(results, throughput, Path(args.json).with_suffix(".png"))
+    return 0
+
+
+def _encode(target: LoadedModel, prompts: list) -> list[list[int]]:
+    engine = LLMEngine(
+        target, None, EngineConfig(num_speculative_tokens=0, max_num_seqs=1, cuda_graphs=False)
+    )
+    return [
+        engine.encode_prompt(messages=p) if isinstance(p, list) else engine.encode_prompt(prompt=p)
         for p in prompts
     ]
 
+
+def _batch_one(modes: list[_Mode], prompt_ids: list[list[int]], dtypes: list[str]) -> list[ModeResult]:
+    """Every mode decodes the prompts one at a time; modes interleaved prompt by prompt."""
     # Warm every mode up once, then interleave them prompt by prompt, so drift in the machine's
     # load hits all modes alike and the ratios stay meaningful.
     for mode in modes:
@@ -74,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             mode.tokens += len(out)
             mode.steps += steps
             outputs[(mode.name, mode.dtype)].append(out)
-    results = [
+    return [
         ModeResult(
             m.name,
             m.dtype,
@@ -85,19 +132,36 @@ def run(args: argparse.Namespace) -> int:
         for m in modes
     ]
 
-    report = {
-        "model": args.model,
-        "device": "cpu",
-        "dtypes": dtypes,
-        "torch_threads": torch.get_num_threads(),
-        "num_prompts": len(prompt_ids),
-        "max_tokens": args.max_tokens,
-        "modes": [asdict(r) for r in results],
-    }
-    Path(args.json).write_text(json.dumps(report, indent=2))
-    _print_table(results)
-    _plot(results, Path(args.json).with_suffix(".png"))
-    return 0
+
+def _throughput(
+    args: argparse.Namespace,
+    target: LoadedModel,
+    hf_model,  # noqa: ANN001 - a transformers model or None
+    prompt_ids: list[list[int]],
+    batch_sizes: list[int],
+) -> list[engine_throughput.ThroughputResult]:
+    """Our autoregressive engine, each --batch-drafter and HF `generate`."""
+    graphs = not args.no_cuda_graphs
+    modes = [
+        engine_throughput.engine_mode(target, "autoregressive", None, args.num_speculative_tokens, graphs)
+    ]
+    for name in args.batch_drafter or []:
+        modes.append(
+            engine_throughput.engine_mode(
+                target,
+                _mode_name(name),
+                lambda n=name: build_drafter(n, target),
+                args.num_speculative_tokens,
+                graphs,
+            )
+        )
+    if hf_model is not None:
+        modes.append(engine_throughput.hf_mode(hf_model, target))
+    # On a GPU the warm-up decodes as far as the timed run, so every batch shape it meets is captured.
+    warmup = args.max_tokens if args.device == "cuda" else min(args.max_tokens, 8)
+    return engine_throughput.measure(
+        modes, _dtype_name(target), prompt_ids, batch_sizes, args.max_tokens, warmup
+    )
 
 
 @dataclass
@@ -116,13 +180,19 @@ def _mode_name(drafter: str) -> str:
 
 
 def _engine_mode(
-    target: LoadedModel, name: str, drafter, params: SamplingParams, num_speculative_tokens: int
-) -> _Mode:  # noqa: ANN001
-    engine = LLMEngine(
-        target,
-        drafter,
-        EngineConfig(num_speculative_tokens=num_speculative_tokens if drafter else 0, max_num_seqs=1),
+    target: LoadedModel,
+    name: str,
+    drafter,  # noqa: ANN001
+    params: SamplingParams,
+    num_speculative_tokens: int,
+    cuda_graphs: bool,
+) -> _Mode:
+    config = EngineConfig(
+        num_speculative_tokens=num_speculative_tokens if drafter else 0,
+        max_num_seqs=1,
+        cuda_graphs=cuda_graphs,
     )
+    engine = LLMEngine(target, drafter, config)
 
     def generate(ids: list[int]) -> tuple[list[int], int]:
         (seq,) = engine.generate([ids], params)
@@ -131,12 +201,15 @@ def _engine_mode(
     return _Mode(name, _dtype_name(target), generate, speculative=drafter is not None)
 
 
-def _hf_modes(target: LoadedModel, max_tokens: int) -> list[_Mode]:
+def _hf_model(target: LoadedModel):  # noqa: ANN202 - a transformers model
     from transformers import AutoModelForCausalLM
 
-    # The peer runs in our dtype, so every ratio compares like with like.
-    dtype = next(target.model.parameters()).dtype
-    model = AutoModelForCausalLM.from_pretrained(target.path, dtype=dtype).eval()
+    # The peer runs in our dtype and on our device, so every ratio compares like with like.
+    param = next(target.model.parameters())
+    return AutoModelForCausalLM.from_pretrained(target.path, dtype=param.dtype).to(param.device).eval()
+
+
+def _hf_modes(model, target: LoadedModel, max_tokens: int) -> list[_Mode]:  # noqa: ANN001
     pad = (
         target.tokenizer.pad_token_id
         if target.tokenizer.pad_token_id is not None
@@ -145,11 +218,14 @@ def _hf_modes(target: LoadedModel, max_tokens: int) -> list[_Mode]:
     common = dict(
         max_new_tokens=max_tokens, do_sample=False, eos_token_id=list(target.stop_token_ids), pad_token_id=pad
     )
+    device = next(model.parameters()).device
 
     def mode(name: str, extra: dict) -> _Mode:
         @torch.inference_mode()
         def generate(ids: list[int]) -> tuple[list[int], int]:
-            out = model.generate(torch.tensor([ids]), **common, **extra)[0, len(ids) :].tolist()
+            out = model.generate(torch.tensor([ids], device=device), **common, **extra)[
+                0, len(ids) :
+            ].tolist()
             return out, 0
 
         return _Mode(name, _dtype_name(target), generate, speculative=False)
@@ -223,24 +299,37 @@ def _print_table(results: list[ModeResult]) -> None:
         )
 
 
-def _plot(results: list[ModeResult], path: Path) -> None:
+def _plot(
+    results: list[ModeResult], throughput: list[engine_throughput.ThroughputResult], path: Path
+) -> None:
+    """Batch-1 tokens/s per mode (bars), then throughput against batch size (lines), as run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    panels = (1 if results else 0) + (2 if throughput else 0)
+    fig, axes = plt.subplots(1, max(panels, 1), figsize=(6 * max(panels, 1), 4.5), squeeze=False)
+    axes = list(axes[0])
+    if results:
+        _plot_batch_one(axes.pop(0), results)
+    if throughput:
+        engine_throughput.plot(axes, throughput)
+    fig.suptitle("specray bench engine")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_batch_one(ax, results: list[ModeResult]) -> None:  # noqa: ANN001 - a matplotlib axis
     dtypes = list(dict.fromkeys(r.dtype for r in results))
     names = list(dict.fromkeys(r.name for r in results))
     width = 0.8 / len(dtypes)
-    fig, ax = plt.subplots(figsize=(8, 4))
     for i, dtype in enumerate(dtypes):
         rows = {r.name: r.tokens_per_s for r in results if r.dtype == dtype}
         xs = [n + (i - (len(dtypes) - 1) / 2) * width for n in range(len(names))]
         ax.bar(xs, [rows.get(name, 0.0) for name in names], width, label=dtype, color=f"C{i}")
     ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set_ylabel("tokens/s (batch 1, greedy)")
-    ax.set_title("specray bench engine")
+    ax.set_title("one prompt at a time")
     ax.legend(title="dtype")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

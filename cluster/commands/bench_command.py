@@ -43,6 +43,36 @@ def register_engine(p: argparse.ArgumentParser) -> None:
         default=None,
         help="run every mode in this dtype (repeat for several; default: auto)",
     )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where every mode runs (cuda: dtype auto is bf16, our decode/verify steps replay CUDA graphs)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        action="append",
+        default=None,
+        help="also measure throughput with this many prompts at once (repeat for several): our "
+        "autoregressive engine, each --batch-drafter, and HF generate on one left-padded batch",
+    )
+    p.add_argument(
+        "--batch-drafter",
+        action="append",
+        default=None,
+        help="a speculative mode of the throughput measurement (repeat for several; default: none)",
+    )
+    p.add_argument(
+        "--only-throughput",
+        action="store_true",
+        help="skip the batch-1 table (every mode, one prompt at a time); needs --batch-size",
+    )
+    p.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="on cuda, run our decode and verify steps eagerly instead of replaying CUDA graphs",
+    )
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers peer")
     p.add_argument(
         "--no-llama-cpp",
@@ -53,7 +83,16 @@ def register_engine(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_run_engine)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def _run_engine(args: argparse.Namespace) -> int:
+    if args.only_throughput and not args.batch_size:
+        raise ValueError("--only-throughput needs at least one --batch-size")
     from specray.cluster.bench.engine_bench import run
 
     return run(args)

@@ -7,9 +7,10 @@ needs the batch-invariant CPU attention kernel. With CUDA, the captured graphs a
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from tiny_models import make_tiny_target
 
 from specray.kernels import cpu_attention
 from specray.workers.engine.config import EngineConfig
@@ -32,10 +33,14 @@ def test_padded_batch_sizes_cover_every_batch_up_to_the_largest():
         assert sizes[-1] == max_batch and list(sizes) == sorted(set(sizes))
 
 
-def _runners(target, device: str, capture: bool) -> tuple[ModelRunner, ModelRunner]:
+def _model(target, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A copy of the shared tiny target's model, in this dtype and on this device."""
+    return copy.deepcopy(target.model).to(device=device, dtype=dtype)
+
+
+def _runners(model, capture: bool) -> tuple[ModelRunner, ModelRunner]:
     """An unpadded runner and a padded one (shapes up to 4 rows of 1 or γ+1 tokens), both holding
     the same prefilled prompts."""
-    model = target.model.to(device)
     plain = ModelRunner(model, kv_cache_tokens=512, block_size=4, feature_layers=FEATURE_LAYERS)
     config = StaticStepConfig(query_lens=(1, GAMMA + 1), max_batch=4, capture=capture)
     padded = ModelRunner(
@@ -86,17 +91,14 @@ def _assert_steps_agree(plain: ModelRunner, padded: ModelRunner, exact: bool) ->
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_padded_steps_equal_unpadded_steps_bitwise_on_cpu(dtype):
+def test_padded_steps_equal_unpadded_steps_bitwise_on_cpu(tiny_target, dtype):
     if cpu_attention.extension() is None:
         pytest.skip("no C++ compiler here: the PyTorch attention twin is not batch-invariant")
-    target = make_tiny_target(seed=3)
-    target.model.to(dtype)
-    _assert_steps_agree(*_runners(target, "cpu", capture=False), exact=True)
+    _assert_steps_agree(*_runners(_model(tiny_target, dtype), capture=False), exact=True)
 
 
-def test_which_steps_run_padded():
-    target = make_tiny_target()
-    _, padded = _runners(target, "cpu", capture=False)
+def test_which_steps_run_padded(tiny_target):
+    _, padded = _runners(tiny_target.model, capture=False)
     steps = padded.static_steps
     assert steps.shape_for([1, 1, 1], [1, 1, 1], [9, 23, 4]) == StepShape(4, 1)
     assert steps.shape_for([5, 2, 3], [5, 2, 3], [9, 23, 4]) == StepShape(4, GAMMA + 1)
@@ -108,19 +110,18 @@ def test_which_steps_run_padded():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_replayed_graphs_match_unpadded_steps_on_cuda():
+def test_replayed_graphs_match_unpadded_steps_on_cuda(tiny_target):
     pytest.importorskip("triton", reason="graphs run the Triton attention kernel")
-    target = make_tiny_target(seed=3)
     # The GPU's kernels are not batch-invariant: padded rows may round differently, never pick another token.
-    _assert_steps_agree(*_runners(target, "cuda", capture=True), exact=False)
+    _assert_steps_agree(*_runners(_model(tiny_target, device="cuda"), capture=True), exact=False)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_engine_with_graphs_decodes_as_without_on_cuda():
+def test_engine_with_graphs_decodes_as_without_on_cuda(tiny_target):
     pytest.importorskip("triton", reason="graphs run the Triton attention kernel")
-    target = make_tiny_target()
-    target.model.to("cuda")
+    target = copy.copy(tiny_target)
+    target.model = _model(tiny_target, device="cuda")
     prompts = [[1] + list(range(3, 3 + n)) for n in (1, 5, 17, 2, 30, 9)]
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     outputs = []
