@@ -38,10 +38,10 @@ def smollm2() -> LoadedModel:
     return load_model("smollm2-135m", "float32")
 
 
-def make_tiny_target(seed: int = 0) -> LoadedModel:
+def make_tiny_target(seed: int = 0, vocab_size: int = TINY_VOCAB, embed_scale: float = 8.0) -> LoadedModel:
     config = ModelConfig(
         family="llama",
-        vocab_size=TINY_VOCAB,
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_layers=6,
@@ -55,12 +55,20 @@ def make_tiny_target(seed: int = 0) -> LoadedModel:
     )
     torch.manual_seed(seed)
     model = DecoderModel(config)
-    # Peaked logits make greedy decoding stable and drafts sometimes right.
+    # Peaked logits (the default scale) make greedy decoding stable and drafts sometimes right.
     with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(8.0)
+        model.model.embed_tokens.weight.mul_(embed_scale)
     return LoadedModel(model.eval(), config, None, Path("."), (1,))
 
 
 @pytest.fixture(scope="session")
 def tiny_target() -> LoadedModel:
     return make_tiny_target()
+
+
+@pytest.fixture(scope="session")
+def small_vocab_target() -> LoadedModel:
+    """A tiny target with enough layers for feature drafters and a vocabulary of 8, small enough to
+    enumerate every continuation (distribution_check.exact_joint); its flat (tied) head puts mass on
+    every token, so sampled drafts are often rejected."""
+    return make_tiny_target(seed=3, vocab_size=8, embed_scale=0.1)

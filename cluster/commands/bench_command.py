@@ -69,6 +69,13 @@ def register_drafting(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-speculative-tokens", "-k", type=int, default=7)
     p.add_argument("--repetitions", type=int, default=20)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: the process's CPU time (with --threads 1, robust to a busy machine)",
+    )
     p.add_argument("--dtype", action="append", choices=DTYPE_CHOICES, default=None, help="(default: auto)")
     p.add_argument("--json", required=True, help="where to write the results (a PNG goes beside it)")
     p.set_defaults(func=_run_drafting)

@@ -27,7 +27,7 @@ def test_measure_times_each_drafter_against_one_decode_step(tiny_target, tmp_pat
     prefill = ModelRunner(tiny_target.model, 256, 4, layers).run(
         [ScheduledSequence(f"p{i}", p, 1) for i, p in enumerate(prompts)]
     )
-    args = argparse.Namespace(num_speculative_tokens=5, repetitions=2)
+    args = argparse.Namespace(num_speculative_tokens=5, repetitions=2, clock="wall")
     drafters = {"dspark": dspark, "ngram": NgramDrafter()}
     rows = drafting_bench._measure(
         tiny_target, drafters, layers, prompts, [3, 4], prefill.features, 1.0, args
