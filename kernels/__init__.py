@@ -71,8 +71,10 @@ def sample_markov_block(
     conf_temperature: torch.Tensor | None = None,
     return_probs: bool = False,
     token_ids: torch.Tensor | None = None,
+    candidates: int | None = None,
 ) -> MarkovDraft:
-    """Draft a block with the Markov head; see `markov_sampling.sample_markov_block` for the contract."""
+    """Draft a block with the Markov head; see `markov_sampling.sample_markov_block` for the contract.
+    With `candidates` the block is M columns wide, small work the PyTorch twin does on any device."""
     args = (
         logits,
         anchor,
@@ -87,6 +89,8 @@ def sample_markov_block(
         return_probs,
         token_ids,
     )
+    if candidates:
+        return markov_sampling.sample_markov_block(*args, candidates)
     if use_triton(logits):
         from specray.kernels.triton_markov import sample_markov_block_triton
 

@@ -12,6 +12,11 @@ A drafter without Markov head (DFlash) passes no W1/W2 and its confidence weight
 A drafter with a draft vocabulary passes `token_ids`: logit column j is token token_ids[j]. W2 then
 has one row per column, W1 one row per token id (the anchor may be any token), and the sampled
 columns are returned as token ids, the distributions over the columns.
+With `candidates` = M, slot k samples only among the M columns of largest U_k: the Markov bias is
+added to those alone and every other column has probability 0. That is a different draft
+distribution, not an approximation the acceptance test sees: the returned probabilities are the
+exact ones each token was drawn with. It turns the Markov head's per-slot [C, r] product, the
+sequential part of drafting and most of its cost on a CPU, into an [M, r] gather.
 
 Every distribution is computed in fp32 so that the draft probability of a token is the exact value
 the acceptance test will divide by.
@@ -80,6 +85,7 @@ def sample_markov_block(
     conf_temperature: torch.Tensor | None = None,
     return_probs: bool = False,
     token_ids: torch.Tensor | None = None,
+    candidates: int | None = None,
 ) -> MarkovDraft:
     """Draft one block.
 
@@ -94,9 +100,12 @@ def sample_markov_block(
     conf_temperature  [γ] calibration temperatures dividing the confidence logit, or None
     return_probs      also return the full per-slot distributions (needed for rejection sampling)
     token_ids         [C] long, the token id of each logit column (a draft vocabulary), or None
+    candidates        M: sample each slot among its M columns of largest U_k only, or None for all
     """
     check_markov_inputs(logits, w1, w2, hidden, conf_weight, token_ids)
     batch, num_slots, vocab = logits.shape
+    # [B, γ, M] logits and columns of each slot's candidates, or None: every column is one.
+    top = logits.float().topk(candidates, dim=-1) if candidates and candidates < vocab else None
     greedy = temperature <= 0
     inv_temp = torch.where(greedy, 1.0, 1.0 / temperature.float().clamp(min=1e-30)).unsqueeze(1)
     w1f = None if w1 is None else w1.float()
@@ -119,25 +128,38 @@ def sample_markov_block(
         torch.empty(batch, num_slots, dtype=torch.float32, device=logits.device) if with_conf else None
     )
     prev = anchor.long()
+    all_greedy = bool(greedy.all())
     for k in range(num_slots):
-        z = logits[:, k].float()
+        z = logits[:, k].float() if top is None else top.values[:, k]
         conf_logit = conf_h[:, k] if with_conf else None
         if w1f is not None:
             emb = w1f[prev]
-            z = z + emb @ w2f.T
+            if top is None:
+                z = z + emb @ w2f.T
+            else:
+                z = z + torch.bmm(w2f[top.indices[:, k]], emb.unsqueeze(-1)).squeeze(-1)
             if with_conf:
                 conf_logit = conf_logit + emb @ conf_e
         if with_conf:
             scale = 1.0 if conf_temperature is None else conf_temperature[k].float()
             confidence[:, k] = torch.sigmoid(conf_logit / scale)
-        z = z * inv_temp
-        p = torch.softmax(z, dim=-1)
-        column = torch.where(greedy, z.argmax(dim=-1), sample_from_probs(p, uniforms[:, k]))
-        chosen = p.gather(1, column.unsqueeze(1)).squeeze(1)
-        token_probs[:, k] = torch.where(greedy, 1.0, chosen)
+        if all_greedy:
+            # Argmax drafts have probability 1: no distribution to form.
+            pick = z.argmax(dim=-1)
+            token_probs[:, k] = 1.0
+        else:
+            z = z * inv_temp
+            p = torch.softmax(z, dim=-1)
+            pick = torch.where(greedy, z.argmax(dim=-1), sample_from_probs(p, uniforms[:, k]))
+            chosen = p.gather(1, pick.unsqueeze(1)).squeeze(1)
+            token_probs[:, k] = torch.where(greedy, 1.0, chosen)
         if return_probs:
-            one_hot = torch.zeros_like(p).scatter_(1, column.unsqueeze(1), 1.0)
-            probs_out[:, k] = torch.where(greedy.unsqueeze(1), one_hot, p)
+            one_hot = torch.zeros_like(z).scatter_(1, pick.unsqueeze(1), 1.0)
+            dist = one_hot if all_greedy else torch.where(greedy.unsqueeze(1), one_hot, p)
+            probs_out[:, k] = (
+                dist if top is None else dist.new_zeros(batch, vocab).scatter_(1, top.indices[:, k], dist)
+            )
+        column = pick if top is None else top.indices[:, k].gather(1, pick.unsqueeze(1)).squeeze(1)
         token = column if token_ids is None else token_ids[column]
         tokens[:, k] = token
         prev = token

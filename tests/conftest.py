@@ -37,3 +37,11 @@ def smollm2() -> LoadedModel:
 @pytest.fixture(scope="session")
 def tiny_target() -> LoadedModel:
     return make_tiny_target()
+
+
+@pytest.fixture(scope="session")
+def small_vocab_target() -> LoadedModel:
+    """A tiny target with enough layers for feature drafters and a vocabulary of 8, small enough to
+    enumerate every continuation (distribution_check.exact_joint); its flat (tied) head puts mass on
+    every token, so sampled drafts are often rejected."""
+    return make_tiny_target(seed=3, vocab_size=8, embed_scale=0.1)

@@ -73,10 +73,10 @@ def _write_tokenizer(path: Path, vocab_size: int) -> None:
     ).save_pretrained(path)
 
 
-def make_tiny_target(seed: int = 0) -> LoadedModel:
+def make_tiny_target(seed: int = 0, vocab_size: int = TINY_VOCAB, embed_scale: float = 8.0) -> LoadedModel:
     config = ModelConfig(
         family="llama",
-        vocab_size=TINY_VOCAB,
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_layers=6,
@@ -90,7 +90,7 @@ def make_tiny_target(seed: int = 0) -> LoadedModel:
     )
     torch.manual_seed(seed)
     model = DecoderModel(config)
-    # Peaked logits make greedy decoding stable and drafts sometimes right.
+    # Peaked logits (the default scale) make greedy decoding stable and drafts sometimes right.
     with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(8.0)
+        model.model.embed_tokens.weight.mul_(embed_scale)
     return LoadedModel(model.eval(), config, None, Path("."), (1,))

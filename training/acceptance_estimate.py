@@ -29,14 +29,21 @@ from specray.workers.models.loader import LoadedModel
 def score_drafter(
     drafter: str | Path, target: LoadedModel, cache: FeatureSource, progress: bool = True
 ) -> dict[float, dict]:
-    """{temperature: {"drafter", "tau", "accept_by_position", "anchors"}} for T = 0 and T = 1."""
+    """{temperature: {"drafter", "tau", "accept_by_position", "anchors", "vocab_coverage"}} for T = 0
+    and T = 1; vocab_coverage is the share of the split's response tokens inside the drafter's draft
+    vocabulary (1 without one)."""
     device = next(target.model.parameters()).device
     model = load_drafter_model(drafter, device).eval()
+    vocab = model.draft_vocab()
     block_len = model.config.draft_block_size
     greedy, sampled, anchors = torch.zeros(block_len), torch.zeros(block_len), 0
+    covered, responses = 0, 0
     # EAGLE-3's first step reads position anchor−1, so anchors start at 1 for every kind alike.
     for i in tqdm(range(len(cache)), desc=f"score {Path(drafter).name}", disable=not progress):
         sample = cache[i].to(device)
+        response = sample.ids[sample.loss_mask]
+        responses += response.numel()
+        covered += response.numel() if vocab is None else int((vocab.to_draft(response) >= 0).sum())
         at = choose_anchors(sample.loss_mask, sample.ids.shape[0], torch.Generator(), min_anchor=1)
         if at.numel() == 0:
             continue
@@ -54,6 +61,7 @@ def score_drafter(
             "tau": 1.0 + sum(by_position),
             "accept_by_position": by_position,
             "anchors": anchors,
+            "vocab_coverage": covered / max(responses, 1),
         }
     return reports
 

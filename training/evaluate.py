@@ -16,7 +16,7 @@ from tqdm import tqdm
 from specray.training.prompt_sets import humaneval_prompts, jsonl_prompts
 from specray.training.sharegpt import sharegpt_prompts
 from specray.workers.drafters.checkpoint import resolve_drafter_path
-from specray.workers.drafters.registry import build_drafter
+from specray.workers.drafters.registry import HYBRID_PREFIX, build_drafter, trained_drafter_name
 from specray.workers.engine.config import EngineConfig
 from specray.workers.engine.llm_engine import LLMEngine
 from specray.workers.engine.sampling import SamplingParams
@@ -59,6 +59,8 @@ def load_prompts(dataset: str, limit: int) -> list:
 def default_label(spec: str) -> str:
     if spec == "ngram":
         return "ngram"
+    if spec.startswith(HYBRID_PREFIX):
+        return f"hybrid ({Path(resolve_drafter_path(trained_drafter_name(spec))).name})"
     config = json.loads((resolve_drafter_path(spec) / "config.json").read_text())
     return f"{config['kind']} ({Path(resolve_drafter_path(spec)).name})"
 

@@ -11,6 +11,7 @@ from specray.workers.models.dtype import DTYPE_CHOICES
 # name → ("module:function" adding the benchmark's arguments, one-line help)
 BENCHMARKS = {
     "engine": (f"{__name__}:register_engine", "our engine (AR, speculative) vs HF generate, one run"),
+    "drafting": (f"{__name__}:register_drafting", "a drafter's proposal vs a target decode step, one run"),
     "kernels": (f"{__name__}:register_kernels", "Triton kernels vs their PyTorch twins (GPU)"),
     "serve": (
         "specray.cluster.bench.serve_bench:register",
@@ -95,6 +96,40 @@ def _run_engine(args: argparse.Namespace) -> int:
         raise ValueError("--only-throughput needs at least one --batch-size")
     from specray.cluster.bench.engine_bench import run
 
+    return run(args)
+
+
+def register_drafting(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument(
+        "--drafter",
+        action="append",
+        required=True,
+        help="a drafter (bundled name, checkpoint directory or ngram); repeatable",
+    )
+    p.add_argument("--batch", type=int, action="append", help="batch size(s) (default: 1 and 8)")
+    p.add_argument(
+        "--temperature", type=float, action="append", help="draft temperature(s) (default: 0 and 1)"
+    )
+    p.add_argument("--num-speculative-tokens", "-k", type=int, default=7)
+    p.add_argument("--repetitions", type=int, default=20)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: the process's CPU time (with --threads 1, robust to a busy machine)",
+    )
+    p.add_argument("--dtype", action="append", choices=DTYPE_CHOICES, default=None, help="(default: auto)")
+    p.add_argument("--json", required=True, help="where to write the results (a PNG goes beside it)")
+    p.set_defaults(func=_run_drafting)
+
+
+def _run_drafting(args: argparse.Namespace) -> int:
+    from specray.cluster.bench.drafting_bench import run
+
+    args.batch = args.batch or [1, 8]
+    args.temperature = args.temperature or [0.0, 1.0]
     return run(args)
 
 

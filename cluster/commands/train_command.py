@@ -332,6 +332,7 @@ def run_score(args: argparse.Namespace) -> int:
             print(
                 f"  {r['drafter']:<28} τ={r['tau']:.3f}  "
                 + " ".join(f"{a:.3f}" for a in r["accept_by_position"])
+                + f"  vocabulary covers {r['vocab_coverage']:.1%} of the responses"
             )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -111,3 +111,24 @@ def test_draft_vocabulary_is_the_full_vocabulary_with_the_rest_banned() -> None:
     torch.testing.assert_close(reduced.token_probs, expected.token_probs, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(reduced.probs, expected.probs[..., ids], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(reduced.confidence, expected.confidence)
+
+
+def test_candidates_sample_each_slot_among_its_top_columns() -> None:
+    """With M candidates a slot's distribution is the full one restricted to its M columns of largest
+    backbone logit (the rest at −inf), and the probabilities returned are exactly it."""
+    args = markov_inputs(4, 3, VOCAB, RANK, D_MODEL, torch.float32, 9)
+    draft = sample_markov_block(**args, return_probs=True, candidates=20)
+    top = args["logits"].topk(20, dim=-1).indices
+    outside = torch.ones_like(args["logits"], dtype=torch.bool).scatter_(-1, top, False)
+    banned = {**args, "logits": args["logits"].masked_fill(outside, -float("inf"))}
+    expected = sample_markov_block(**banned, return_probs=True)
+    greedy = args["temperature"] <= 0
+    assert torch.equal(draft.tokens[greedy], expected.tokens[greedy])
+    # Slot 0 depends on the anchor alone: the same distribution in every row.
+    torch.testing.assert_close(draft.probs[:, 0], expected.probs[:, 0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(draft.confidence[:, 0], expected.confidence[:, 0])
+    assert bool((draft.probs[outside] == 0).all()), "probability outside a slot's candidates"
+    assert bool(torch.gather(~outside, 2, draft.tokens.unsqueeze(-1)).all())
+    picked = draft.probs.gather(2, draft.tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(picked, draft.token_probs)
+    torch.testing.assert_close(draft.probs.sum(-1), torch.ones(4, 3))

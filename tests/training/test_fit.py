@@ -177,7 +177,7 @@ def test_fit_with_a_draft_vocabulary(tiny_cache, tiny_target, tmp_path) -> None:
     """`draft_vocab_size` keeps the training data's most frequent tokens (stop tokens always), ships
     the map in the checkpoint, and the drafter trained over it learns, drafts inside it and stays
     lossless."""
-    from specray.workers.drafters.draft_vocab import frequent_tokens
+    from specray.workers.drafters.draft_vocab import coverage, frequent_tokens
 
     config = replace(_short_fit("dspark", True, tiny_cache, tmp_path / "vocab"), draft_vocab_size=24)
     fit(config, tiny_target, progress=False)
@@ -194,7 +194,10 @@ def test_fit_with_a_draft_vocabulary(tiny_cache, tiny_target, tmp_path) -> None:
     assert set(tiny_target.stop_token_ids) <= set(model.draft_ids.tolist())
 
     reports = score_drafters([tmp_path / "vocab"], tiny_target, "tiny", tiny_cache, split="train")
-    assert reports[0]["results"][0]["tau"] > 1.0
+    scored = reports[0]["results"][0]
+    responses = torch.cat([data[i].ids[data[i].loss_mask] for i in range(len(data))])
+    assert scored["tau"] > 1.0
+    assert scored["vocab_coverage"] == pytest.approx(coverage(expected, responses)) < 1.0
 
     drafter = load_drafter(tmp_path / "vocab", tiny_target)
     # Training prompts: the tiny target's text there is what the drafter learnt to predict.

@@ -74,8 +74,7 @@ def is_drafter_checkpoint(path_or_name: str | Path) -> bool:
 
 def load_drafter(path_or_name: str | Path, target: LoadedModel) -> Drafter:
     """A trained drafter (any kind of the table) ready for the engine, bound to its target."""
-    # The drafter itself runs in fp32 whatever the target's dtype: it casts what it reads from the
-    # target (embeddings, features, LM head) up, and drafts need no speed from bf16 at this size.
+    # Loaded in fp32; the drafter takes its compute dtype from the target (feature_drafter.py).
     model = load_drafter_model(path_or_name, next(target.model.parameters()).device)
     model.config.check_target(target.config)
     return trained_kind(model.config.kind).drafter(model, target.model)

@@ -53,6 +53,9 @@ class DrafterConfig:
     # K > 0: the drafter proposes only K target tokens (draft_vocab.py); its LM head and Markov output
     # table have K rows and the ids ship in model.safetensors. 0 = the target's whole vocabulary.
     draft_vocab_size: int = 0
+    # M > 0: each block slot samples among its M columns of largest backbone logit only (the Markov
+    # head corrects just those; kernels/markov_sampling.py): an inference choice, 0 = every column.
+    markov_candidates: int = 0
     # Per-position calibration temperatures dividing the confidence logit (1 = uncalibrated).
     confidence_temperatures: tuple[float, ...] = field(default=())
     target_name: str = ""
@@ -68,6 +71,8 @@ class DrafterConfig:
             raise ValueError("a feature drafter needs at least one target feature layer")
         if self.markov_tied and not self.markov_rank:
             raise ValueError("markov_tied needs a Markov head (markov_rank >= 1)")
+        if self.markov_candidates < 0 or (self.markov_candidates and not self.markov_rank):
+            raise ValueError("markov_candidates must be >= 0, and > 0 only with a Markov head")
         if (
             len(self.confidence_temperatures) != self.draft_block_size
             or min(self.confidence_temperatures) <= 0

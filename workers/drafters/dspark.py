@@ -10,11 +10,13 @@ reads the previous token, never x_k. Embedding and LM head are the target's, fro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specray.kernels import sample_markov_block
+from specray.kernels import MarkovDraft, sample_markov_block
 from specray.workers.drafters.config import DrafterConfig
 from specray.workers.drafters.feature_drafter import FeatureDrafter
 from specray.workers.drafters.layers import KV, FeatureDrafterBackbone
@@ -176,27 +178,55 @@ class DSparkModel(FeatureDrafterBackbone):
         return logits, self.confidence_logits(hidden, code)
 
 
+@dataclass
+class BlockLogits:
+    """A batch of drafted blocks before sampling: what the Markov sampler reads."""
+
+    hidden: torch.Tensor  # [N, w, d] final-normed slot states (w = the widest slot asked for)
+    logits: torch.Tensor  # [N, w, K] fp32 backbone logits over the output columns
+    anchors: torch.Tensor  # [N] the anchor tokens
+
+    @property
+    def width(self) -> int:
+        return self.hidden.shape[1]
+
+
 class DSparkDrafter(FeatureDrafter):
     """Serves a DSparkModel through the engine's drafter interface: one backbone forward, one LM
     head product and one block sampler call for all ready sequences of a proposal."""
 
     def __init__(self, model: DSparkModel, target: DecoderModel) -> None:
-        super().__init__(model, target)
         with torch.inference_mode():
-            self.markov_tables = model.markov_tables(target)
+            # Before the model takes the drafting dtype: the sampler's tables stay exact fp32.
+            tables = model.markov_tables(target)
+        super().__init__(model, target)
+        self.markov_tables = tables
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[DraftProposal]:
         proposals = [DraftProposal(tokens=[]) for _ in requests]
+        ready = self.ready(requests)
+        if not ready:
+            return proposals
+        batch = [requests[i] for i in ready]
+        blocks = self.block_logits(batch)
+        temperature = torch.tensor([r.params.temperature for r in batch], device=self.device)
+        draft = self.sample(blocks, temperature, self.uniforms(batch, blocks.width))
+        for row, (i, r) in enumerate(zip(ready, batch)):
+            proposals[i] = self.proposal(draft, row, r)
+        return proposals
+
+    def ready(self, requests: list[DraftRequest]) -> list[int]:
+        """Indices of the requests a block can be drafted for now."""
         # The anchor's own features come with the next verify; all earlier ones must be here.
-        ready = [
+        return [
             i
             for i, r in enumerate(requests)
             if r.max_tokens > 0 and self.cache.num_features(r.seq_id) >= len(r.token_ids) - 1 > 0
         ]
-        if not ready:
-            return proposals
-        batch = [requests[i] for i in ready]
+
+    def block_logits(self, batch: list[DraftRequest]) -> BlockLogits:
+        """One backbone forward and one LM head product for the blocks of all `batch` requests."""
         device = self.device
         m, seq_ids = self.model, [r.seq_id for r in batch]
         anchor_pos = [len(r.token_ids) - 1 for r in batch]
@@ -216,34 +246,41 @@ class DSparkDrafter(FeatureDrafter):
         # largest cost, so drafting to a smaller verify budget is cheaper.
         width = max(min(r.max_tokens, self.config.draft_block_size) for r in batch)
         hidden = hidden[:, :width]
-        logits = self.logits(hidden)
-        temperature = torch.tensor([r.params.temperature for r in batch], device=device)
+        return BlockLogits(hidden, self.logits(hidden), anchors)
+
+    def uniforms(self, batch: list[DraftRequest], width: int) -> torch.Tensor:
+        """[N, width] draws from each request's own stream."""
         # A whole block's worth of draws whatever the width: a request's random stream advances alike.
-        uniforms = torch.stack(
-            [torch.rand(self.config.draft_block_size, generator=r.generator) for r in batch]
-        )[:, :width].to(device)
+        draws = [torch.rand(self.config.draft_block_size, generator=r.generator) for r in batch]
+        return torch.stack(draws)[:, :width].to(self.device)
+
+    def sample(self, blocks: BlockLogits, temperature: torch.Tensor, uniforms: torch.Tensor) -> MarkovDraft:
+        """The blocks sampled slot by slot with the Markov head (argmax where temperature is 0)."""
+        m = self.model
         w1, w2 = self.markov_tables or (None, None)
-        draft = sample_markov_block(
-            logits,
-            anchors,
+        return sample_markov_block(
+            blocks.logits,
+            blocks.anchors,
             temperature,
             uniforms,
             w1=w1,
             w2=w2,
-            hidden=hidden,
+            hidden=blocks.hidden,
             conf_weight=m.confidence_head.weight[0] if self.config.confidence else None,
             conf_bias=float(m.confidence_head.bias) if self.config.confidence else 0.0,
-            conf_temperature=torch.tensor(self.config.confidence_temperatures[:width], device=device),
+            conf_temperature=torch.tensor(
+                self.config.confidence_temperatures[: blocks.width], device=self.device
+            ),
             return_probs=bool((temperature > 0).any()),
             token_ids=self.token_ids,
+            candidates=self.config.markov_candidates or None,
         )
-        tokens = draft.tokens.tolist()
-        confidence = draft.confidence.tolist() if draft.confidence is not None else None
-        for row, (i, r) in enumerate(zip(ready, batch)):
-            k = min(r.max_tokens, self.config.draft_block_size)
-            proposals[i] = DraftProposal(
-                tokens=tokens[row][:k],
-                probs=None if r.params.greedy else self.target_probs(draft.probs[row, :k]),
-                confidence=confidence[row][:k] if confidence is not None else None,
-            )
-        return proposals
+
+    def proposal(self, draft: MarkovDraft, row: int, request: DraftRequest) -> DraftProposal:
+        """Row `row` of a sampled batch of blocks as `request`'s proposal."""
+        k = min(request.max_tokens, self.config.draft_block_size)
+        return DraftProposal(
+            tokens=draft.tokens[row, :k].tolist(),
+            probs=None if request.params.greedy else self.target_probs(draft.probs[row, :k]),
+            confidence=draft.confidence[row, :k].tolist() if draft.confidence is not None else None,
+        )

@@ -1,6 +1,12 @@
 """What the trained drafters share on the engine side: a model bound to its frozen target, the
 target features each sequence has delivered so far (kept per sequence, dropped on release), and
-the output head: the target's LM head rows of the tokens the drafter may propose."""
+the output head: the target's LM head rows of the tokens the drafter may propose.
+
+The drafter computes in bf16 under a bf16 target and in fp32 otherwise: at batch 1 a proposal is a
+chain of small matmuls whose time is the weights' bytes. Draft distributions are still formed in
+fp32 from the logits (the block sampler), so the p_d verification divides by is the exact
+probability each token was drawn with, whatever the backbone's precision.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,9 @@ from specray.workers.models.decoder import DecoderModel
 
 class FeatureDrafter(Drafter):
     def __init__(self, model: FeatureDrafterBackbone, target: DecoderModel) -> None:
-        self.model = model.eval()
+        head_dtype = target.lm_head.weight.dtype
+        self.dtype = torch.bfloat16 if head_dtype == torch.bfloat16 else torch.float32
+        self.model = model.to(self.dtype).eval()
         self.target = target
         self.config = model.config
         self.name = model.config.kind
@@ -29,7 +37,7 @@ class FeatureDrafter(Drafter):
             self.head = model.output_head(target)
 
     def observe(self, seq_id: str, features: torch.Tensor, start: int) -> None:
-        self.cache.observe(seq_id, features.float(), start)
+        self.cache.observe(seq_id, features.to(self.dtype), start)
 
     def release(self, seq_id: str) -> None:
         self.cache.release(seq_id)
@@ -44,4 +52,4 @@ class FeatureDrafter(Drafter):
         return probs if self.vocab is None else self.vocab.scatter(probs)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.target.embed(ids).float()
+        return self.target.embed(ids).to(self.dtype)

@@ -22,8 +22,12 @@ class NgramDrafter(Drafter):
         return [DraftProposal(tokens=self.lookup(r.token_ids, r.max_tokens)) for r in requests]
 
     def lookup(self, tokens: list[int], max_tokens: int) -> list[int]:
+        return self.match(tokens, max_tokens)[0]
+
+    def match(self, tokens: list[int], max_tokens: int) -> tuple[list[int], int]:
+        """(the proposed tokens, the length n of the suffix they follow); ([], 0) without a match."""
         if max_tokens <= 0:
-            return []
+            return [], 0
         for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
             suffix = tokens[-n:]
             # Scan right to left: the latest match best predicts what comes next.
@@ -31,5 +35,5 @@ class NgramDrafter(Drafter):
                 if tokens[start : start + n] == suffix:
                     follow = tokens[start + n : start + n + max_tokens]
                     if follow:
-                        return follow
-        return []
+                        return follow, n
+        return [], 0

@@ -22,6 +22,7 @@ from specray.workers.engine.sampling import SamplingParams
 KINDS = {
     "dspark": {"markov_rank": 8, "confidence": True},
     "dspark-recipe": {"markov_rank": 8, "confidence": True, "state_input": True, "markov_tied": True},
+    "dspark-candidates": {"markov_rank": 8, "confidence": True, "markov_tied": True, "markov_candidates": 6},
     "dflash": {},
     "eagle3": {},
 }

@@ -4,7 +4,6 @@ and exact sampled losslessness when the drafter can propose only part of the tar
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +22,6 @@ from specray.workers.engine.config import EngineConfig
 from specray.workers.engine.drafter import DraftRequest
 from specray.workers.engine.llm_engine import LLMEngine
 from specray.workers.engine.sampling import SamplingParams
-from specray.workers.models.config import ModelConfig, RopeConfig
-from specray.workers.models.decoder import DecoderModel
 from specray.workers.models.loader import LoadedModel
 
 DSPARK = {"markov_rank": 8, "confidence": True, "state_input": True, "markov_tied": True}
@@ -65,10 +62,18 @@ def test_ids_map_between_target_and_draft() -> None:
             DraftVocab(torch.tensor(ids), 12)
 
 
-def _dspark_with_vocab(target: LoadedModel, ids: list[int], seed: int = 1) -> DSparkDrafter:
+def _dspark_with_vocab(
+    target: LoadedModel, ids: list[int], seed: int = 1, candidates: int = 0
+) -> DSparkDrafter:
     torch.manual_seed(seed)
     config = DrafterConfig.for_target(
-        "dspark", target.config, 3, mask_token_id=2, draft_vocab_size=len(ids), **DSPARK
+        "dspark",
+        target.config,
+        3,
+        mask_token_id=2,
+        draft_vocab_size=len(ids),
+        markov_candidates=candidates,
+        **DSPARK,
     )
     model = build_model(config).eval()
     with torch.no_grad():  # a non-zero Markov output so the reduced W2 is exercised
@@ -139,36 +144,14 @@ NUM_SAMPLES = 3000
 ALPHA = 1e-3  # a lossless engine fails this seeded test with probability 0.1%
 
 
-@pytest.fixture(scope="module")
-def small_vocab_target() -> LoadedModel:
-    """Enough layers for three feature layers, a vocabulary small enough to enumerate."""
-    config = ModelConfig(
-        family="llama",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=6,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=64,
-        rope=RopeConfig(theta=10_000.0),
-        eos_token_ids=(1,),
-    )
-    torch.manual_seed(3)
-    model = DecoderModel(config)
-    with torch.no_grad():  # (tied) a flatter head: every token has mass at the prompt's next positions
-        model.model.embed_tokens.weight.mul_(0.1)
-    return LoadedModel(model.eval(), config, None, Path("."), (1,))
-
-
 def test_sampled_output_follows_the_target_with_a_reduced_vocabulary(small_vocab_target) -> None:  # noqa: ANN001
     """Half the target's tokens can never be drafted: where the target puts mass on them, only the
-    residual max(0, p_t − p_d) can emit them, and the output must still be the target's distribution."""
+    residual max(0, p_t − p_d) can emit them, and the output must still be the target's distribution.
+    Each slot also samples among its 3 best columns of the 4 only (Markov candidates), so which
+    tokens a draft can be changes from step to step."""
     target = small_vocab_target
     params = SamplingParams(max_tokens=LENGTH, temperature=1.0, ignore_eos=True)
-    drafter = _dspark_with_vocab(target, [0, 2, 5, 6])
+    drafter = _dspark_with_vocab(target, [0, 2, 5, 6], candidates=3)
     engine = LLMEngine(
         target,
         drafter,

@@ -17,6 +17,7 @@ KINDS = {
     "dspark": {"markov_rank": 8, "confidence": True},
     "dspark-state-input": {"markov_rank": 8, "confidence": True, "state_input": True},
     "dspark-tied": {"markov_rank": 8, "confidence": True, "state_input": True, "markov_tied": True},
+    "dspark-candidates": {"markov_rank": 8, "confidence": True, "state_input": True, "markov_candidates": 5},
     "dflash": {},
     "eagle3": {},
 }

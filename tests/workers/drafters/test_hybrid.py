@@ -1,0 +1,132 @@
+"""The hybrid drafter: it proposes the source expected to get more drafts accepted, learns n-gram
+confidences from the committed tokens only, and stays lossless (greedy identical to autoregressive,
+sampled output following the target's exact distribution)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from distribution_check import assert_follows, exact_joint
+
+from specray.workers.drafters.config import DrafterConfig
+from specray.workers.drafters.dspark import DSparkDrafter, DSparkModel
+from specray.workers.drafters.hybrid import HybridDrafter
+from specray.workers.drafters.registry import build_drafter, drafter_feature_layers
+from specray.workers.engine.config import EngineConfig
+from specray.workers.engine.drafter import DraftRequest
+from specray.workers.engine.llm_engine import LLMEngine
+from specray.workers.engine.sampling import SamplingParams
+
+# The context's suffix [8, 9] occurred before, followed by 10, 11, 12: an n-gram match of length 2.
+CONTEXT = [5, 8, 9, 10, 11, 12, 6, 8, 9]
+
+
+def _block(target, seed: int = 1) -> DSparkDrafter:  # noqa: ANN001
+    torch.manual_seed(seed)
+    config = DrafterConfig.for_target(
+        "dspark", target.config, 3, mask_token_id=2, markov_rank=8, confidence=True, state_input=True
+    )
+    return DSparkDrafter(DSparkModel(config).eval(), target.model)
+
+
+def _request(tokens: list[int], limit: int = 3) -> DraftRequest:
+    return DraftRequest("s", tokens, limit, SamplingParams(max_tokens=50), torch.Generator())
+
+
+FEATURES = torch.randn(len(CONTEXT) - 1, 3 * 32, generator=torch.Generator().manual_seed(0))
+
+
+def _rates(accepted: int, reached: int) -> list[list[int]]:
+    return [[accepted, reached] for _ in range(7)]
+
+
+def _hybrid_on_context(target) -> HybridDrafter:  # noqa: ANN001
+    hybrid = HybridDrafter(_block(target))
+    hybrid.observe("s", FEATURES, 0)
+    return hybrid
+
+
+def test_it_proposes_the_source_expected_to_go_further(tiny_target) -> None:  # noqa: ANN001
+    hybrid = _hybrid_on_context(tiny_target)
+    block_alone = _block(tiny_target)
+    block_alone.observe("s", FEATURES, 0)
+    block = block_alone.propose([_request(CONTEXT)])[0]
+    expected_block = sum(torch.tensor(block.confidence).cumprod(0).tolist())
+
+    hybrid.outcomes[2] = _rates(990, 1000)  # n-gram drafts after a 2-token match: 99% accepted
+    proposal = hybrid.propose([_request(CONTEXT)])[0]
+    assert proposal.tokens == [10, 11, 12] and proposal.probs is None
+    assert proposal.confidence == pytest.approx([991 / 1002] * 3)
+    assert sum(torch.tensor(proposal.confidence).cumprod(0).tolist()) > expected_block
+
+    hybrid.outcomes[2] = _rates(0, 1000)  # ... or never
+    proposal = hybrid.propose([_request(CONTEXT)])[0]
+    assert proposal.tokens == block.tokens and proposal.confidence == pytest.approx(block.confidence)
+    assert hybrid.choices == {"ngram": 1, "block": 1}
+
+
+def test_ngram_outcomes_come_from_committed_tokens_only(tiny_target) -> None:  # noqa: ANN001
+    hybrid = _hybrid_on_context(tiny_target)
+    hybrid.outcomes[2] = _rates(99, 100)
+    assert hybrid.propose([_request(CONTEXT)])[0].tokens == [10, 11, 12]
+    # A pipelined draft worker drafts past its proposal before the verifier replies: nothing is
+    # committed yet, so no outcome is read and that draft registers none.
+    hybrid.propose([_request(CONTEXT + [10, 11, 12])])
+    assert hybrid.outcomes[2][0] == [99, 100]
+    # The target committed 10, 11, then 7 (the third draft rejected) and the features came back.
+    hybrid.observe("s", torch.randn(3, 3 * 32), len(CONTEXT) - 1)
+    hybrid.propose([_request(CONTEXT + [10, 11, 7])])
+    assert hybrid.outcomes[2][:4] == [[100, 101], [100, 101], [99, 101], [99, 100]]
+
+
+def test_registry_builds_a_hybrid_over_a_trained_drafter(tiny_target, tmp_path) -> None:  # noqa: ANN001
+    from specray.workers.drafters.checkpoint import save_drafter_model
+
+    block = _block(tiny_target)
+    save_drafter_model(block.model, tmp_path / "d")
+    drafter = build_drafter(f"hybrid:{tmp_path / 'd'}", tiny_target)
+    assert isinstance(drafter, HybridDrafter) and drafter.feature_layers == block.feature_layers
+    assert drafter_feature_layers(f"hybrid:{tmp_path / 'd'}") == block.feature_layers
+
+
+def test_greedy_hybrid_matches_autoregressive(tiny_target) -> None:  # noqa: ANN001
+    prompts = [[5, 9, 17, 33, 5, 9, 17, 40], [7, 7, 8, 60, 61, 3, 12, 7, 8, 60]]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    plain = LLMEngine(tiny_target, None, EngineConfig(num_speculative_tokens=0)).generate(prompts, params)
+    hybrid = HybridDrafter(_block(tiny_target))
+    spec = LLMEngine(tiny_target, hybrid, EngineConfig(num_speculative_tokens=5)).generate(prompts, params)
+    assert [s.output_ids for s in spec] == [s.output_ids for s in plain]
+    assert hybrid.choices["ngram"] > 0 and hybrid.choices["block"] > 0, hybrid.choices
+
+
+VOCAB = 8
+PROMPT = [1, 3, 5]
+LENGTH = 3  # one drafting step after the prefill's token, then the bonus
+NUM_SAMPLES = 3000
+ALPHA = 1e-3  # a lossless engine fails this seeded test with probability 0.1%
+
+
+def test_sampled_hybrid_output_follows_the_target(small_vocab_target) -> None:  # noqa: ANN001
+    """Sampled requests choose between the n-gram and the block's greedy path, then sample the block
+    afresh; choosing by the sampled block would bias its tokens."""
+    target = small_vocab_target
+    hybrid = HybridDrafter(_block(target, seed=2))
+    engine = LLMEngine(
+        target,
+        hybrid,
+        EngineConfig(
+            num_speculative_tokens=3, max_num_seqs=256, max_num_batched_tokens=2048, kv_cache_tokens=16384
+        ),
+    )
+    params = SamplingParams(max_tokens=LENGTH, temperature=1.0, ignore_eos=True)
+    seqs = engine.generate(
+        [PROMPT] * NUM_SAMPLES, [SamplingParams(**{**params.__dict__, "seed": s}) for s in range(NUM_SAMPLES)]
+    )
+    assert min(hybrid.choices["ngram"], hybrid.choices["block"]) > NUM_SAMPLES // 10, hybrid.choices
+    rejected = sum(s.stats.draft_tokens - s.stats.accepted_tokens for s in seqs)
+    assert rejected > NUM_SAMPLES // 10, "too few drafts rejected to exercise the residual"
+    exact = exact_joint(target, PROMPT, params, LENGTH, VOCAB)
+    counts = dict.fromkeys(exact, 0)
+    for s in seqs:
+        counts[tuple(s.output_ids)] += 1
+    assert_follows(counts, exact, ALPHA, "hybrid speculative samples")
