@@ -121,7 +121,7 @@ class ClusterConfig(_Strict):
     model: str = DEFAULT_MODEL
     drafter: str = "ngram"  # none | ngram | a trained drafter's directory
     num_speculative_tokens: int = Field(5, ge=0, le=32)
-    # The engine's dtype: `auto` is bf16 on CUDA and on CPUs with AMX-BF16, fp32 elsewhere.
+    # The engine's dtype: `auto` is bf16 on CUDA and on CPUs with AMX-BF16 or AVX-512 BF16, fp32 elsewhere.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # How many drafts each verify step takes: `confidence` (DSpark Algorithm 1 over the step curve
     # each verifier profiles at start-up, cached per model/dtype/device), `fixed` (all γ), `off`

@@ -54,7 +54,7 @@ def test_sampled_drafts_carry_exact_probabilities(kind, tiny_target) -> None:  #
 
 @pytest.mark.parametrize("kind", ["dspark-tied", "eagle3"])
 def test_a_checkpoint_drafts_for_a_bf16_target(kind, tiny_target, tmp_path) -> None:  # noqa: ANN001
-    """The engine's default dtype on AMX CPUs is bf16: a trained drafter loaded for that target
+    """The engine's default dtype on bf16-native CPUs is bf16: a trained drafter loaded for that target
     reads its embedding, LM head and features and still drafts, losslessly."""
     import copy
 
