@@ -27,3 +27,13 @@ def smollm2():
     from specray.workers.models.loader import load_model
 
     return load_model("smollm2-135m", "auto")
+
+
+@pytest.fixture(scope="module")
+def store(cluster):
+    """A Redis client on the module's cluster's Redis."""
+    import redis
+
+    client = redis.Redis.from_url(cluster.config.redis_url, decode_responses=True)
+    yield client
+    client.close()

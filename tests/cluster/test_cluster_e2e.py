@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import openai
 import pytest
-import redis
+from cluster_testing import engine_greedy
 from prometheus_client.parser import text_string_to_metric_families
 
 from specray.cluster.app.launcher import LocalCluster
@@ -56,19 +56,9 @@ def cluster(local_cluster_settings):
 
 
 @pytest.fixture(scope="module")
-def store(cluster):
-    client = redis.Redis.from_url(cluster.config.redis_url, decode_responses=True)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
 def expected(smollm2):
     """`specray generate`'s greedy text and token ids for each prompt (single-process engine)."""
-    engine = LLMEngine(smollm2, NgramDrafter(), EngineConfig(num_speculative_tokens=5))
-    prompts = [engine.encode_prompt(messages=[{"role": "user", "content": p}]) for p in PROMPTS]
-    seqs = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS))
-    return [(engine.output_text(s), s.output_ids) for s in seqs]
+    return engine_greedy(smollm2, PROMPTS, MAX_TOKENS)
 
 
 def _post(cluster: LocalCluster, path: str, body: dict) -> tuple[int, dict]:

@@ -21,15 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import ray
 import redis
+from cluster_testing import engine_greedy, health
 
 from specray.cluster.app.launcher import LocalCluster
 from specray.cluster.app.redis_server import LocalRedis
 from specray.cluster.runtime.config import ClusterConfig
 from specray.cluster.runtime.session_store import VERIFIER_TTL_S
-from specray.workers.drafters.ngram import NgramDrafter
-from specray.workers.engine.config import EngineConfig
-from specray.workers.engine.llm_engine import LLMEngine
-from specray.workers.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 PROMPTS = [
@@ -60,12 +57,10 @@ def cluster(redis_server, local_cluster_settings):
 
 @pytest.fixture(scope="module")
 def expected(smollm2):
-    """The uninterrupted greedy token ids per prompt (the single-process engine)."""
-    engine = LLMEngine(smollm2, NgramDrafter(), EngineConfig(num_speculative_tokens=5))
-    prompts = [engine.encode_prompt(messages=[{"role": "user", "content": p}]) for p in PROMPTS]
-    seqs = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS))
-    assert all(len(s.output_ids) == MAX_TOKENS for s in seqs)  # long enough to be cut mid-stream
-    return [engine.output_text(s) for s in seqs]
+    """The uninterrupted greedy text per prompt (the single-process engine)."""
+    reference = engine_greedy(smollm2, PROMPTS, MAX_TOKENS)
+    assert all(len(ids) == MAX_TOKENS for _, ids in reference), "too short to be cut mid-stream"
+    return [text for text, _ in reference]
 
 
 def _open_stream(cluster: LocalCluster, prompt: str, session_id: str):
@@ -129,14 +124,6 @@ def _kill_owner(cluster: LocalCluster, session_id: str, field: str, kind: str) -
     return owner
 
 
-def _health(cluster: LocalCluster) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(cluster.http_url + "/health", timeout=10) as reply:
-            return reply.status, json.load(reply)
-    except urllib.error.HTTPError as err:
-        return err.code, json.load(err)
-
-
 class HealthWatch:
     """Polls `/health` in the background: [(seconds since start, status)]."""
 
@@ -150,7 +137,7 @@ class HealthWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(0.25):
-            self.seen.append((time.monotonic() - self.started, _health(self.cluster)[0]))
+            self.seen.append((time.monotonic() - self.started, health(self.cluster)[0]))
 
     def stop(self) -> list[tuple[float, int]]:
         self._stop.set()
@@ -176,7 +163,7 @@ def test_the_only_verifier_killed_mid_stream_is_replaced_and_the_stream_complete
     # Unhealthy once the dead verifier's registration expired, healthy again with the replacement.
     first_unhealthy = next(t for t, status in seen if status == 503)
     assert first_unhealthy <= VERIFIER_TTL_S + 2, seen
-    status, body = _health(cluster)
+    status, body = health(cluster)
     assert status == 200 and body["verifiers"] == 1
 
 
@@ -211,7 +198,7 @@ def _burst(cluster: LocalCluster, n: int) -> list[int]:
 
 def _wait_healthy(cluster: LocalCluster, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
-    while _health(cluster)[0] != 200:
+    while health(cluster)[0] != 200:
         assert time.monotonic() < deadline, "not healthy again"
         time.sleep(0.25)
 
@@ -242,7 +229,7 @@ def test_redis_restarted_mid_stream_sessions_complete_and_no_connection_is_stale
 def test_redis_down_makes_health_and_metrics_503_json_then_they_recover(cluster, redis_server):
     redis_server.stop()
     try:
-        status, body = _health(cluster)
+        status, body = health(cluster)
         assert status == 503 and body["status"] == "redis_unavailable" and body["error"]
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(cluster.http_url + "/metrics", timeout=10)

@@ -27,7 +27,7 @@ import grpc
 import psutil
 import pytest
 import ray
-import redis
+from cluster_testing import engine_greedy
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
@@ -37,10 +37,6 @@ from specray.cluster.runtime.config import ClusterConfig
 from specray.cluster.runtime.node_roles import NODE_ROLES
 from specray.cluster.runtime.session_store import VERIFIER_TTL_S
 from specray.protos.specray.v1 import generate_pb2, generate_pb2_grpc
-from specray.workers.drafters.ngram import NgramDrafter
-from specray.workers.engine.config import EngineConfig
-from specray.workers.engine.llm_engine import LLMEngine
-from specray.workers.engine.sampling import SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 REPO = Path(__file__).resolve().parents[2]
@@ -84,20 +80,11 @@ def cluster(nodes):
 
 
 @pytest.fixture(scope="module")
-def store(cluster):
-    client = redis.Redis.from_url(cluster.config.redis_url, decode_responses=True)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
 def expected(smollm2):
     """The in-process engine's greedy text and token ids per prompt."""
-    engine = LLMEngine(smollm2, NgramDrafter(), EngineConfig(num_speculative_tokens=5))
-    prompts = [engine.encode_prompt(messages=[{"role": "user", "content": p}]) for p in PROMPTS]
-    seqs = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS))
-    assert all(len(s.output_ids) == MAX_TOKENS for s in seqs), "a reference ends early: no stream to cut"
-    return [(engine.output_text(s), s.output_ids) for s in seqs]
+    reference = engine_greedy(smollm2, PROMPTS, MAX_TOKENS)
+    assert all(len(ids) == MAX_TOKENS for _, ids in reference), "a reference ends early: no stream to cut"
+    return reference
 
 
 # ---- the nodes ----------------------------------------------------------------------------------
@@ -210,14 +197,6 @@ def _grpc_stream(
         )
         replies = list(generate_pb2_grpc.GenerationStub(channel).GenerateStream(request, timeout=300))
     return "".join(r.text for r in replies), [t for r in replies for t in r.token_ids]
-
-
-def _health(cluster: LocalCluster) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(cluster.http_url + "/health", timeout=10) as reply:
-            return reply.status, json.load(reply)
-    except urllib.error.HTTPError as err:
-        return err.code, json.load(err)
 
 
 def _verifier_metrics(cluster: LocalCluster) -> tuple[float, set[str]]:
@@ -367,7 +346,7 @@ def test_a_lost_verifier_node_loses_no_stream_and_the_pool_recovers_when_a_node_
 
     # The lost replica drops out of /health (its registration's TTL) and of the pool metrics.
     status, health = _wait(
-        lambda: (reply := _health(cluster))[1].get("verifiers") == 1 and reply, VERIFIER_TTL_S + 5, "/health"
+        lambda: (reply := health(cluster))[1].get("verifiers") == 1 and reply, VERIFIER_TTL_S + 5, "/health"
     )
     count, replicas = _wait(
         lambda: (m := _verifier_metrics(cluster))[0] == 1 and m, 30, "pool_replicas{pool=verifiers} == 1"
@@ -383,7 +362,7 @@ def test_a_lost_verifier_node_loses_no_stream_and_the_pool_recovers_when_a_node_
     # has room for one verifier), and the pool is whole again.
     joined = nodes.add("verifier")
     joined_at = time.monotonic()
-    recovered = _wait(lambda: _health(cluster)[1].get("verifiers") == 2, 240, "the second verifier back", 1.0)
+    recovered = _wait(lambda: health(cluster)[1].get("verifiers") == 2, 240, "the second verifier back", 1.0)
     count, replicas = _wait(lambda: (m := _verifier_metrics(cluster))[0] == 2 and m, 30, "pool_replicas == 2")
     placement = _deployments_by_node(nodes)
     print(
