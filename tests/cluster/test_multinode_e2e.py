@@ -27,7 +27,7 @@ import grpc
 import psutil
 import pytest
 import ray
-from cluster_testing import engine_greedy
+from cluster_testing import engine_greedy, health
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
@@ -345,7 +345,7 @@ def test_a_lost_verifier_node_loses_no_stream_and_the_pool_recovers_when_a_node_
     print(f"all {len(session_ids)} streams equal the engine; the {len(cut)} cut ones finished on {survivor}")
 
     # The lost replica drops out of /health (its registration's TTL) and of the pool metrics.
-    status, health = _wait(
+    status, body = _wait(
         lambda: (reply := health(cluster))[1].get("verifiers") == 1 and reply, VERIFIER_TTL_S + 5, "/health"
     )
     count, replicas = _wait(
@@ -354,7 +354,7 @@ def test_a_lost_verifier_node_loses_no_stream_and_the_pool_recovers_when_a_node_
     assert status == 200 and lost not in replicas, replicas
     serve_view = serve.status().applications["specray"].deployments["Verifier"].replica_states
     print(
-        f"{time.monotonic() - killed_at:.1f} s after the kill: /health {health}; specray:pool_replicas"
+        f"{time.monotonic() - killed_at:.1f} s after the kill: /health {body}; specray:pool_replicas"
         f"{{pool=verifiers}} {count:g}, replicas {sorted(replicas)}; Serve's Verifier replicas {serve_view}"
     )
 
