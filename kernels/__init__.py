@@ -2,7 +2,8 @@
 
 Each picks the Triton kernel for CUDA tensors when Triton is installed (the `gpu` extra) and the
 plain-PyTorch twin otherwise, with the same arguments and results; attention on the CPU runs a
-compiled, batch-invariant C++ kernel (`cpu_attention.py`) where a compiler is available. Triton is imported only on the
+compiled, batch-invariant C++ kernel (`cpu_attention.py`) where a compiler is available, and so do
+a layer's row-wise ops (`cpu_rowwise`). Triton is imported only on the
 first CUDA call, so a CPU-only install never needs it.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from types import ModuleType
 
 import torch
 
@@ -24,6 +26,7 @@ __all__ = [
     "accept_drafts",
     "accept_greedy",
     "build_attention_metadata",
+    "cpu_rowwise",
     "paged_attention",
     "sample_from_probs",
     "sample_markov_block",
@@ -117,3 +120,15 @@ def paged_attention(
         tables, starts, lens = meta.block_tables, meta.query_start_loc, meta.seq_lens
         return compiled.paged_attention(q, k_cache, v_cache, tables, starts, lens, scale, window, cap)
     return attention.paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
+
+
+def cpu_rowwise(*tensors: torch.Tensor) -> ModuleType | None:
+    """The compiled row-wise ops (`cpu_rowwise.cpp`: `rms_norm`, `rotary_`) where they apply to these
+    tensors: on the CPU, one dtype, nothing to differentiate (they have no backward); else None, and
+    the caller runs its PyTorch formula."""
+    x = tensors[0]
+    if x.device.type != "cpu" or any(t.dtype != x.dtype for t in tensors):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    return cpu_attention.extension()

@@ -275,6 +275,12 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   return out;
 }
 
+// cpu_rowwise.cpp, compiled into the same module.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool adds_one);
+void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "batch-invariant paged attention (CPU)");
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row (CPU)");
+  m.def("rotary_", &rotary_, "rotate-half RoPE in place (CPU)");
 }

@@ -1,4 +1,5 @@
-"""The CPU's paged attention: a small C++ kernel (`cpu_attention.cpp`), compiled once per machine.
+"""The CPU's paged attention: a small C++ kernel (`cpu_attention.cpp`), compiled once per machine,
+with the layer's row-wise ops (`cpu_rowwise.cpp`: RMSNorm, RoPE) in the same module.
 
 It is batch-invariant by construction (each query row attends over exactly its own keys, in order),
 which the lossless guarantee needs in every dtype: a token's logits must not depend on how many
@@ -22,7 +23,7 @@ from specray.defaults import default_cache_dir
 from specray.kernels.cpu_features import cpu_flags
 
 logger = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_attention.cpp", "cpu_rowwise.cpp")]
 
 
 # OpenMP: at::parallel_for then shares torch's intra-op threads (torch.set_num_threads).
@@ -32,7 +33,7 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 def _build_dir() -> Path:
     root = Path(os.environ.get("SPECRAY_CACHE_DIR", default_cache_dir()))
     flags = " ".join(sorted(cpu_flags()))
-    recipe = _SOURCE.read_text() + " ".join(_CFLAGS) + flags + torch.__version__
+    recipe = "".join(s.read_text() for s in _SOURCES) + " ".join(_CFLAGS) + flags + torch.__version__
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     path = root / "kernels" / f"cpu_attention-{key}"
     path.mkdir(parents=True, exist_ok=True)
@@ -51,7 +52,7 @@ def extension() -> ModuleType | None:
     try:
         return load(
             name="specray_cpu_attention",
-            sources=[str(_SOURCE)],
+            sources=[str(s) for s in _SOURCES],
             extra_cflags=_CFLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(_build_dir()),

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specray.kernels import AttentionMetadata, paged_attention, write_kv
+from specray.kernels import AttentionMetadata, cpu_rowwise, paged_attention, write_kv
 from specray.kernels.batch_invariance import invariant_rows
 from specray.workers.models.config import ModelConfig, RopeConfig
 
@@ -26,6 +26,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if adds_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (ops := cpu_rowwise(x, self.weight)) is not None:
+            rows = x.reshape(-1, x.shape[-1])
+            return ops.rms_norm(rows, self.weight, self.eps, self.adds_one).view(x.shape)
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         if self.adds_one:
             # Gemma scales in fp32 and casts last; Llama casts first, then scales.
@@ -98,8 +101,12 @@ class Attention(nn.Module):
         v = v.view(tokens, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rotary
-        q, k = apply_rotary(q, cos[:tokens], sin[:tokens]), apply_rotary(k, cos[:tokens], sin[:tokens])
+        cos, sin = rotary[0][:tokens], rotary[1][:tokens]
+        if (ops := cpu_rowwise(q, cos)) is not None:
+            ops.rotary_(q, cos, sin)
+            ops.rotary_(k, cos, sin)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         write_kv(kv[0], kv[1], k, v, meta)
         out = paged_attention(q, kv[0], kv[1], meta, c.attention_scale, self.window, c.attn_logit_softcapping)
         out = out.reshape(tokens, c.num_heads * c.head_dim)

@@ -1,0 +1,109 @@
+// Row-wise ops of a decoder layer on the CPU, each one call instead of the 7-10 small PyTorch ops
+// (and their dtype round trips) it replaces: RMSNorm and rotate-half RoPE. At one token per step
+// those small ops cost more in dispatch than in arithmetic.
+//
+// Batch-invariant by construction: every row is computed by the same fixed sequence of operations,
+// whatever the number of rows, and rows are only split between threads, never within one.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+namespace {
+
+template <typename T>
+inline float widen(T x) {
+  return static_cast<float>(x);
+}
+
+// x [rows, n] with unit stride along n (rows may be strided); out [rows, n] contiguous.
+// Llama: out = w · cast(x · rsqrt(mean(x²) + eps)) (cast first, product in x's dtype).
+// Gemma (adds_one): out = cast(x · rsqrt(mean(x²) + eps) · (1 + w)) (all in fp32, cast last).
+template <typename T>
+void rms_norm_rows(const torch::Tensor& x, const torch::Tensor& weight, torch::Tensor& out, double eps,
+                   bool adds_one) {
+  const int64_t rows = x.size(0), n = x.size(1), row_stride = x.stride(0);
+  const T* src = x.data_ptr<T>();
+  const T* w = weight.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = src + r * row_stride;
+      // 16 partial sums, combined by a fixed tree: the same order for every row and batch.
+      float partial[16] = {0.0f};
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = widen(row[i]);
+        partial[i & 15] += v * v;
+      }
+      for (int width = 8; width >= 1; width /= 2) {
+        for (int i = 0; i < width; ++i) partial[i] += partial[i + width];
+      }
+      const float inv = 1.0f / std::sqrt(partial[0] / static_cast<float>(n) + static_cast<float>(eps));
+      T* o = dst + r * n;
+      for (int64_t i = 0; i < n; ++i) {
+        const float normed = widen(row[i]) * inv;
+        if (adds_one) {
+          o[i] = static_cast<T>(normed * (1.0f + widen(w[i])));
+        } else {
+          o[i] = static_cast<T>(widen(w[i]) * widen(static_cast<T>(normed)));
+        }
+      }
+    }
+  });
+}
+
+// x [tokens, heads, d] with unit stride along d, rotated in place by cos/sin [tokens, d]
+// (rotate-half: x' = x·cos + [−x₂, x₁]·sin), in fp32 and cast once.
+template <typename T>
+void rotary_rows(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t tokens = x.size(0), heads = x.size(1), d = x.size(2), half = d / 2;
+  const int64_t token_stride = x.stride(0), head_stride = x.stride(1);
+  T* base = x.data_ptr<T>();
+  const T* c = cos.data_ptr<T>();
+  const T* s = sin.data_ptr<T>();
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* ct = c + t * d;
+      const T* st = s + t * d;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* v = base + t * token_stride + h * head_stride;
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = widen(v[i]), b = widen(v[i + half]);
+          v[i] = static_cast<T>(a * widen(ct[i]) - b * widen(st[i]));
+          v[i + half] = static_cast<T>(b * widen(ct[i + half]) + a * widen(st[i + half]));
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool adds_one) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "rms_norm: x must be [rows, n] with unit stride along n");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) && weight.scalar_type() == x.scalar_type(),
+              "rms_norm: weight must be a contiguous [n] of x's dtype");
+  auto out = torch::empty({x.size(0), x.size(1)}, x.options());
+  switch (x.scalar_type()) {
+    case at::kFloat: rms_norm_rows<float>(x, weight, out, eps, adds_one); break;
+    case at::kBFloat16: rms_norm_rows<at::BFloat16>(x, weight, out, eps, adds_one); break;
+    case at::kHalf: rms_norm_rows<at::Half>(x, weight, out, eps, adds_one); break;
+    default: TORCH_CHECK(false, "rms_norm: unsupported dtype ", x.scalar_type());
+  }
+  return out;
+}
+
+void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.size(2) % 2 == 0,
+              "rotary_: x must be [tokens, heads, d] with unit stride along an even d");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == x.size(0) &&
+                  cos.size(1) == x.size(2) && sin.sizes() == cos.sizes() &&
+                  cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+              "rotary_: cos and sin must be contiguous [tokens, d] of x's dtype");
+  switch (x.scalar_type()) {
+    case at::kFloat: rotary_rows<float>(x, cos, sin); break;
+    case at::kBFloat16: rotary_rows<at::BFloat16>(x, cos, sin); break;
+    case at::kHalf: rotary_rows<at::Half>(x, cos, sin); break;
+    default: TORCH_CHECK(false, "rotary_: unsupported dtype ", x.scalar_type());
+  }
+}
