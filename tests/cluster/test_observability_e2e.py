@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 MAX_TOKENS = 48
 # Greedy SmolLM2 + n-gram drafts: the first prompt's drafts are mostly rejected, the second's
 # mostly accepted (the `acceptance` fixture measures both with the single-process engine).
-LOW_ACCEPTANCE = "List the days of the week."
+LOW_ACCEPTANCE = "Describe a sunset over the sea in vivid words."  # n-gram acceptance ~0.05 in fp32 and bf16
 HIGH_ACCEPTANCE = "Repeat exactly: red green blue red green blue red green blue red green blue"
 MIN_ACCEPTANCE_RATE = 0.5
 TOKEN_BUDGET = 16
