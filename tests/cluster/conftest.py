@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import redis
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,8 +33,6 @@ def smollm2():
 @pytest.fixture(scope="module")
 def store(cluster):
     """A Redis client on the module's cluster's Redis."""
-    import redis
-
     client = redis.Redis.from_url(cluster.config.redis_url, decode_responses=True)
     yield client
     client.close()
