@@ -3,7 +3,8 @@
 Each picks the Triton kernel for CUDA tensors when Triton is installed (the `gpu` extra) and the
 plain-PyTorch twin otherwise, with the same arguments and results; attention on the CPU runs a
 compiled, batch-invariant C++ kernel (`cpu_attention.py`) where a compiler is available, and so do
-a layer's row-wise ops (`cpu_rowwise`). Triton is imported only on the
+a layer's row-wise ops (`cpu_rowwise`), and bf16 linear layers on CPUs with AVX-512 BF16 but no AMX
+(`cpu_linear.py`). Triton is imported only on the
 first CUDA call, so a CPU-only install never needs it.
 """
 
@@ -18,6 +19,7 @@ import torch
 from specray.kernels import acceptance, attention, cpu_attention, markov_sampling
 from specray.kernels.acceptance import accept_greedy, sample_from_probs
 from specray.kernels.attention import AttentionMetadata, build_attention_metadata, write_kv
+from specray.kernels.cpu_linear import linear
 from specray.kernels.markov_sampling import MarkovDraft
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "accept_greedy",
     "build_attention_metadata",
     "cpu_rowwise",
+    "linear",
     "paged_attention",
     "sample_from_probs",
     "sample_markov_block",

@@ -278,9 +278,17 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 // cpu_rowwise.cpp, compiled into the same module.
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool adds_one);
 void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
+// cpu_gemm.cpp, compiled into the same module.
+bool has_bf16_gemm();
+torch::Tensor pack_bf16_weight(const torch::Tensor& weight);
+torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
+                          const c10::optional<torch::Tensor>& bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "batch-invariant paged attention (CPU)");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row (CPU)");
   m.def("rotary_", &rotary_, "rotate-half RoPE in place (CPU)");
+  m.def("has_bf16_gemm", &has_bf16_gemm, "whether linear_bf16 is built (AVX-512 BF16)");
+  m.def("pack_bf16_weight", &pack_bf16_weight, "pack a [N, K] bf16 weight for linear_bf16");
+  m.def("linear_bf16", &linear_bf16, "batch-invariant bf16 linear layer (CPU, AVX-512 BF16)");
 }

@@ -23,7 +23,9 @@ from specray.defaults import default_cache_dir
 from specray.kernels.cpu_features import cpu_flags
 
 logger = logging.getLogger(__name__)
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_attention.cpp", "cpu_rowwise.cpp")]
+_SOURCES = [
+    Path(__file__).with_name(name) for name in ("cpu_attention.cpp", "cpu_rowwise.cpp", "cpu_gemm.cpp")
+]
 
 
 # OpenMP: at::parallel_for then shares torch's intra-op threads (torch.set_num_threads).

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specray.kernels import AttentionMetadata, cpu_rowwise, paged_attention, write_kv
+from specray.kernels import AttentionMetadata, cpu_rowwise, linear, paged_attention, write_kv
 from specray.kernels.batch_invariance import invariant_rows
 from specray.workers.models.config import ModelConfig, RopeConfig
 
@@ -95,7 +95,7 @@ class Attention(nn.Module):
         rows = x.shape[0]
         # Rows past the batch's tokens only pad the linear layers (see DecoderModel.forward).
         tokens = meta.slot_mapping.shape[0]
-        q, k, v = self.qkv_proj(x)[:tokens].split(self.qkv_sizes, dim=-1)
+        q, k, v = linear(x, self.qkv_proj)[:tokens].split(self.qkv_sizes, dim=-1)
         q = q.view(tokens, c.num_heads, c.head_dim)
         k = k.view(tokens, c.num_kv_heads, c.head_dim)
         v = v.view(tokens, c.num_kv_heads, c.head_dim)
@@ -112,7 +112,7 @@ class Attention(nn.Module):
         out = out.reshape(tokens, c.num_heads * c.head_dim)
         if rows > tokens:
             out = torch.cat((out, out.new_zeros(rows - tokens, out.shape[1])))
-        return self.o_proj(out)
+        return linear(out, self.o_proj)
 
 
 class MLP(nn.Module):
@@ -125,9 +125,9 @@ class MLP(nn.Module):
         self.gelu = config.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate, up = linear(x, self.gate_up_proj).split(self.intermediate_size, dim=-1)
         gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.down_proj(gate * up)
+        return linear(gate * up, self.down_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -183,7 +183,7 @@ class DecoderModel(nn.Module):
         return x * torch.tensor(scale, dtype=x.dtype) if scale != 1.0 else x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
+        logits = linear(hidden, self.lm_head)
         cap = self.config.final_logit_softcapping
         return cap * torch.tanh(logits / cap) if cap else logits
 

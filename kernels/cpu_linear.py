@@ -1,0 +1,68 @@
+"""bf16 linear layers on CPUs with AVX-512 BF16 and no AMX: our own GEMM (`cpu_gemm.cpp`) over
+weights packed once per layer.
+
+Measured on the 2-core dev CPU (AMD EPYC, AVX-512 BF16, no AMX), 1 thread, against `F.linear`
+(oneDNN): 576→3072 at 1 row 47 µs vs 197, at 8 rows 129 vs 272, at 256 rows 4.6 ms vs 4.9; the
+49,152-token LM head at 1 row 2.6 ms vs 9.8; a 1-token decode step of SmolLM2-135M about 2.3x
+faster. `tests/kernels/test_cpu_linear.py` pins the numerics. Where the CPU has AMX, oneDNN's AMX kernels
+stay (they are fast at every row count); `SPECRAY_CPU_GEMM=onednn` forces them anywhere.
+Batch-invariant by construction, at every row count, so no row padding is needed on this path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specray.kernels import cpu_attention
+from specray.kernels.cpu_features import cpu_flags, has_amx_bf16
+
+GEMM_ENV = "SPECRAY_CPU_GEMM"
+_CHOICES = ("auto", "onednn", "avx512bf16")
+
+
+@functools.cache
+def _packed_gemm_available() -> bool:
+    choice = os.environ.get(GEMM_ENV, "auto")
+    if choice not in _CHOICES:
+        raise ValueError(f"{GEMM_ENV}={choice!r}: expected one of {', '.join(_CHOICES)}")
+    if choice == "onednn" or (choice == "auto" and (has_amx_bf16() or "avx512_bf16" not in cpu_flags())):
+        return False
+    ext = cpu_attention.extension()
+    return ext is not None and ext.has_bf16_gemm()
+
+
+def uses_packed_gemm(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether linear layers in this dtype on this device run our packed bf16 GEMM."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and _packed_gemm_available()
+
+
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """`layer(x)`, through the packed bf16 GEMM where it applies (inference on such a CPU)."""
+    weight = layer.weight
+    if (
+        not uses_packed_gemm(x.dtype, x.device)
+        or weight.dtype != x.dtype
+        or weight.shape[1] % 2
+        or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+    ):
+        return F.linear(x, weight, layer.bias)
+    out = cpu_attention.extension().linear_bf16(
+        x.reshape(-1, weight.shape[1]), _packed_weight(layer), weight.shape[0], layer.bias
+    )
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _packed_weight(layer: nn.Linear) -> torch.Tensor:
+    """The layer's weight in the GEMM's layout, packed on first use and again if the weight changes."""
+    weight = layer.weight
+    key = (weight.data_ptr(), weight._version)
+    cached = layer.__dict__.get("_packed_bf16")
+    if cached is None or cached[0] != key:
+        cached = (key, cpu_attention.extension().pack_bf16_weight(weight.detach()))
+        layer.__dict__["_packed_bf16"] = cached  # a plain attribute: not a parameter, not saved
+    return cached[1]
