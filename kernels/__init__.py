@@ -126,7 +126,7 @@ def paged_attention(
 
 
 def cpu_rowwise(*tensors: torch.Tensor) -> ModuleType | None:
-    """The compiled row-wise ops (`cpu_rowwise.cpp`: `rms_norm`, `rotary_`) where they apply to these
+    """The compiled row-wise ops (`cpu_rowwise.cpp`: `rms_norm`, `rotary_`, `gated_activation`) where they apply to these
     tensors: on the CPU, one dtype, nothing to differentiate (they have no backward); else None, and
     the caller runs its PyTorch formula."""
     x = tensors[0]

@@ -2,10 +2,11 @@
 //
 // A work item is one sequence, one KV head and a block of up to kRowBlock of its query rows: the
 // rows and the group's query heads share each pass over the keys (each key and value row is read
-// and widened to fp32 once per block). Keys go in tiles of kTile aligned to absolute positions, and
-// every (row, head) runs an online softmax over the tiles that hold its keys, with one fixed
-// sequence of operations per key: a dot product reduced by a fixed tree, a vector exp, and
-// accumulation in key order. Which tiles a row visits and what it does in each depend only on its
+// once per block; values are widened to fp32, and so are keys except in bf16 on CPUs with AVX-512
+// BF16, where q·k runs as vdpbf16ps on the stored rows). Keys go in tiles of kTile aligned to
+// absolute positions, and every (row, head) runs an online softmax over the tiles that hold its
+// keys, with one fixed sequence of operations per key: a dot product reduced by a fixed tree, a
+// vector exp, and accumulation in key order (the tile's max and sum by fixed trees too). Which tiles a row visits and what it does in each depend only on its
 // own position (and window), never on the other rows of its block, how many query tokens its
 // sequence brings, or the other sequences. So a token's output is bit-identical whether it is
 // decoded alone, verified behind drafts, prefilled in a chunk, or batched.
@@ -19,6 +20,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int kTile = 16;      // keys per tile = lanes of one vector
@@ -28,6 +33,26 @@ using vec = float __attribute__((vector_size(kTile * sizeof(float))));
 using ivec = int32_t __attribute__((vector_size(kTile * sizeof(int32_t))));
 
 inline vec splat(float x) { return vec{} + x; }
+
+constexpr vec kLaneIndex = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+// Max and sum of the 16 lanes, each by one fixed tree (the same order for every row and batch).
+inline float lane_max(vec v) {
+  v = v > __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7) ? v
+      : __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v = v > __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3) ? v
+      : __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+  v = v > __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1) ? v
+      : __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+  return std::max(v[0], v[1]);
+}
+
+inline float lane_sum(vec v) {
+  v = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+  v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+  return v[0] + v[1];
+}
 
 inline vec load(const float* p) {
   vec v;
@@ -110,6 +135,32 @@ inline void widen(const T* src, float* dst, int64_t n, int64_t padded) {
   for (; d < padded; ++d) dst[d] = 0.0f;
 }
 
+#if defined(__AVX512BF16__)
+constexpr bool kDotBf16 = true;
+// Lane-wise partial sums of the dot product of two bf16 rows of n elements (n a multiple of 32):
+// vdpbf16ps over 32-element chunks in order (products exact in fp32).
+template <typename T>
+inline vec dot_partial_bf16(const T* a, const T* b, int64_t n) {
+  static_assert(std::is_same_v<T, at::BFloat16>, "bf16 rows only");
+  __m512 acc = _mm512_setzero_ps();
+  if (n == 64) {  // the common head size, unrolled (a loop here costs more than its two dot products)
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a), (__m512bh)_mm512_loadu_si512(b));
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + 32), (__m512bh)_mm512_loadu_si512(b + 32));
+    n = 0;
+  }
+  for (int64_t i = 0; i < n; i += 32) {
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
+  }
+  vec out;
+  std::memcpy(&out, &acc, sizeof(out));
+  return out;
+}
+#else
+constexpr bool kDotBf16 = false;
+template <typename T>
+inline vec dot_partial_bf16(const T*, const T*, int64_t) { return vec{}; }
+#endif
+
 // One (query row, head)'s running softmax: max, sum of weights, weighted sum of values.
 struct RowState {
   float max_score;
@@ -136,6 +187,7 @@ void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t slot_stride = num_kv_heads * head_dim;
   const float scale_f = static_cast<float>(scale), cap = static_cast<float>(softcap);
+  const bool dot_bf16 = kDotBf16 && std::is_same_v<T, at::BFloat16> && head_dim % 32 == 0;
 
   // Work items: (sequence, KV head, block of the sequence's query rows).
   std::vector<int64_t> item_seq, item_row;
@@ -154,6 +206,9 @@ void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
     std::vector<RowState> states(states_per_item);
     std::vector<int64_t> first_key(kRowBlock), last_key(kRowBlock);
     alignas(64) float scores[kTile];
+    // bf16 keys enter the dot products as they are stored (no widening); absent keys read zeros.
+    const std::vector<T> zero_row(head_dim);
+    const T* key_rows[kTile];
     for (int64_t work = begin; work < end; ++work) {
       const int64_t item = work / num_kv_heads, kvh = work % num_kv_heads;
       const int64_t b = item_seq[item], row0 = item_row[item];
@@ -179,10 +234,15 @@ void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
         const int64_t tile_keys = std::min<int64_t>(kTile, hi + 1 - tile);
         // The key's page and offset advance by one per key: no division per key.
         int64_t page = tile / block_size, offset = tile % block_size;
+        if (dot_bf16) std::fill(key_rows, key_rows + kTile, zero_row.data());
         for (int64_t j = 0; j < tile_keys; ++j) {
           if (tile + j >= lo) {
             const int64_t slot = static_cast<int64_t>(table[page]) * block_size + offset;
-            widen(k_ptr + slot * slot_stride + kvh * head_dim, keys.data() + j * padded_dim, head_dim, padded_dim);
+            if (dot_bf16) {
+              key_rows[j] = k_ptr + slot * slot_stride + kvh * head_dim;
+            } else {
+              widen(k_ptr + slot * slot_stride + kvh * head_dim, keys.data() + j * padded_dim, head_dim, padded_dim);
+            }
             widen(v_ptr + slot * slot_stride + kvh * head_dim, values.data() + j * padded_dim, head_dim, padded_dim);
           }
           if (++offset == block_size) {
@@ -201,28 +261,33 @@ void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
             RowState& state = states[s];
             // Scores of the whole tile (keys it may not see included, then masked out).
             vec partial[kTile];
-            for (int64_t j = 0; j < kTile; ++j) {
-              const float* k_row = keys.data() + j * padded_dim;
-              partial[j] = load(query) * load(k_row);
-              for (int64_t c = 1; c < chunks; ++c) partial[j] += load(query + c * kTile) * load(k_row + c * kTile);
-            }
-            store(scores, reduce_tile(partial) * scale_f);
-            float tile_max = -std::numeric_limits<float>::infinity();
-            for (int64_t j = 0; j < kTile; ++j) {
-              if (j < from || j >= to) {
-                scores[j] = -std::numeric_limits<float>::infinity();
-                continue;
+            if constexpr (std::is_same_v<T, at::BFloat16>) {
+              if (dot_bf16) {
+                const T* q_row = q_ptr + ((row0 + r) * num_heads + kvh * group + g) * head_dim;
+                for (int64_t j = 0; j < kTile; ++j) partial[j] = dot_partial_bf16(q_row, key_rows[j], head_dim);
               }
-              if (cap > 0) scores[j] = cap * std::tanh(scores[j] / cap);
-              tile_max = std::max(tile_max, scores[j]);
             }
-            const float new_max = std::max(state.max_score, tile_max);
+            if (!dot_bf16) {
+              for (int64_t j = 0; j < kTile; ++j) {
+                const float* k_row = keys.data() + j * padded_dim;
+                partial[j] = load(query) * load(k_row);
+                for (int64_t c = 1; c < chunks; ++c) partial[j] += load(query + c * kTile) * load(k_row + c * kTile);
+              }
+            }
+            vec tile_scores = reduce_tile(partial) * scale_f;
+            if (cap > 0) {
+              store(scores, tile_scores);
+              for (int64_t j = 0; j < kTile; ++j) scores[j] = cap * std::tanh(scores[j] / cap);
+              tile_scores = load(scores);
+            }
+            const auto visible = (kLaneIndex >= static_cast<float>(from)) & (kLaneIndex < static_cast<float>(to));
+            tile_scores = visible ? tile_scores : splat(-std::numeric_limits<float>::infinity());
+            const float new_max = std::max(state.max_score, lane_max(tile_scores));
             // Rescale what the earlier tiles accumulated (exp(-inf) = 0 on the first tile).
             const float rescale =
                 state.total == 0.0f ? 0.0f : exp_nonpositive(splat(state.max_score - new_max))[0];
-            const vec weights = exp_nonpositive(load(scores) - new_max);
-            float total = state.total * rescale;
-            for (int64_t j = from; j < to; ++j) total += weights[j];
+            const vec weights = visible ? exp_nonpositive(tile_scores - new_max) : splat(0.0f);
+            const float total = state.total * rescale + lane_sum(weights);
             // Each element accumulates over the keys in order; the chunk loop is outermost only so
             // that its accumulator stays in a register.
             for (int64_t c = 0; c < chunks; ++c) {
@@ -278,6 +343,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 // cpu_rowwise.cpp, compiled into the same module.
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool adds_one);
 void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
+torch::Tensor gated_activation(const torch::Tensor& x, bool gelu);
 // cpu_gemm.cpp, compiled into the same module.
 bool has_bf16_gemm();
 torch::Tensor pack_bf16_weight(const torch::Tensor& weight);
@@ -288,6 +354,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "batch-invariant paged attention (CPU)");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row (CPU)");
   m.def("rotary_", &rotary_, "rotate-half RoPE in place (CPU)");
+  m.def("gated_activation", &gated_activation, "act(gate) * up of a fused [gate | up] row (CPU)");
   m.def("has_bf16_gemm", &has_bf16_gemm, "whether linear_bf16 is built (AVX-512 BF16)");
   m.def("pack_bf16_weight", &pack_bf16_weight, "pack a [N, K] bf16 weight for linear_bf16");
   m.def("linear_bf16", &linear_bf16, "batch-invariant bf16 linear layer (CPU, AVX-512 BF16)");

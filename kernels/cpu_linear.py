@@ -45,24 +45,20 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """`layer(x)`, through the packed bf16 GEMM where it applies (inference on such a CPU)."""
     weight = layer.weight
     if (
-        not uses_packed_gemm(x.dtype, x.device)
-        or weight.dtype != x.dtype
-        or weight.shape[1] % 2
+        x.dtype != torch.bfloat16
+        or weight.dtype != torch.bfloat16
         or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+        or not uses_packed_gemm(x.dtype, x.device)
+        or weight.shape[1] % 2
     ):
         return F.linear(x, weight, layer.bias)
+    # The weight in the GEMM's layout, packed on first use and again if the weight changed; kept as
+    # a plain attribute (not a parameter, not saved).
+    cached = layer.__dict__.get("_packed_bf16")
+    if cached is None or cached[0] is not weight or cached[1] != weight._version:
+        cached = (weight, weight._version, cpu_attention.extension().pack_bf16_weight(weight.detach()))
+        layer.__dict__["_packed_bf16"] = cached
     out = cpu_attention.extension().linear_bf16(
-        x.reshape(-1, weight.shape[1]), _packed_weight(layer), weight.shape[0], layer.bias
+        x.reshape(-1, weight.shape[1]), cached[2], weight.shape[0], layer.bias
     )
     return out.view(*x.shape[:-1], weight.shape[0])
-
-
-def _packed_weight(layer: nn.Linear) -> torch.Tensor:
-    """The layer's weight in the GEMM's layout, packed on first use and again if the weight changes."""
-    weight = layer.weight
-    key = (weight.data_ptr(), weight._version)
-    cached = layer.__dict__.get("_packed_bf16")
-    if cached is None or cached[0] != key:
-        cached = (key, cpu_attention.extension().pack_bf16_weight(weight.detach()))
-        layer.__dict__["_packed_bf16"] = cached  # a plain attribute: not a parameter, not saved
-    return cached[1]

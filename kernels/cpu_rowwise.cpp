@@ -1,5 +1,5 @@
-// Row-wise ops of a decoder layer on the CPU, each one call instead of the 7-10 small PyTorch ops
-// (and their dtype round trips) it replaces: RMSNorm and rotate-half RoPE. At one token per step
+// Row-wise ops of a decoder layer on the CPU, each one call instead of the small PyTorch ops (and
+// their dtype round trips) it replaces: RMSNorm, rotate-half RoPE and the MLP's gated activation. At one token per step
 // those small ops cost more in dispatch than in arithmetic.
 //
 // Batch-invariant by construction: every row is computed by the same fixed sequence of operations,
@@ -77,7 +77,42 @@ void rotary_rows(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor
   });
 }
 
+// x [rows, 2i] = [gate | up] (unit stride along a row) -> act(gate) * up [rows, i], each product
+// in fp32 from the activation rounded to x's dtype, as PyTorch's act(gate) * up computes it.
+template <typename T>
+void gated_rows(const torch::Tensor& x, torch::Tensor& out, bool gelu) {
+  const int64_t rows = x.size(0), width = out.size(1), row_stride = x.stride(0);
+  const T* src = x.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* gate = src + r * row_stride;
+      const T* up = gate + width;
+      T* o = dst + r * width;
+      for (int64_t i = 0; i < width; ++i) {
+        const float g = widen(gate[i]);
+        const float act = gelu ? 0.5f * g * (1.0f + std::tanh(0.7978845608f * (g + 0.044715f * g * g * g)))
+                               : g / (1.0f + std::exp(-g));
+        o[i] = static_cast<T>(widen(static_cast<T>(act)) * widen(up[i]));
+      }
+    }
+  });
+}
+
 }  // namespace
+
+torch::Tensor gated_activation(const torch::Tensor& x, bool gelu) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0,
+              "gated_activation: x must be [rows, 2i] with unit stride along a row");
+  auto out = torch::empty({x.size(0), x.size(1) / 2}, x.options());
+  switch (x.scalar_type()) {
+    case at::kFloat: gated_rows<float>(x, out, gelu); break;
+    case at::kBFloat16: gated_rows<at::BFloat16>(x, out, gelu); break;
+    case at::kHalf: gated_rows<at::Half>(x, out, gelu); break;
+    default: TORCH_CHECK(false, "gated_activation: unsupported dtype ", x.scalar_type());
+  }
+  return out;
+}
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool adds_one) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "rms_norm: x must be [rows, n] with unit stride along n");

@@ -1,4 +1,5 @@
-"""The compiled row-wise ops (`kernels/cpu_rowwise.cpp`): RMSNorm and rotate-half RoPE agree with
+"""The compiled row-wise ops (`kernels/cpu_rowwise.cpp`): RMSNorm, rotate-half RoPE and the MLP's
+gated activation agree with
 the decoder's PyTorch formulas within a dtype's rounding, give a row the same bits alone or in any
 batch, and step aside wherever autograd needs a backward."""
 
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from specray.kernels import cpu_attention, cpu_rowwise
 from specray.workers.models.decoder import RMSNorm, apply_rotary
@@ -69,6 +71,24 @@ def test_rotary_in_place_matches_rotate_half_and_is_batch_invariant(dtype):
     )
     assert torch.equal(alone[0], q[5]), "token 5 rotated alone differs from token 5 of 12"
     assert torch.equal(qkv[:, 9 * 64 :], kv_before), "rotating q wrote into the k and v columns"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gelu", [False, True], ids=["silu", "gelu-tanh"])
+def test_gated_activation_matches_act_gate_times_up_and_is_batch_invariant(dtype, gelu):
+    torch.manual_seed(2)
+    gate_up = (3 * torch.randn(20, 2 * 1536)).to(dtype)
+    gate, up = gate_up.split(1536, dim=-1)
+    want = (F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up
+    ops = cpu_rowwise(gate_up)
+    out = ops.gated_activation(gate_up, gelu)
+    assert out.shape == (20, 1536) and out.dtype == dtype
+    assert torch.allclose(out.float(), want.float(), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype]), (
+        f"act(gate) * up off by {(out.float() - want.float()).abs().max():.3g} in {dtype}"
+    )
+    assert torch.equal(ops.gated_activation(gate_up[7:8], gelu)[0], out[7]), (
+        "row 7 alone differs from row 7 of 20"
+    )
 
 
 def test_the_compiled_ops_step_aside_for_autograd_and_mixed_dtypes():

@@ -125,9 +125,14 @@ class MLP(nn.Module):
         self.gelu = config.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up_proj).split(self.intermediate_size, dim=-1)
-        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return linear(gate * up, self.down_proj)
+        gate_up = linear(x, self.gate_up_proj)
+        if (ops := cpu_rowwise(gate_up)) is not None:
+            rows = gate_up.reshape(-1, gate_up.shape[-1])
+            gated = ops.gated_activation(rows, self.gelu).view(*gate_up.shape[:-1], self.intermediate_size)
+        else:
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)
+            gated = (F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up
+        return linear(gated, self.down_proj)
 
 
 class DecoderLayer(nn.Module):
