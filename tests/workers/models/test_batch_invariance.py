@@ -12,8 +12,8 @@ import torch
 
 from specray.kernels import cpu_attention
 from specray.kernels.batch_invariance import invariant_rows
-from specray.kernels.cpu_linear import uses_packed_gemm
 from specray.kernels.cpu_features import has_bf16
+from specray.kernels.cpu_linear import uses_packed_gemm
 from specray.workers.engine.model_runner import ModelRunner, ScheduledSequence
 from specray.workers.models.loader import load_model
 
