@@ -11,6 +11,8 @@
 // sequence brings, or the other sequences. So a token's output is bit-identical whether it is
 // decoded alone, verified behind drafts, prefilled in a chunk, or batched.
 #include <torch/extension.h>
+
+#include "cpu_vec.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -26,13 +28,10 @@
 
 namespace {
 
-constexpr int kTile = 16;      // keys per tile = lanes of one vector
+using namespace specray_vec;
+
+constexpr int kTile = kLanes;      // keys per tile = lanes of one vector
 constexpr int kRowBlock = 16;  // query rows of one sequence sharing a pass over the keys
-
-using vec = float __attribute__((vector_size(kTile * sizeof(float))));
-using ivec = int32_t __attribute__((vector_size(kTile * sizeof(int32_t))));
-
-inline vec splat(float x) { return vec{} + x; }
 
 constexpr vec kLaneIndex = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
@@ -53,14 +52,6 @@ inline float lane_sum(vec v) {
   v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
   return v[0] + v[1];
 }
-
-inline vec load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
 
 // One step of a transposed reduction: a and b each hold `16 / h` keys' h partial sums (key-major);
 // the result holds all 2 * 16 / h keys (a's, then b's) with h / 2 partial sums each.
@@ -95,25 +86,6 @@ inline vec reduce_tile(const vec* partial) {
   for (int i = 0; i < 4; ++i) by4[i] = fold<8>(by8[2 * i], by8[2 * i + 1]);
   for (int i = 0; i < 2; ++i) by2[i] = fold<4>(by4[2 * i], by4[2 * i + 1]);
   return fold<2>(by2[0], by2[1]);
-}
-
-// exp(x) for x <= 0, lane-wise: exp(x) = 2^n * exp(r), r = x - n ln2 in [-ln2/2, ln2/2], exp(r) by
-// its degree-6 Taylor polynomial (relative error < 2e-7). Our own so every build computes the
-// same bits on every lane, whatever the libm.
-inline vec exp_nonpositive(vec x) {
-  x = x < -87.0f ? splat(-87.0f) : x;  // exp(-87) ~ 1.6e-38: still a normal float, never -inf
-  const vec shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vec n = (x * 1.44269504f + shifter) - shifter;
-  const vec r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
-  vec p = splat(1.0f / 720);
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
-  return p * reinterpret_cast<const vec&>(bits);
 }
 
 // Copies n elements to fp32 and zero-fills up to `padded`. bf16 widens 16 lanes at a time by a

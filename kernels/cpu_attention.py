@@ -23,6 +23,7 @@ from specray.defaults import default_cache_dir
 from specray.kernels.cpu_features import cpu_flags
 
 logger = logging.getLogger(__name__)
+_HEADERS = [Path(__file__).with_name("cpu_vec.h")]
 _SOURCES = [
     Path(__file__).with_name(name) for name in ("cpu_attention.cpp", "cpu_rowwise.cpp", "cpu_gemm.cpp")
 ]
@@ -35,7 +36,7 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 def _build_dir() -> Path:
     root = Path(os.environ.get("SPECRAY_CACHE_DIR", default_cache_dir()))
     flags = " ".join(sorted(cpu_flags()))
-    recipe = "".join(s.read_text() for s in _SOURCES) + " ".join(_CFLAGS) + flags + torch.__version__
+    recipe = "".join(s.read_text() for s in _SOURCES + _HEADERS) + " ".join(_CFLAGS) + flags + torch.__version__
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     path = root / "kernels" / f"cpu_attention-{key}"
     path.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from specray.kernels.cpu_linear import uses_packed_gemm
 from specray.workers.engine.model_runner import ModelRunner, ScheduledSequence
 from specray.workers.models.decoder import DecoderModel
 from specray.workers.models.loader import cache_dir
@@ -127,10 +128,13 @@ def profile_step_curve(
 
 def curve_cache_path(model_name: str, dtype: torch.dtype, device: str | torch.device) -> Path:
     """One curve per model, dtype and device; on CPU also per torch thread count (a verifier with
-    one thread bends its curve differently from a profile taken with all cores)."""
+    one thread bends its curve differently from a profile taken with all cores) and per GEMM
+    kernel (our packed bf16 GEMM or oneDNN's, `kernels/cpu_linear.py`)."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(model_name)).strip("_")
     kind = torch.device(device).type
     threads = f"-t{torch.get_num_threads()}" if kind == "cpu" else ""
+    if uses_packed_gemm(dtype, torch.device(device)):
+        threads += "-packed"
     return cache_dir() / "step_curves" / f"{safe}-{str(dtype).removeprefix('torch.')}-{kind}{threads}.json"
 
 
