@@ -36,7 +36,9 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 def _build_dir() -> Path:
     root = Path(os.environ.get("SPECRAY_CACHE_DIR", default_cache_dir()))
     flags = " ".join(sorted(cpu_flags()))
-    recipe = "".join(s.read_text() for s in _SOURCES + _HEADERS) + " ".join(_CFLAGS) + flags + torch.__version__
+    recipe = (
+        "".join(s.read_text() for s in _SOURCES + _HEADERS) + " ".join(_CFLAGS) + flags + torch.__version__
+    )
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     path = root / "kernels" / f"cpu_attention-{key}"
     path.mkdir(parents=True, exist_ok=True)
