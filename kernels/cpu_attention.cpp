@@ -316,6 +316,14 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool adds_one);
 void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
 torch::Tensor gated_activation(const torch::Tensor& x, bool gelu);
+// cpu_layer.cpp, compiled into the same module.
+torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                            const std::vector<int64_t>& sizes, const c10::optional<torch::Tensor>& qkv_bias,
+                            const std::vector<int64_t>& heads, double eps, bool gelu, const torch::Tensor& cos,
+                            const torch::Tensor& sin, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                            const torch::Tensor& slot_mapping, const torch::Tensor& block_tables,
+                            const torch::Tensor& query_start_loc, const torch::Tensor& seq_lens, double scale,
+                            int64_t window);
 // cpu_gemm.cpp, compiled into the same module.
 bool has_bf16_gemm();
 torch::Tensor pack_bf16_weight(const torch::Tensor& weight);
@@ -327,6 +335,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of each row (CPU)");
   m.def("rotary_", &rotary_, "rotate-half RoPE in place (CPU)");
   m.def("gated_activation", &gated_activation, "act(gate) * up of a fused [gate | up] row (CPU)");
+  m.def("decoder_layer", &decoder_layer, "a Llama-style decoder layer in one call (CPU, bf16)");
   m.def("has_bf16_gemm", &has_bf16_gemm, "whether linear_bf16 is built (AVX-512 BF16)");
   m.def("pack_bf16_weight", &pack_bf16_weight, "pack a [N, K] bf16 weight for linear_bf16");
   m.def("linear_bf16", &linear_bf16, "batch-invariant bf16 linear layer (CPU, AVX-512 BF16)");

@@ -41,6 +41,12 @@ def uses_packed_gemm(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype == torch.bfloat16 and _packed_gemm_available()
 
 
+def cpu_decoder_layer(x: torch.Tensor) -> bool:
+    """Whether a decoder layer over `x` may run as one C++ call (`cpu_layer.cpp`): inference in bf16
+    where linear layers run our packed GEMM."""
+    return x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and uses_packed_gemm(x.dtype, x.device)
+
+
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """`layer(x)`, through the packed bf16 GEMM where it applies (inference on such a CPU)."""
     weight = layer.weight
@@ -52,13 +58,18 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
         or weight.shape[1] % 2
     ):
         return F.linear(x, weight, layer.bias)
-    # The weight in the GEMM's layout, packed on first use and again if the weight changed; kept as
-    # a plain attribute (not a parameter, not saved).
+    out = cpu_attention.extension().linear_bf16(
+        x.reshape(-1, weight.shape[1]), packed_weight(layer), weight.shape[0], layer.bias
+    )
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def packed_weight(layer: nn.Linear) -> torch.Tensor:
+    """The layer's weight in the GEMM's layout, packed on first use and again if the weight changed;
+    kept as a plain attribute (not a parameter, not saved)."""
+    weight = layer.weight
     cached = layer.__dict__.get("_packed_bf16")
     if cached is None or cached[0] is not weight or cached[1] != weight._version:
         cached = (weight, weight._version, cpu_attention.extension().pack_bf16_weight(weight.detach()))
         layer.__dict__["_packed_bf16"] = cached
-    out = cpu_attention.extension().linear_bf16(
-        x.reshape(-1, weight.shape[1]), cached[2], weight.shape[0], layer.bias
-    )
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return cached[2]

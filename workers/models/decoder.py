@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specray.kernels import AttentionMetadata, cpu_rowwise, linear, paged_attention, write_kv
+from specray.kernels import AttentionMetadata, cpu_attention, cpu_rowwise, linear, paged_attention, write_kv
 from specray.kernels.batch_invariance import invariant_rows
+from specray.kernels.cpu_linear import cpu_decoder_layer, packed_weight
 from specray.workers.models.config import ModelConfig, RopeConfig
 
 
@@ -144,17 +145,58 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps, adds_one)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, adds_one)
+        # Llama-style layers (no sandwich or q/k norms, no softcap, plain norm weights) may run as
+        # one C++ call where bf16 runs our packed GEMM (`_fused_forward`).
+        self.fused_on_cpu = (
+            not (config.sandwich_norm or config.qk_norm or adds_one or config.attn_logit_softcapping)
+            and config.hidden_size % 2 == 0
+            and config.intermediate_size % 2 == 0
+        )
         if self.sandwich:
             self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, adds_one)
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, adds_one)
 
     def forward(self, x, rotary, kv, meta) -> torch.Tensor:  # noqa: ANN001 - internal hot path
+        if self.fused_on_cpu and x.shape[0] == meta.slot_mapping.shape[0] and cpu_decoder_layer(x):
+            return self._fused_forward(x, rotary, kv, meta)
         attn = self.self_attn(self.input_layernorm(x), rotary, kv, meta)
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _fused_forward(self, x, rotary, kv, meta) -> torch.Tensor:  # noqa: ANN001 - internal hot path
+        """The same layer as one C++ call (`kernels/cpu_layer.cpp`): the same kernels in the same
+        order, so the same bits, without ~20 Python-level ops per layer."""
+        attn, mlp, c = self.self_attn, self.mlp, self.self_attn.config
+        layers = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        packed = [packed_weight(layer) for layer in layers]
+        return cpu_attention.extension().decoder_layer(
+            x,
+            [
+                self.input_layernorm.weight,
+                packed[0],
+                packed[1],
+                self.post_attention_layernorm.weight,
+                *packed[2:],
+            ],
+            [layer.weight.shape[0] for layer in layers],
+            attn.qkv_proj.bias,
+            [c.num_heads, c.num_kv_heads, c.head_dim],
+            self.input_layernorm.eps,
+            mlp.gelu,
+            rotary[0],
+            rotary[1],
+            kv[0],
+            kv[1],
+            meta.slot_mapping,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens,
+            c.attention_scale,
+            attn.window or 0,
+        )
 
 
 @dataclass
