@@ -41,7 +41,9 @@ def test_the_fused_layer_gives_the_module_path_bits(variant):
     target = make_tiny_target(seed=3)
     config = target.config
     if variant == "sliding-window":
-        config = dataclasses.replace(config, sliding_window=8, layer_types=("sliding_attention",) * config.num_layers)
+        config = dataclasses.replace(
+            config, sliding_window=8, layer_types=("sliding_attention",) * config.num_layers
+        )
     if variant == "qkv-bias":
         config = dataclasses.replace(config, attention_bias=True)
     torch.manual_seed(3)
@@ -51,7 +53,9 @@ def test_the_fused_layer_gives_the_module_path_bits(variant):
     with torch.inference_mode():
         modules, fused = _steps(model, False), _steps(model, True)
     for step, (want, got) in enumerate(zip(modules, fused)):
-        assert torch.equal(want, got), f"step {step}: the fused layer's logits differ from the modules' ({variant})"
+        assert torch.equal(want, got), (
+            f"step {step}: the fused layer's logits differ from the modules' ({variant})"
+        )
 
 
 def test_layers_it_does_not_cover_keep_the_module_path():
