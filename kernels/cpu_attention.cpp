@@ -12,6 +12,7 @@
 // decoded alone, verified behind drafts, prefilled in a chunk, or batched.
 #include <torch/extension.h>
 
+#include "cpu_ops.h"
 #include "cpu_vec.h"
 #include <ATen/Parallel.h>
 
@@ -311,24 +312,6 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   }
   return out;
 }
-
-// cpu_rowwise.cpp, compiled into the same module.
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool adds_one);
-void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
-torch::Tensor gated_activation(const torch::Tensor& x, bool gelu);
-// cpu_layer.cpp, compiled into the same module.
-torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
-                            const std::vector<int64_t>& sizes, const c10::optional<torch::Tensor>& qkv_bias,
-                            const std::vector<int64_t>& heads, double eps, bool gelu, const torch::Tensor& cos,
-                            const torch::Tensor& sin, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                            const torch::Tensor& slot_mapping, const torch::Tensor& block_tables,
-                            const torch::Tensor& query_start_loc, const torch::Tensor& seq_lens, double scale,
-                            int64_t window);
-// cpu_gemm.cpp, compiled into the same module.
-bool has_bf16_gemm();
-torch::Tensor pack_bf16_weight(const torch::Tensor& weight);
-torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
-                          const c10::optional<torch::Tensor>& bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "batch-invariant paged attention (CPU)");

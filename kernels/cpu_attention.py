@@ -23,7 +23,7 @@ from specray.defaults import default_cache_dir
 from specray.kernels.cpu_features import cpu_flags
 
 logger = logging.getLogger(__name__)
-_HEADERS = [Path(__file__).with_name("cpu_vec.h")]
+_HEADERS = [Path(__file__).with_name(name) for name in ("cpu_ops.h", "cpu_vec.h")]
 _SOURCES = [
     Path(__file__).with_name(name)
     for name in ("cpu_attention.cpp", "cpu_rowwise.cpp", "cpu_gemm.cpp", "cpu_layer.cpp")

@@ -4,14 +4,7 @@
 // token per step cost about as much as the layer's attention.
 #include <torch/extension.h>
 
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool adds_one);
-void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
-torch::Tensor gated_activation(const torch::Tensor& x, bool gelu);
-torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
-                          const c10::optional<torch::Tensor>& bias);
-torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                              torch::Tensor block_tables, torch::Tensor query_start_loc,
-                              torch::Tensor seq_lens, double scale, int64_t window, double softcap);
+#include "cpu_ops.h"
 
 // x [T, d] -> the layer's output [T, d]:
 //   h = x + o(attention(rope(qkv(norm1(x)))));  out = h + down(act(gate) * up(norm2(h)))

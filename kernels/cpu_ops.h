@@ -1,0 +1,29 @@
+// The ops of the specray_cpu_attention module, one definition each in its .cpp file; declared
+// here for the files that call across them (the bindings, the fused decoder layer).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <vector>
+
+// cpu_attention.cpp
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                              torch::Tensor block_tables, torch::Tensor query_start_loc,
+                              torch::Tensor seq_lens, double scale, int64_t window, double softcap);
+// cpu_rowwise.cpp
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool adds_one);
+void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
+torch::Tensor gated_activation(const torch::Tensor& x, bool gelu);
+// cpu_layer.cpp
+torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                            const std::vector<int64_t>& sizes, const c10::optional<torch::Tensor>& qkv_bias,
+                            const std::vector<int64_t>& heads, double eps, bool gelu, const torch::Tensor& cos,
+                            const torch::Tensor& sin, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                            const torch::Tensor& slot_mapping, const torch::Tensor& block_tables,
+                            const torch::Tensor& query_start_loc, const torch::Tensor& seq_lens, double scale,
+                            int64_t window);
+// cpu_gemm.cpp
+bool has_bf16_gemm();
+torch::Tensor pack_bf16_weight(const torch::Tensor& weight);
+torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
+                          const c10::optional<torch::Tensor>& bias);
