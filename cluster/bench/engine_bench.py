@@ -63,11 +63,14 @@ def run(args: argparse.Namespace) -> int:
             )
             for name in args.drafter or default_drafters:
                 drafter = build_drafter(name, target)
-                modes.append(
-                    _engine_mode(
-                        target, _mode_name(name), drafter, params, args.num_speculative_tokens, graphs
+                for scheduling in args.scheduling or ["fixed"]:
+                    # Named "<drafter>" under fixed scheduling, "<drafter>/confidence" otherwise.
+                    label = _mode_name(name) + ("" if scheduling == "fixed" else f"/{scheduling}")
+                    modes.append(
+                        _engine_mode(
+                            target, label, drafter, params, args.num_speculative_tokens, graphs, scheduling
+                        )
                     )
-                )
             if hf_model is not None:
                 modes += _hf_modes(hf_model, target, args.max_tokens)
         if batch_sizes:
@@ -186,11 +189,13 @@ def _engine_mode(
     params: SamplingParams,
     num_speculative_tokens: int,
     cuda_graphs: bool,
+    scheduling: str = "fixed",
 ) -> _Mode:
     config = EngineConfig(
         num_speculative_tokens=num_speculative_tokens if drafter else 0,
         max_num_seqs=1,
         cuda_graphs=cuda_graphs,
+        scheduling=scheduling if drafter else "fixed",
     )
     engine = LLMEngine(target, drafter, config)
 

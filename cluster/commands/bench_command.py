@@ -38,6 +38,14 @@ def register_engine(p: argparse.ArgumentParser) -> None:
         help="speculative mode(s); default: ngram, plus the bundled trained drafter of the default model",
     )
     p.add_argument(
+        "--scheduling",
+        action="append",
+        choices=("fixed", "confidence"),
+        default=None,
+        help="how many drafts each speculative mode verifies per step: all γ (fixed) or DSpark "
+        "Algorithm 1 over the step curve (confidence); repeat for both (default: fixed)",
+    )
+    p.add_argument(
         "--dtype",
         action="append",
         choices=DTYPE_CHOICES,

@@ -1,5 +1,6 @@
-"""`specray bench engine` at toy size (a tiny random model): the batch-1 table and the batched
-throughput mode run in one call and report every mode at every batch size, in JSON and a PNG."""
+"""`specray bench engine` at toy size (a tiny random model): the batch-1 table (each speculative
+mode under fixed and confidence scheduling) and the batched throughput mode run in one call and
+report every mode at every batch size, in JSON and a PNG."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def test_batch_one_and_throughput_in_one_run(tiny_model, tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "engine", "--model", str(tiny_model), "--prompts", str(prompts), "--json", str(out)]
     args += ["--num-prompts", "2", "--max-tokens", "6", "--drafter", "ngram", "--batch-drafter", "ngram"]
-    args += ["--dtype", "float32"]
+    args += ["--dtype", "float32", "--scheduling", "fixed", "--scheduling", "confidence"]
     args += ["--no-llama-cpp", *(a for b in BATCH_SIZES for a in ("--batch-size", str(b)))]
     assert main(args) == 0
 
@@ -38,9 +39,12 @@ def test_batch_one_and_throughput_in_one_run(tiny_model, tmp_path):
     assert [m["name"] for m in report["modes"]] == [
         "autoregressive",
         "ngram",
+        "ngram/confidence",
         "hf_generate",
         "hf_prompt_lookup",
     ]
+    speculative = [m for m in report["modes"] if m["name"].startswith("ngram")]
+    assert all(m["matches_autoregressive"] for m in speculative), "a scheduling changed the greedy text"
     rows = {(r["name"], r["batch_size"]): r for r in report["throughput"]}
     assert set(rows) == {(m, b) for m in ("autoregressive", "ngram", "hf_generate") for b in BATCH_SIZES}
     for (name, batch), row in rows.items():
