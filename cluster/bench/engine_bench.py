@@ -288,17 +288,19 @@ def _print_table(results: list[ModeResult]) -> None:
     dtypes = list(ar)
     first = results[0]
     llama = next((r.tokens_per_s for r in results if r.name == "llama_cpp"), None)
+    width = max(22, *(len(r.name) + 2 for r in results))
+    first_ar = f"vs {first.dtype} AR"
     print(
-        f"{'mode':<22}{'dtype':>10}{'tokens/s':>10}{'vs AR':>8}{'vs ' + first.dtype[:4] + ' AR':>12}"
+        f"{'mode':<{width}}{'dtype':>10}{'tokens/s':>10}{'vs AR':>8}{first_ar:>{len(first_ar) + 2}}"
         + (f"{'vs llama.cpp':>14}" if llama else "")
         + f"{'tau':>7}  matches AR"
     )
     for r in results:
         tau = f"{r.tau:.2f}" if r.tau is not None else "-"
         print(
-            f"{r.name:<22}{r.dtype:>10}{r.tokens_per_s:>10.1f}"
+            f"{r.name:<{width}}{r.dtype:>10}{r.tokens_per_s:>10.1f}"
             f"{r.tokens_per_s / ar[_reference_dtype(r.dtype, dtypes)]:>8.2f}"
-            f"{r.tokens_per_s / first.tokens_per_s:>12.2f}"
+            f"{r.tokens_per_s / first.tokens_per_s:>{len(first_ar) + 2}.2f}"
             + (f"{r.tokens_per_s / llama:>14.2f}" if llama else "")
             + f"{tau:>7}  {r.matches_autoregressive}"
         )
@@ -314,7 +316,8 @@ def _plot(
     import matplotlib.pyplot as plt
 
     panels = (1 if results else 0) + (2 if throughput else 0)
-    fig, axes = plt.subplots(1, max(panels, 1), figsize=(6 * max(panels, 1), 4.5), squeeze=False)
+    panel_width = max(6.0, 0.8 * len({r.name for r in results}))  # room for every mode's label
+    fig, axes = plt.subplots(1, max(panels, 1), figsize=(panel_width * max(panels, 1), 5.5), squeeze=False)
     axes = list(axes[0])
     if results:
         _plot_batch_one(axes.pop(0), results)
@@ -334,7 +337,7 @@ def _plot_batch_one(ax, results: list[ModeResult]) -> None:  # noqa: ANN001 - a 
         rows = {r.name: r.tokens_per_s for r in results if r.dtype == dtype}
         xs = [n + (i - (len(dtypes) - 1) / 2) * width for n in range(len(names))]
         ax.bar(xs, [rows.get(name, 0.0) for name in names], width, label=dtype, color=f"C{i}")
-    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", rotation_mode="anchor")
     ax.set_ylabel("tokens/s (batch 1, greedy)")
     ax.set_title("one prompt at a time")
     ax.legend(title="dtype")
