@@ -54,9 +54,11 @@ class DraftPoolPolicy:
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
         sessions = _per_replica(ctx, SESSIONS)
-        if not sessions or _settling(ctx):  # nothing to go on yet: keep the current target
+        if _settling(ctx) or not (sessions or ctx.running_replicas):  # nothing to go on yet
             return ctx.target_num_replicas, {}
-        # Serve's own count also covers requests still queued at the router's handle.
+        # Serve's own count also covers requests still queued at the router's handle, and it is all
+        # there is when no running replica's report reached the controller within the look-back
+        # window (seen on a loaded 2-core machine: two idle draft workers held at two for minutes).
         load = max(sum(sessions), ctx.total_num_requests)
         wanted = math.ceil(load / ctx.config.target_ongoing_requests)
         drafted = sum(_per_replica(ctx, DRAFT_TOKENS))

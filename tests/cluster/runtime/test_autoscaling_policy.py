@@ -72,6 +72,15 @@ def test_draft_pool_shrinks_whatever_the_acceptance():
     assert policy(idle)[0] == 1
 
 
+def test_draft_pool_without_reports_follows_serves_request_count():
+    """Reports that miss the look-back window must not pin the pool at its size."""
+    policy = DraftPoolPolicy(min_acceptance_rate=0.5)
+    unreported = _context([{}, {}], target_ongoing_requests=2)
+    assert policy(unreported)[0] <= 1, "two idle, unreported draft workers should shrink to one"
+    # Busy by Serve's count but with no acceptance evidence: held where it is, not grown.
+    assert policy(_context([{}, {}], 2, handle_requests=9))[0] == 2
+
+
 def _verifier_report(sessions: int, batch_tokens: list[int], budget: int = 16) -> dict[str, float]:
     stats = VerifierStats(budget, sessions=sessions)
     for tokens in batch_tokens:
