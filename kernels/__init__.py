@@ -3,9 +3,9 @@
 Each picks the Triton kernel for CUDA tensors when Triton is installed (the `gpu` extra) and the
 plain-PyTorch twin otherwise, with the same arguments and results; attention on the CPU runs a
 compiled, batch-invariant C++ kernel (`cpu_attention.py`) where a compiler is available, and so do
-a layer's row-wise ops (`cpu_rowwise`), and bf16 linear layers on CPUs with AVX-512 BF16 but no AMX
-(`cpu_linear.py`). Triton is imported only on the
-first CUDA call, so a CPU-only install never needs it.
+a layer's row-wise ops (`cpu_rowwise`), and bf16 linear layers on CPUs with AVX-512 BF16 but no
+AMX (`cpu_linear.py`). Triton is imported only on the first CUDA call, so a CPU-only install never
+needs it.
 """
 
 from __future__ import annotations
@@ -126,9 +126,9 @@ def paged_attention(
 
 
 def cpu_rowwise(*tensors: torch.Tensor) -> ModuleType | None:
-    """The compiled row-wise ops (`cpu_rowwise.cpp`: `rms_norm`, `rotary_`, `gated_activation`) where they apply to these
-    tensors: on the CPU, one dtype, nothing to differentiate (they have no backward); else None, and
-    the caller runs its PyTorch formula."""
+    """The compiled row-wise ops (`cpu_rowwise.cpp`: `rms_norm`, `rotary_`, `gated_activation`) where
+    they apply to these tensors: on the CPU, one dtype, nothing to differentiate (they have no
+    backward); else None, and the caller runs its PyTorch formula."""
     x = tensors[0]
     if x.device.type != "cpu" or any(t.dtype != x.dtype for t in tensors):
         return None

@@ -6,9 +6,9 @@
 // BF16, where q·k runs as vdpbf16ps on the stored rows). Keys go in tiles of kTile aligned to
 // absolute positions, and every (row, head) runs an online softmax over the tiles that hold its
 // keys, with one fixed sequence of operations per key: a dot product reduced by a fixed tree, a
-// vector exp, and accumulation in key order (the tile's max and sum by fixed trees too). Which tiles a row visits and what it does in each depend only on its
-// own position (and window), never on the other rows of its block, how many query tokens its
-// sequence brings, or the other sequences. So a token's output is bit-identical whether it is
+// vector exp, and accumulation in key order (the tile's max and sum by fixed trees too). Which
+// tiles a row visits and what it does in each depend only on its own position (and window), never
+// on the other rows of its block, how many query tokens its sequence brings, or the other sequences. So a token's output is bit-identical whether it is
 // decoded alone, verified behind drafts, prefilled in a chunk, or batched.
 #include <torch/extension.h>
 

@@ -4,8 +4,8 @@ weights packed once per layer.
 Measured on the 2-core dev CPU (AMD EPYC, AVX-512 BF16, no AMX), 1 thread, against `F.linear`
 (oneDNN): 576→3072 at 1 row 47 µs vs 197, at 8 rows 129 vs 272, at 256 rows 4.6 ms vs 4.9; the
 49,152-token LM head at 1 row 2.6 ms vs 9.8; a 1-token decode step of SmolLM2-135M about 2.3x
-faster. `tests/kernels/test_cpu_linear.py` pins the numerics. Where the CPU has AMX, oneDNN's AMX kernels
-stay (they are fast at every row count); `SPECRAY_CPU_GEMM=onednn` forces them anywhere.
+faster. `tests/kernels/test_cpu_linear.py` pins the numerics. Where the CPU has AMX, oneDNN's AMX
+kernels stay (they are fast at every row count); `SPECRAY_CPU_GEMM=onednn` forces them anywhere.
 Batch-invariant by construction, at every row count, so no row padding is needed on this path.
 """
 
