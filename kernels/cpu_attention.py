@@ -1,5 +1,6 @@
 """The CPU's paged attention: a small C++ kernel (`cpu_attention.cpp`), compiled once per machine,
-with the layer's row-wise ops (`cpu_rowwise.cpp`: RMSNorm, RoPE) in the same module.
+with the layer's row-wise ops (`cpu_rowwise.cpp`: RMSNorm, RoPE, the gated activation), our bf16
+GEMM (`cpu_gemm.cpp`) and the fused decoder layer (`cpu_layer.cpp`) in the same module.
 
 It is batch-invariant by construction (each query row attends over exactly its own keys, in order),
 which the lossless guarantee needs in every dtype: a token's logits must not depend on how many

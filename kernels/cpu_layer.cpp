@@ -6,6 +6,8 @@
 
 #include "cpu_ops.h"
 
+namespace {
+
 // x [T, d] -> the layer's output [T, d]:
 //   h = x + o(attention(rope(qkv(norm1(x)))));  out = h + down(act(gate) * up(norm2(h)))
 // `weights` = (norm1, qkv packed, o packed, norm2, gate_up packed, down packed); `sizes` = their
@@ -32,4 +34,10 @@ torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Ten
   const auto h = x + linear_bf16(attn.reshape({tokens, q_width}), weights[2], sizes[1], c10::nullopt);
   const auto gate_up = linear_bf16(rms_norm(h, weights[3], eps, false), weights[4], sizes[2], c10::nullopt);
   return h + linear_bf16(gated_activation(gate_up, gelu), weights[5], sizes[3], c10::nullopt);
+}
+
+}  // namespace
+
+void bind_decoder_layer(pybind11::module& m) {
+  m.def("decoder_layer", &decoder_layer, "a Llama-style decoder layer in one call (CPU, bf16)");
 }

@@ -14,14 +14,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool adds_one);
 void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
 torch::Tensor gated_activation(const torch::Tensor& x, bool gelu);
-// cpu_layer.cpp
-torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
-                            const std::vector<int64_t>& sizes, const c10::optional<torch::Tensor>& qkv_bias,
-                            const std::vector<int64_t>& heads, double eps, bool gelu, const torch::Tensor& cos,
-                            const torch::Tensor& sin, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                            const torch::Tensor& slot_mapping, const torch::Tensor& block_tables,
-                            const torch::Tensor& query_start_loc, const torch::Tensor& seq_lens, double scale,
-                            int64_t window);
+// cpu_layer.cpp: binds `decoder_layer` (only the bindings call it, so it is declared nowhere else)
+void bind_decoder_layer(pybind11::module& m);
 // cpu_gemm.cpp
 bool has_bf16_gemm();
 torch::Tensor pack_bf16_weight(const torch::Tensor& weight);

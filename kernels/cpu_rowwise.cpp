@@ -1,13 +1,13 @@
 // Row-wise ops of a decoder layer on the CPU, each one call instead of the small PyTorch ops (and
-// their dtype round trips) it replaces: RMSNorm, rotate-half RoPE and the MLP's gated activation. At one token per step
-// those small ops cost more in dispatch than in arithmetic.
+// their dtype round trips) it replaces: RMSNorm, rotate-half RoPE and the MLP's gated activation.
+// At one token per step those small ops cost more in dispatch than in arithmetic.
 //
 // Batch-invariant by construction: every row is computed by the same fixed sequence of operations,
 // whatever the number of rows, and rows are only split between threads, never within one.
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 
 #include "cpu_vec.h"
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -83,7 +83,8 @@ void rotary_rows(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor
 // act(x) for 16 lanes with our exp (vectorized; std::exp per element cost more than the GEMMs
 // around it at 8 rows). Both from e = exp(-|x|) <= 1:
 // silu(x) = x / (1 + exp(-x)) = x / (1 + e) for x >= 0, x * e / (1 + e) below;
-// gelu-tanh(x) = x/2 * (1 + tanh(u)), u = 0.79788456 (x + 0.044715 x^3), tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2|u|).
+// gelu-tanh(x) = x/2 * (1 + tanh(u)), u = 0.79788456 (x + 0.044715 x^3),
+// tanh(u) = sign(u) (1 - e) / (1 + e) with e = exp(-2|u|).
 inline specray_vec::vec activation(specray_vec::vec x, bool gelu) {
   using namespace specray_vec;
   if (gelu) {
