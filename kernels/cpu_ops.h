@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 
+#include <tuple>
 #include <vector>
 
 // cpu_attention.cpp
@@ -16,6 +17,8 @@ void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin
 torch::Tensor gated_activation(const torch::Tensor& x, bool gelu);
 // cpu_layer.cpp: binds `decoder_layer` (only the bindings call it, so it is declared nowhere else)
 void bind_decoder_layer(pybind11::module& m);
+// cpu_select.cpp
+std::tuple<torch::Tensor, torch::Tensor> row_topk(const torch::Tensor& x, int64_t k);
 // cpu_gemm.cpp
 bool has_bf16_gemm();
 torch::Tensor pack_bf16_weight(const torch::Tensor& weight);

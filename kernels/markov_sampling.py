@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specray.kernels import cpu_attention
 from specray.kernels.acceptance import sample_from_probs
 
 
@@ -39,6 +40,16 @@ class MarkovDraft:
         torch.Tensor | None
     )  # [B, γ, V] fp32 full draft distributions over the logit columns, when asked for
     confidence: torch.Tensor | None  # [B, γ] fp32 c_k, when a confidence head is given
+
+
+def top_columns(logits: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The M largest logits of each slot (fp32) and their columns, [B, γ, M] each: on the CPU by our
+    row-wise top-k (`cpu_select.cpp`, ties to the lower column; torch.topk costs ~10x more there)."""
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    ext = cpu_attention.extension() if flat.device.type == "cpu" else None
+    values, indices = ext.row_topk(flat, m) if ext is not None else flat.topk(m, dim=-1)
+    shape = (*logits.shape[:-1], m)
+    return values.view(shape), indices.view(shape)
 
 
 def check_markov_inputs(
@@ -105,7 +116,8 @@ def sample_markov_block(
     check_markov_inputs(logits, w1, w2, hidden, conf_weight, token_ids)
     batch, num_slots, vocab = logits.shape
     # [B, γ, M] logits and columns of each slot's candidates, or None: every column is one.
-    top = logits.float().topk(candidates, dim=-1) if candidates and candidates < vocab else None
+    top = top_columns(logits, candidates) if candidates and candidates < vocab else None
+    top_logits, top_cols = top if top is not None else (None, None)
     greedy = temperature <= 0
     inv_temp = torch.where(greedy, 1.0, 1.0 / temperature.float().clamp(min=1e-30)).unsqueeze(1)
     w1f = None if w1 is None else w1.float()
@@ -130,14 +142,14 @@ def sample_markov_block(
     prev = anchor.long()
     all_greedy = bool(greedy.all())
     for k in range(num_slots):
-        z = logits[:, k].float() if top is None else top.values[:, k]
+        z = logits[:, k].float() if top is None else top_logits[:, k]
         conf_logit = conf_h[:, k] if with_conf else None
         if w1f is not None:
             emb = w1f[prev]
             if top is None:
                 z = z + emb @ w2f.T
             else:
-                z = z + torch.bmm(w2f[top.indices[:, k]], emb.unsqueeze(-1)).squeeze(-1)
+                z = z + torch.bmm(w2f[top_cols[:, k]], emb.unsqueeze(-1)).squeeze(-1)
             if with_conf:
                 conf_logit = conf_logit + emb @ conf_e
         if with_conf:
@@ -157,9 +169,9 @@ def sample_markov_block(
             one_hot = torch.zeros_like(z).scatter_(1, pick.unsqueeze(1), 1.0)
             dist = one_hot if all_greedy else torch.where(greedy.unsqueeze(1), one_hot, p)
             probs_out[:, k] = (
-                dist if top is None else dist.new_zeros(batch, vocab).scatter_(1, top.indices[:, k], dist)
+                dist if top is None else dist.new_zeros(batch, vocab).scatter_(1, top_cols[:, k], dist)
             )
-        column = pick if top is None else top.indices[:, k].gather(1, pick.unsqueeze(1)).squeeze(1)
+        column = pick if top is None else top_cols[:, k].gather(1, pick.unsqueeze(1)).squeeze(1)
         token = column if token_ids is None else token_ids[column]
         tokens[:, k] = token
         prev = token

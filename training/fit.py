@@ -50,6 +50,7 @@ class FitConfig:
     state_input: bool = False  # block drafters: slot inputs carry H_ctx at anchor−1 (see DrafterConfig)
     markov_tied: bool = False  # DSpark: Markov tables through the target's embedding (see DrafterConfig)
     draft_vocab_size: int = 0  # K > 0: propose only the training data's K most frequent tokens
+    markov_candidates: int = 0  # M > 0: drafting samples among each slot's M best columns (DrafterConfig)
     epochs: int = 2
     lr: float = 6e-4
     warmup: float = 0.04
@@ -72,8 +73,8 @@ class FitConfig:
             raise ValueError("num_layers, draft_block_size, epochs and sequences_per_step must be >= 1")
         if self.anchors_per_sequence < 1 or self.lr <= 0 or not 0 <= self.warmup < 1 or self.grad_clip <= 0:
             raise ValueError("need anchors_per_sequence >= 1, lr > 0, 0 <= warmup < 1, grad_clip > 0")
-        if self.markov_rank < 0 or self.draft_vocab_size < 0:
-            raise ValueError("markov_rank and draft_vocab_size must be >= 0")
+        if min(self.markov_rank, self.draft_vocab_size, self.markov_candidates) < 0:
+            raise ValueError("markov_rank, draft_vocab_size and markov_candidates must be >= 0")
         if not 1 <= self.num_features <= 8:
             raise ValueError("num_features must be in 1..8")
         if self.save_every < 1 or (self.save_every_minutes is not None and self.save_every_minutes <= 0):
@@ -123,6 +124,7 @@ def drafter_config(config: FitConfig, target: LoadedModel, feature_layers: tuple
         confidence=kind.confidence_head,
         mask_token_id=pick_mask_token(target),
         draft_vocab_size=config.draft_vocab_size,
+        markov_candidates=config.markov_candidates if kind.markov_head and config.markov_rank > 0 else 0,
         target_name=config.target,
     )
     # The cache decides which target layers the drafter reads.

@@ -119,6 +119,13 @@ def register(p: argparse.ArgumentParser) -> None:
         default=0,
         help="propose only the K most frequent target tokens of the training data (0: the whole vocabulary)",
     )
+    fit.add_argument(
+        "--markov-candidates",
+        type=int,
+        default=0,
+        help="dspark: when drafting, sample each slot among its M most likely backbone columns only "
+        "(the Markov head's cost becomes an [M, r] gather; 0: all columns)",
+    )
     fit.add_argument("--epochs", type=int, default=2)
     fit.add_argument("--lr", type=float, default=6e-4)
     fit.add_argument("--sequences-per-step", type=int, default=4)
@@ -302,6 +309,7 @@ def run_fit(args: argparse.Namespace) -> int:
             state_input=args.state_input,
             markov_tied=args.markov_tied,
             draft_vocab_size=args.draft_vocab_size,
+            markov_candidates=args.markov_candidates,
             epochs=args.epochs,
             lr=args.lr,
             sequences_per_step=args.sequences_per_step,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specray.kernels import MarkovDraft, sample_markov_block
+from specray.kernels import MarkovDraft, linear, sample_markov_block
 from specray.workers.drafters.config import DrafterConfig
 from specray.workers.drafters.feature_drafter import FeatureDrafter
 from specray.workers.drafters.layers import KV, FeatureDrafterBackbone
@@ -75,8 +75,9 @@ class DSparkModel(FeatureDrafterBackbone):
         x = mask_embed.expand(n, block_len, -1).clone()
         x[:, 0] = anchor_embeds
         if self.config.state_input:
-            x = self.in_proj(
-                torch.cat((self.embed_norm(x), states.unsqueeze(1).expand(-1, block_len, -1)), -1)
+            x = linear(
+                torch.cat((self.embed_norm(x), states.unsqueeze(1).expand(-1, block_len, -1)), -1),
+                self.in_proj,
             )
         return x
 

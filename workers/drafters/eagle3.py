@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from specray.kernels import sample_markov_block
+from specray.kernels import linear, sample_markov_block
 from specray.workers.drafters.config import DrafterConfig
 from specray.workers.drafters.feature_drafter import FeatureDrafter
 from specray.workers.drafters.layers import KV, FeatureDrafterBackbone
@@ -41,7 +41,7 @@ class Eagle3Model(FeatureDrafterBackbone):
         self.in_proj = nn.Linear(2 * d, d, bias=False)
 
     def step_inputs(self, token_embeds: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        return self.in_proj(torch.cat((self.embed_norm(token_embeds), states), -1))
+        return linear(torch.cat((self.embed_norm(token_embeds), states), -1), self.in_proj)
 
     def context_kv(self, inputs: torch.Tensor, positions: torch.Tensor) -> list[KV]:
         """KV of step inputs [T, d] at `positions`; causal self-attention normalises them first."""

@@ -32,9 +32,10 @@ class FeatureDrafter(Drafter):
         self.vocab = model.draft_vocab()
         # Logit column j is token token_ids[j]; None when the columns are the target's vocabulary.
         self.token_ids = None if self.vocab is None else self.vocab.ids.to(self.device)
-        with torch.inference_mode():
-            # Gathered once, in the target's dtype (the whole LM head itself without a draft vocabulary).
-            self.head = model.output_head(target)
+        # Not inference_mode: the packed GEMM tracks the head's version to know when to repack.
+        with torch.no_grad():
+            # In the target's dtype: the LM head itself without a draft vocabulary, else its rows.
+            self.head = model.output_layer(target)
 
     def observe(self, seq_id: str, features: torch.Tensor, start: int) -> None:
         self.cache.observe(seq_id, features.to(self.dtype), start)
@@ -44,7 +45,7 @@ class FeatureDrafter(Drafter):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [..., K] over the output columns of final-normed drafter states [..., d]."""
-        return self.model.output_logits(hidden.to(self.head.dtype), self.target, self.head).float()
+        return self.model.output_logits(hidden.to(self.head.weight.dtype), self.target, self.head).float()
 
     def target_probs(self, probs: torch.Tensor) -> torch.Tensor:
         """Draft distributions over the output columns → over the target's vocabulary (0 outside

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specray.kernels import linear
 from specray.workers.drafters.config import DrafterConfig
 from specray.workers.drafters.draft_vocab import DraftVocab
 from specray.workers.models.config import ModelConfig
@@ -34,8 +35,8 @@ class InjectedAttention(nn.Module):
 
     def project_kv(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> KV:
         c = self.config
-        k = self.k_proj(x).view(x.shape[0], c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x).view(x.shape[0], c.num_kv_heads, c.head_dim)
+        k = linear(x, self.k_proj).view(x.shape[0], c.num_kv_heads, c.head_dim)
+        v = linear(x, self.v_proj).view(x.shape[0], c.num_kv_heads, c.head_dim)
         return apply_rotary(k, *rotary), v
 
     def forward(
@@ -46,13 +47,13 @@ class InjectedAttention(nn.Module):
         c = self.config
         rows, length, _ = x.shape
         flat = x.reshape(rows * length, -1)
-        q = apply_rotary(self.q_proj(flat).view(rows * length, c.num_heads, c.head_dim), *rotary)
+        q = apply_rotary(linear(flat, self.q_proj).view(rows * length, c.num_heads, c.head_dim), *rotary)
         k, v = self.project_kv(flat, rotary)
         keys = torch.cat((context[0], k.view(rows, length, *k.shape[1:])), 1).transpose(1, 2)
         values = torch.cat((context[1], v.view(rows, length, *v.shape[1:])), 1).transpose(1, 2)
         q = q.view(rows, length, c.num_heads, c.head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(rows, length, c.num_heads * c.head_dim))
+        return linear(out.transpose(1, 2).reshape(rows, length, c.num_heads * c.head_dim), self.o_proj)
 
 
 class InjectedLayer(nn.Module):
@@ -94,7 +95,7 @@ class FeatureDrafterBackbone(nn.Module):
 
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
         """H_ctx: raw target features [T, m·d] → [T, d]."""
-        return self.context_norm(self.fc(features))
+        return self.context_norm(linear(features, self.fc))
 
     def run_layers(
         self, x: torch.Tensor, positions: torch.Tensor, context: list[KV], mask: torch.Tensor
@@ -124,12 +125,26 @@ class FeatureDrafterBackbone(nn.Module):
         weight = target.lm_head.weight
         return weight[self.draft_ids] if self.config.draft_vocab_size else weight
 
+    def output_layer(self, target: DecoderModel) -> nn.Linear:
+        """The output head as a frozen linear layer for inference: the target's own LM head, or its
+        draft vocabulary's rows gathered once (so the CPU GEMM packs them once)."""
+        if not self.config.draft_vocab_size:
+            return target.lm_head
+        rows = self.output_head(target).detach()
+        layer = nn.Linear(rows.shape[1], rows.shape[0], bias=False, device=rows.device, dtype=rows.dtype)
+        layer.weight = nn.Parameter(rows, requires_grad=False)
+        return layer
+
     def output_logits(
-        self, hidden: torch.Tensor, target: DecoderModel, head: torch.Tensor | None = None
+        self, hidden: torch.Tensor, target: DecoderModel, head: nn.Linear | None = None
     ) -> torch.Tensor:
-        """Logits over the output vocabulary, as the target's own head computes them (softcap included)."""
-        if not self.config.draft_vocab_size and head is None:
+        """Logits over the output vocabulary, as the target's own head computes them (softcap
+        included); through `head` (an `output_layer`) where one is given."""
+        if head is not None:
+            logits = linear(hidden, head)
+        elif self.config.draft_vocab_size:
+            logits = F.linear(hidden, self.output_head(target))
+        else:
             return target.compute_logits(hidden)
-        logits = F.linear(hidden, self.output_head(target) if head is None else head)
         cap = target.config.final_logit_softcapping
         return cap * torch.tanh(logits / cap) if cap else logits

@@ -91,7 +91,7 @@ def test_checkpoint_keeps_the_map(tiny_target, tmp_path) -> None:  # noqa: ANN00
     assert loaded.draft_ids.dtype == torch.long and loaded.draft_ids.tolist() == ids, "map lost on save"
     served = load_drafter(tmp_path / "d", tiny_target)
     assert served.token_ids.tolist() == ids
-    assert torch.equal(served.head, tiny_target.model.lm_head.weight[ids]), "LM head rows not the map's"
+    assert torch.equal(served.head.weight, tiny_target.model.lm_head.weight[ids]), "LM head rows not the map's"
 
 
 def test_a_checkpoint_without_a_map_drafts_over_the_whole_vocabulary(tiny_target, tmp_path) -> None:  # noqa: ANN001
@@ -104,7 +104,7 @@ def test_a_checkpoint_without_a_map_drafts_over_the_whole_vocabulary(tiny_target
     (tmp_path / "old" / "config.json").write_text(json.dumps(fields))
     drafter = load_drafter(tmp_path / "old", tiny_target)
     assert drafter.vocab is None and drafter.token_ids is None
-    assert drafter.head is tiny_target.model.lm_head.weight
+    assert drafter.head is tiny_target.model.lm_head, "a full-vocabulary drafter must share the LM head"
 
 
 def test_the_bundled_drafter_loads_as_a_full_vocabulary_drafter() -> None:
