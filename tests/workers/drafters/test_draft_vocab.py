@@ -91,7 +91,9 @@ def test_checkpoint_keeps_the_map(tiny_target, tmp_path) -> None:  # noqa: ANN00
     assert loaded.draft_ids.dtype == torch.long and loaded.draft_ids.tolist() == ids, "map lost on save"
     served = load_drafter(tmp_path / "d", tiny_target)
     assert served.token_ids.tolist() == ids
-    assert torch.equal(served.head.weight, tiny_target.model.lm_head.weight[ids]), "LM head rows not the map's"
+    assert torch.equal(served.head.weight, tiny_target.model.lm_head.weight[ids]), (
+        "LM head rows not the map's"
+    )
 
 
 def test_a_checkpoint_without_a_map_drafts_over_the_whole_vocabulary(tiny_target, tmp_path) -> None:  # noqa: ANN001
