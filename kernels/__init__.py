@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from specray.kernels import acceptance, attention, cpu_attention, markov_sampling
+from specray.kernels import acceptance, attention, cpu_attention, cpu_markov, markov_sampling
 from specray.kernels.acceptance import accept_greedy, sample_from_probs
 from specray.kernels.attention import AttentionMetadata, build_attention_metadata, write_kv
 from specray.kernels.cpu_linear import linear
@@ -80,7 +80,8 @@ def sample_markov_block(
     candidates: int | None = None,
 ) -> MarkovDraft:
     """Draft a block with the Markov head; see `markov_sampling.sample_markov_block` for the contract.
-    With `candidates` the block is M columns wide, small work the PyTorch twin does on any device."""
+    With `candidates` the block is M columns wide: one C++ call on the CPU (`cpu_markov.py`), small
+    work the PyTorch twin does on any other device."""
     args = (
         logits,
         anchor,
@@ -96,6 +97,9 @@ def sample_markov_block(
         token_ids,
     )
     if candidates:
+        ext = cpu_attention.extension() if logits.device.type == "cpu" else None
+        if ext is not None and w1 is not None:
+            return cpu_markov.sample_candidates(ext, *args, candidates)
         return markov_sampling.sample_markov_block(*args, candidates)
     if use_triton(logits):
         from specray.kernels.triton_markov import sample_markov_block_triton

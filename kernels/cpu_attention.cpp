@@ -319,6 +319,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "rotate-half RoPE in place (CPU)");
   m.def("gated_activation", &gated_activation, "act(gate) * up of a fused [gate | up] row (CPU)");
   m.def("row_topk", &row_topk, "the k largest values of each row and their columns, ties to the lower (CPU)");
+  m.def("markov_candidates_block", &markov_candidates_block,
+        "the Markov block sampler over each slot's candidate columns (CPU)");
   bind_decoder_layer(m);
   m.def("has_bf16_gemm", &has_bf16_gemm, "whether linear_bf16 is built (AVX-512 BF16)");
   m.def("pack_bf16_weight", &pack_bf16_weight, "pack a [N, K] bf16 weight for linear_bf16");

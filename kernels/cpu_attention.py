@@ -1,6 +1,6 @@
 """The CPU's paged attention: a small C++ kernel (`cpu_attention.cpp`), compiled once per machine,
 with the layer's row-wise ops (`cpu_rowwise.cpp`: RMSNorm, RoPE, the gated activation), row-wise
-top-k for the Markov sampler's candidates (`cpu_select.cpp`), our bf16
+top-k for the Markov sampler's candidates (`cpu_select.cpp`) and its candidate loop (`cpu_markov.cpp`), our bf16
 GEMM (`cpu_gemm.cpp`) and the fused decoder layer (`cpu_layer.cpp`) in the same module.
 
 It is batch-invariant by construction (each query row attends over exactly its own keys, in order),
@@ -28,7 +28,14 @@ logger = logging.getLogger(__name__)
 _HEADERS = [Path(__file__).with_name(name) for name in ("cpu_ops.h", "cpu_vec.h")]
 _SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("cpu_attention.cpp", "cpu_rowwise.cpp", "cpu_select.cpp", "cpu_gemm.cpp", "cpu_layer.cpp")
+    for name in (
+        "cpu_attention.cpp",
+        "cpu_rowwise.cpp",
+        "cpu_select.cpp",
+        "cpu_markov.cpp",
+        "cpu_gemm.cpp",
+        "cpu_layer.cpp",
+    )
 ]
 
 

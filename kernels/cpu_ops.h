@@ -19,6 +19,13 @@ torch::Tensor gated_activation(const torch::Tensor& x, bool gelu);
 void bind_decoder_layer(pybind11::module& m);
 // cpu_select.cpp
 std::tuple<torch::Tensor, torch::Tensor> row_topk(const torch::Tensor& x, int64_t k);
+// cpu_markov.cpp
+std::vector<torch::Tensor> markov_candidates_block(
+    const torch::Tensor& top_logits, const torch::Tensor& top_cols, const torch::Tensor& anchor,
+    const torch::Tensor& temperature, const torch::Tensor& uniforms, const torch::Tensor& w1,
+    const torch::Tensor& w2, const c10::optional<torch::Tensor>& conf_h,
+    const c10::optional<torch::Tensor>& conf_e, const torch::Tensor& conf_scale,
+    const c10::optional<torch::Tensor>& token_ids, int64_t columns, bool return_probs);
 // cpu_gemm.cpp
 bool has_bf16_gemm();
 torch::Tensor pack_bf16_weight(const torch::Tensor& weight);

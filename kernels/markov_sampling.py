@@ -16,7 +16,8 @@ With `candidates` = M, slot k samples only among the M columns of largest U_k: t
 added to those alone and every other column has probability 0. That is a different draft
 distribution, not an approximation the acceptance test sees: the returned probabilities are the
 exact ones each token was drawn with. It turns the Markov head's per-slot [C, r] product, the
-sequential part of drafting and most of its cost on a CPU, into an [M, r] gather.
+sequential part of drafting and most of its cost on a CPU, into an [M, r] gather; on the CPU the
+candidate loop runs as one C++ call (`cpu_markov.py`), whose PyTorch twin this is.
 
 Every distribution is computed in fp32 so that the draft probability of a token is the exact value
 the acceptance test will divide by.
@@ -25,6 +26,7 @@ the acceptance test will divide by.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -42,11 +44,15 @@ class MarkovDraft:
     confidence: torch.Tensor | None  # [B, γ] fp32 c_k, when a confidence head is given
 
 
+def _cpu_extension(x: torch.Tensor) -> ModuleType | None:
+    return cpu_attention.extension() if x.device.type == "cpu" else None
+
+
 def top_columns(logits: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The M largest logits of each slot (fp32) and their columns, [B, γ, M] each: on the CPU by our
     row-wise top-k (`cpu_select.cpp`, ties to the lower column; torch.topk costs ~10x more there)."""
     flat = logits.float().reshape(-1, logits.shape[-1])
-    ext = cpu_attention.extension() if flat.device.type == "cpu" else None
+    ext = _cpu_extension(flat)
     values, indices = ext.row_topk(flat, m) if ext is not None else flat.topk(m, dim=-1)
     shape = (*logits.shape[:-1], m)
     return values.view(shape), indices.view(shape)
