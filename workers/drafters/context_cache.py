@@ -3,7 +3,11 @@
 The engine reports features of newly committed positions after every step (`observe`); a start
 before the cached length means the previous draft was partly rejected, so everything from there on
 is cropped. Keys/values are projected lazily, only up to the position a proposal needs, and for all
-sequences of a proposal in one projection call; the proposal reads them back padded into one batch.
+sequences of a proposal in one projection call; the proposal reads them back padded into one batch
+(a batch of one reads a view: no copy).
+
+Features and KV live in buffers that double when full, so a step appends its few positions in
+place: concatenating onto the whole history each step would copy O(context) bytes per step.
 """
 
 from __future__ import annotations
@@ -20,12 +24,49 @@ from specray.workers.drafters.layers import KV
 # where owners[t] is the index, in the proposal's batch, of the sequence position t belongs to.
 Projector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], list[KV]]
 
+_MIN_CAPACITY = 256
+
+
+def _grown(buffer: torch.Tensor, used: int, needed: int) -> torch.Tensor:
+    """`buffer` if it holds `needed` rows, else a buffer of twice that capacity holding its first `used`."""
+    if needed <= buffer.shape[0]:
+        return buffer
+    bigger = buffer.new_empty(max(2 * needed, _MIN_CAPACITY), *buffer.shape[1:])
+    bigger[:used] = buffer[:used]
+    return bigger
+
 
 @dataclass
 class _State:
-    features: torch.Tensor
-    kv: list[KV] = field(default_factory=list)
+    buffer: torch.Tensor  # [capacity, m·d], the first `length` rows received
+    length: int
+    kv: list[KV] = field(default_factory=list)  # per layer, [capacity, ...] buffers
     kv_len: int = 0
+
+    @property
+    def features(self) -> torch.Tensor:
+        return self.buffer[: self.length]
+
+    def write(self, start: int, features: torch.Tensor) -> None:
+        end = start + features.shape[0]
+        self.buffer = _grown(self.buffer, start, end)
+        self.buffer[start:end] = features
+        self.length = end
+        self.kv_len = min(self.kv_len, start)
+
+    def write_kv(self, start: int, new: list[KV]) -> None:
+        end = start + new[0][0].shape[0]
+        if not self.kv:
+            capacity = self.buffer.shape[0]
+            self.kv = [
+                (k.new_empty(capacity, *k.shape[1:]), v.new_empty(capacity, *v.shape[1:])) for k, v in new
+            ]
+        grown = []
+        for (k_buf, v_buf), (k, v) in zip(self.kv, new):
+            k_buf, v_buf = _grown(k_buf, start, end), _grown(v_buf, start, end)
+            k_buf[start:end], v_buf[start:end] = k, v
+            grown.append((k_buf, v_buf))
+        self.kv, self.kv_len = grown, end
 
 
 class ContextCache:
@@ -37,18 +78,14 @@ class ContextCache:
         if state is None:
             if start != 0:
                 raise ValueError(f"{seq_id}: first features must start at 0, got {start}")
-            self._states[seq_id] = _State(features.detach().clone())
-            return
-        if start > state.features.shape[0]:
-            raise ValueError(f"{seq_id}: features jump from {state.features.shape[0]} to {start}")
-        state.features = torch.cat((state.features[:start], features.detach()))
-        if state.kv_len > start:
-            state.kv = [(k[:start], v[:start]) for k, v in state.kv]
-            state.kv_len = start
+            state = self._states[seq_id] = _State(features.new_empty(0, *features.shape[1:]), 0)
+        if start > state.length:
+            raise ValueError(f"{seq_id}: features jump from {state.length} to {start}")
+        state.write(start, features.detach())
 
     def num_features(self, seq_id: str) -> int:
         state = self._states.get(seq_id)
-        return 0 if state is None else state.features.shape[0]
+        return 0 if state is None else state.length
 
     def features_at(self, seq_ids: list[str], positions: list[int]) -> torch.Tensor:
         """[B, m·d]: each sequence's features at one position."""
@@ -60,15 +97,13 @@ class ContextCache:
         states = [self._states[s] for s in seq_ids]
         spans = []
         for row, (seq_id, state, length) in enumerate(zip(seq_ids, states, lengths)):
-            if length > state.features.shape[0]:
+            if length > state.length:
                 raise ValueError(f"{seq_id}: context of {length} needs features the drafter has not seen")
-            if state.kv_len > length:
-                state.kv = [(k[:length], v[:length]) for k, v in state.kv]
-                state.kv_len = length
+            state.kv_len = min(state.kv_len, length)
             if state.kv_len < length or not state.kv:
                 spans.append((row, state.kv_len, length))
         if spans:
-            device = states[0].features.device
+            device = states[0].buffer.device
             new = project(
                 torch.cat([states[row].features[start:end] for row, start, end in spans]),
                 torch.cat([torch.arange(start, end, device=device) for _, start, end in spans]),
@@ -76,17 +111,17 @@ class ContextCache:
             )
             sizes = [end - start for _, start, end in spans]
             pieces = [(k.split(sizes), v.split(sizes)) for k, v in new]
-            for i, (row, _, end) in enumerate(spans):
-                state = states[row]
-                mine = [(k[i], v[i]) for k, v in pieces]
-                state.kv = (
-                    [(torch.cat((k, nk)), torch.cat((v, nv))) for (k, v), (nk, nv) in zip(state.kv, mine)]
-                    if state.kv
-                    else mine
-                )
-                state.kv_len = end
+            for i, (row, start, _) in enumerate(spans):
+                states[row].write_kv(start, [(k[i], v[i]) for k, v in pieces])
+        if len(states) == 1:
+            return [(k[: lengths[0]].unsqueeze(0), v[: lengths[0]].unsqueeze(0)) for k, v in states[0].kv]
         return [
-            tuple(pad_sequence([s.kv[layer][part] for s in states], batch_first=True) for part in (0, 1))
+            tuple(
+                pad_sequence(
+                    [s.kv[layer][part][:length] for s, length in zip(states, lengths)], batch_first=True
+                )
+                for part in (0, 1)
+            )
             for layer in range(len(states[0].kv))
         ]
 
