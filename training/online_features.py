@@ -9,7 +9,10 @@ would hold (rounded through bf16), so either source trains the same drafter.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+
+import torch
 
 from specray.training.target_cache import (
     CachedSample,
@@ -45,8 +48,21 @@ class OnlineTargetFeatures:
     def __getitem__(self, i: int) -> CachedSample:
         return self.samples([i])[0]
 
+    def token_samples(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(ids, loss mask) of every sample, from the records alone (no target forward)."""
+        for r in self.records:
+            prompt, output = r["prompt_ids"], r["output_ids"]
+            mask = torch.zeros(len(prompt) + len(output), dtype=torch.bool)
+            mask[len(prompt) :] = True
+            yield torch.tensor(prompt + output, dtype=torch.long), mask
+
 
 FeatureSource = TargetCache | OnlineTargetFeatures
+
+
+def is_target_cache(directory: str | Path) -> bool:
+    """Whether `directory` is a built target cache (else a `train data` directory)."""
+    return (Path(directory) / "manifest.json").exists()
 
 
 def open_features(
@@ -54,7 +70,6 @@ def open_features(
 ) -> FeatureSource:
     """A built target cache (it has a manifest) or, for a `specray train data` directory, the same
     samples computed online with `feature_layers`."""
-    directory = Path(directory)
-    if (directory / "manifest.json").exists():
+    if is_target_cache(directory):
         return TargetCache(directory, split)
     return OnlineTargetFeatures(directory, split, target, feature_layers)

@@ -10,6 +10,7 @@ first missing shard. `manifest.json` says what the cache holds.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -194,6 +195,16 @@ class TargetCache:
 
     def samples(self, indices: list[int]) -> list[CachedSample]:
         return [self[i] for i in indices]
+
+    def token_samples(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(ids, loss mask) of every sample, without reading features."""
+        for name, offset, length in self._index:
+            a = self._arrays(name)
+            rows = slice(offset, offset + length)
+            yield (
+                torch.from_numpy(np.array(a["ids"][rows], dtype=np.int64)),
+                torch.from_numpy(np.array(a["loss_mask"][rows], dtype=np.bool_)),
+            )
 
     def __getitem__(self, i: int) -> CachedSample:
         name, offset, length = self._index[i]

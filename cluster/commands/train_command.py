@@ -120,6 +120,12 @@ def register(p: argparse.ArgumentParser) -> None:
         help="propose only the K most frequent target tokens of the training data (0: the whole vocabulary)",
     )
     fit.add_argument(
+        "--feature-dtype",
+        default="float32",
+        choices=DTYPE_CHOICES,
+        help="dtype of the target computing features online (a cache fixes its own)",
+    )
+    fit.add_argument(
         "--markov-candidates",
         type=int,
         default=0,
@@ -310,6 +316,7 @@ def run_fit(args: argparse.Namespace) -> int:
             markov_tied=args.markov_tied,
             draft_vocab_size=args.draft_vocab_size,
             markov_candidates=args.markov_candidates,
+            feature_dtype=args.feature_dtype,
             epochs=args.epochs,
             lr=args.lr,
             sequences_per_step=args.sequences_per_step,

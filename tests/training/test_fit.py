@@ -71,8 +71,29 @@ def test_online_features_are_the_cached_ones(tiny_cache, tiny_target) -> None:  
         assert torch.allclose(c.final_hidden, b.final_hidden, atol=1e-2, rtol=1e-2), f"record {i}: final"
 
 
+def test_token_samples_are_the_samples_ids_and_masks(tiny_cache, tiny_target) -> None:  # noqa: ANN001
+    """Both sources list every sample's ids and loss mask without computing or reading features
+    (what the draft vocabulary counts), equal to the full samples'."""
+    cached = TargetCache(tiny_cache, "train")
+    online = open_features(tiny_cache.parent / "data", "train", tiny_target, cached.feature_layers)
+    for source in (cached, online):
+        pairs = list(source.token_samples())
+        assert len(pairs) == len(source), f"{type(source).__name__}: not one pair per sample"
+        for i in (0, 5):
+            ids, mask = pairs[i]
+            assert torch.equal(ids, cached[i].ids) and torch.equal(mask, cached[i].loss_mask), (
+                f"{type(source).__name__}: sample {i}'s ids or mask differ"
+            )
+
+
 def _short_fit(
-    kind: str, recipe: bool, cache: Path, out: Path, num_layers: int = 1, autocast: bool | None = None
+    kind: str,
+    recipe: bool,
+    cache: Path,
+    out: Path,
+    num_layers: int = 1,
+    autocast: bool | None = None,
+    feature_dtype: str = "float32",
 ) -> FitConfig:
     """A few epochs on the tiny cache, enough for the loss to fall; `recipe` adds `make drafter`'s
     switches (state input, embedding-tied Markov head)."""
@@ -84,6 +105,7 @@ def _short_fit(
         markov_tied=recipe,
         cache_dir=cache,
         num_features=3,  # the tiny cache's (online features only; a cache fixes its own)
+        feature_dtype=feature_dtype,
         out_dir=out,
         markov_rank=8,
         epochs=6,
@@ -100,7 +122,7 @@ def _short_fit(
 )
 def test_fit_reduces_loss_and_round_trips(kind, tiny_cache, tiny_target, tmp_path) -> None:  # noqa: ANN001
     """Each kind trains and loads into the engine, which drafts losslessly with it; the recipe also
-    with 2 backbone layers, and with online features under CPU bf16 autocast."""
+    with 2 backbone layers, and with online features computed in bf16 under CPU bf16 autocast."""
     source = tiny_cache.parent / "data" if "online" in kind else tiny_cache
     config = _short_fit(
         kind.split("-")[0],
@@ -109,6 +131,7 @@ def test_fit_reduces_loss_and_round_trips(kind, tiny_cache, tiny_target, tmp_pat
         tmp_path / kind,
         num_layers=2 if "2layers" in kind else 1,
         autocast=True if "bf16" in kind else None,
+        feature_dtype="bfloat16" if "bf16" in kind else "float32",
     )
     summary = fit(config, tiny_target, progress=False)
     history = json.loads((tmp_path / kind / "train_log.json").read_text())["history"]
