@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from specray.cluster.bench import engine_throughput
 from specray.training.prompt_sets import humaneval_prompts, jsonl_prompts
-from specray.workers.drafters.registry import build_drafter
+from specray.workers.drafters.registry import build_drafter, trained_drafter_name
 from specray.workers.engine.config import EngineConfig
 from specray.workers.engine.llm_engine import LLMEngine
 from specray.workers.engine.sampling import SamplingParams
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                 drafter = build_drafter(name, target)
                 for scheduling in args.scheduling or ["fixed"]:
                     # Named "<drafter>" under fixed scheduling, "<drafter>/confidence" otherwise.
-                    label = _mode_name(name) + ("" if scheduling == "fixed" else f"/{scheduling}")
+                    label = mode_name(name) + ("" if scheduling == "fixed" else f"/{scheduling}")
                     modes.append(
                         _engine_mode(
                             target, label, drafter, params, args.num_speculative_tokens, graphs, scheduling
@@ -111,6 +111,9 @@ def _encode(target: LoadedModel, prompts: list) -> list[list[int]]:
 
 def _batch_one(modes: list[_Mode], prompt_ids: list[list[int]], dtypes: list[str]) -> list[ModeResult]:
     """Every mode decodes the prompts one at a time; modes interleaved prompt by prompt."""
+    names = [(m.name, m.dtype) for m in modes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two modes share a name (give the drafters distinct names): {names}")
     # Warm every mode up once, then interleave them prompt by prompt, so drift in the machine's
     # load hits all modes alike and the ratios stay meaningful.
     for mode in modes:
@@ -152,7 +155,7 @@ def _throughput(
         modes.append(
             engine_throughput.engine_mode(
                 target,
-                _mode_name(name),
+                mode_name(name),
                 lambda n=name: build_drafter(n, target),
                 args.num_speculative_tokens,
                 graphs,
@@ -178,8 +181,11 @@ class _Mode:
     steps: int = 0
 
 
-def _mode_name(drafter: str) -> str:
-    return Path(drafter).name if "/" in drafter else drafter
+def mode_name(drafter: str) -> str:
+    """A drafter's label: a checkpoint path by its directory's name, a hybrid's keeping its prefix
+    (`hybrid:ckpts/dspark` is `hybrid:dspark`, not the same label as `ckpts/dspark`)."""
+    block = trained_drafter_name(drafter)
+    return drafter.removesuffix(block) + (Path(block).name if "/" in block else block)
 
 
 def _engine_mode(

@@ -9,6 +9,7 @@ import json
 import pytest
 from tiny_models import tiny_hf_model
 
+from specray.cluster.bench.engine_bench import mode_name
 from specray.cluster.bench.engine_throughput import _until_stop
 from specray.cluster.commands.cli import main
 
@@ -53,6 +54,15 @@ def test_batch_one_and_throughput_in_one_run(tiny_model, tmp_path):
     # Lossless at every batch size: speculative responses equal autoregressive ones.
     assert all(rows[("ngram", b)]["matching_responses"] == b for b in BATCH_SIZES)
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mode_names_tell_a_hybrid_from_its_block_drafter():
+    """A checkpoint path is labelled by its directory; the hybrid over it keeps `hybrid:`, so the
+    two modes' outputs are never pooled under one name."""
+    assert mode_name("ngram") == "ngram"
+    assert mode_name("ckpts/run/dspark") == "dspark"
+    assert mode_name("hybrid:ckpts/run/dspark") == "hybrid:dspark"
+    assert mode_name("hybrid:smollm2-135m-dspark") == "hybrid:smollm2-135m-dspark"
 
 
 def test_a_padded_hf_row_ends_at_its_first_stop_token():
