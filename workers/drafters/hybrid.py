@@ -11,6 +11,9 @@ A proposal with confidences c is expected to get Σ_j Π_{i≤j} c_i drafts acce
   is x. So each committed token up to the first mismatch is an unbiased observation, past a cut
   the scheduler made too, where the bonus token stands in for the unverified draft.
 
+Where the n-gram's expected length beats the mean of the block's so far, the block is not drafted
+at all for that request: on text that repeats its context most steps then cost n-gram lookup alone.
+
 Lossless: the choice must not depend on the random draws of the proposal it picks; a sampled token
 that decides whether it is proposed biases the output (the argument behind DSpark's stop rule). So
 the n-gram is compared with the block's greedy path, which depends on the context alone; a sampled
@@ -53,6 +56,7 @@ class HybridDrafter(Drafter):
         )
         self._pending: dict[str, _Pending] = {}
         self.choices: Counter[str] = Counter()  # proposals made from each source
+        self._block_expected = (0, 0.0)  # (count, sum) of the block's greedy expected lengths
 
     def observe(self, seq_id: str, features: torch.Tensor, start: int) -> None:
         self.block.observe(seq_id, features, start)
@@ -65,13 +69,27 @@ class HybridDrafter(Drafter):
         """c_k of an n-gram proposal of `length` tokens after a suffix match of `match` tokens."""
         return [(accepted + 1) / (reached + 2) for accepted, reached in self.outcomes[match][:length]]
 
+    def block_expected(self) -> float | None:
+        """The mean expected accepted length of the block's greedy paths so far (None before any)."""
+        count, total = self._block_expected
+        return total / count if count else None
+
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[DraftProposal]:
         for r in requests:
             self._read_outcome(r)
         block_size = self.block.config.draft_block_size
         matches = [self.ngram.match(r.token_ids, min(r.max_tokens, block_size)) for r in requests]
-        ready = self.block.ready(requests)
+        confidences = [self.ngram_confidence(match, len(tokens)) for tokens, match in matches]
+        # The block's forward is skipped where the n-gram is expected to beat the block's typical
+        # proposal: most steps of text that repeats its context cost n-gram lookup alone. The rule
+        # reads the context and past outcomes only, never this proposal's draws, so it stays lossless.
+        typical = self.block_expected()
+        ready = [
+            i
+            for i in self.block.ready(requests)
+            if not matches[i][0] or typical is None or expected_accepted(confidences[i]) <= typical
+        ]
         rows = {i: row for row, i in enumerate(ready)}
         if ready:
             batch = [requests[i] for i in ready]
@@ -83,12 +101,14 @@ class HybridDrafter(Drafter):
                 self.block.sample(blocks, temperature, uniforms) if bool((temperature > 0).any()) else greedy
             )
         proposals = []
-        for i, (r, (tokens, match)) in enumerate(zip(requests, matches)):
-            confidence = self.ngram_confidence(match, len(tokens))
+        for i, (r, (tokens, match), confidence) in enumerate(zip(requests, matches, confidences)):
             if i in rows:
                 row = rows[i]
-                greedy_path = greedy.confidence[row, : min(r.max_tokens, block_size)].tolist()
-                if not tokens or expected_accepted(confidence) <= expected_accepted(greedy_path):
+                greedy_path = expected_accepted(
+                    greedy.confidence[row, : min(r.max_tokens, block_size)].tolist()
+                )
+                self._block_expected = (self._block_expected[0] + 1, self._block_expected[1] + greedy_path)
+                if not tokens or expected_accepted(confidence) <= greedy_path:
                     proposals.append(self.block.proposal(drawn, row, r))
                     self.choices["block"] += 1
                     continue

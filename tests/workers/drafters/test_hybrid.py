@@ -65,6 +65,27 @@ def test_it_proposes_the_source_expected_to_go_further(tiny_target) -> None:  # 
     assert hybrid.choices == {"ngram": 1, "block": 1}
 
 
+def test_the_block_is_not_drafted_where_the_ngram_beats_its_typical_proposal(tiny_target) -> None:  # noqa: ANN001
+    """Once the block has drafted, a request whose n-gram match is expected to go further than the
+    block's mean expected length gets the n-gram without a block forward; one below it still runs
+    the block (and the comparison with this block's own greedy path decides)."""
+    hybrid = _hybrid_on_context(tiny_target)
+    forwards = []
+    block_logits = hybrid.block.block_logits
+    hybrid.block.block_logits = lambda batch: forwards.append(len(batch)) or block_logits(batch)
+    hybrid.outcomes[2] = _rates(0, 1000)  # n-gram drafts never accepted: the block is proposed
+    hybrid.propose([_request(CONTEXT)])
+    assert forwards == [1] and hybrid.block_expected() is not None, "the first proposal must draft the block"
+
+    hybrid.outcomes[2] = _rates(990, 1000)
+    assert hybrid.propose([_request(CONTEXT)])[0].tokens == [10, 11, 12]
+    assert forwards == [1], "the block was drafted although the n-gram beats its typical proposal"
+    no_match = [5, 6, 7, 8, 9, 3]
+    hybrid.observe("t", torch.randn(len(no_match) - 1, 3 * 32), 0)
+    hybrid.propose([DraftRequest("t", no_match, 3, SamplingParams(max_tokens=50), torch.Generator())])
+    assert forwards == [1, 1], "a request without an n-gram match must get the block"
+
+
 def test_ngram_outcomes_come_from_committed_tokens_only(tiny_target) -> None:  # noqa: ANN001
     hybrid = _hybrid_on_context(tiny_target)
     hybrid.outcomes[2] = _rates(99, 100)
