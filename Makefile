@@ -62,7 +62,8 @@ format: $(STAMP)
 clean:
 	rm -rf $(VENV) $(SCRATCH)
 
-# The default DSpark drafter for SmolLM2-135M (drafters/smollm2-135m-dspark): every step resumes.
+# DSpark, DFlash and EAGLE-3 for SmolLM2-135M on the same small data and budget (34 min on 2 CPU
+# cores; drafters/README.md compares them): every step resumes. Writes to .scratch/train.
 .PHONY: drafter
 TRAIN := $(SCRATCH)/train
 drafter: $(STAMP)
@@ -75,8 +76,19 @@ drafter: $(STAMP)
 	done
 	$(VENV)/bin/specray train score --cache $(TRAIN)/cache --drafter $(TRAIN)/dspark --drafter $(TRAIN)/dflash --drafter $(TRAIN)/eagle3 --json $(TRAIN)/score.json
 	$(VENV)/bin/specray train calibrate --cache $(TRAIN)/cache --drafter $(TRAIN)/dspark
+
+# The bundled DSpark drafter (drafters/smollm2-135m-dspark), reproduced and installed: the first
+# 3,840 prompts of drafter-long's plan (the same shards), one epoch of DSpark over them with the
+# target's features computed online in bf16, an 8k-token draft vocabulary and 64 Markov candidates
+# (a proposal ~0.2 of a target step on one CPU thread). ~40 min of data + ~27 min of fit on 2 cores.
+.PHONY: drafter-bundled
+BUNDLED_TRAIN := $(SCRATCH)/train-bundled
+drafter-bundled: $(STAMP)
+	$(VENV)/bin/specray train data --out $(BUNDLED_TRAIN)/data --num-train 3840 --num-valid 256 --prompt-turns all --max-prompt-tokens 192 --max-new-tokens 256 --batch-size 256 --shard-size 256 --dtype bfloat16
+	$(VENV)/bin/specray train fit --kind dspark --cache $(BUNDLED_TRAIN)/data --out $(BUNDLED_TRAIN)/dspark --num-layers 1 --markov-rank 256 --draft-vocab-size 8192 --markov-candidates 64 --markov-tied --state-input --epochs 1 --sequences-per-step 8 --anchors-per-sequence 32 --lr 1e-3 --autocast --feature-dtype bfloat16
+	$(VENV)/bin/specray train calibrate --cache $(BUNDLED_TRAIN)/data --drafter $(BUNDLED_TRAIN)/dspark
 	mkdir -p drafters/smollm2-135m-dspark
-	cp $(TRAIN)/dspark/config.json $(TRAIN)/dspark/model.safetensors $(TRAIN)/dspark/calibration.json drafters/smollm2-135m-dspark/
+	cp $(BUNDLED_TRAIN)/dspark/config.json $(BUNDLED_TRAIN)/dspark/model.safetensors $(BUNDLED_TRAIN)/dspark/calibration.json drafters/smollm2-135m-dspark/
 
 # The same pipeline at GPU scale (one H100: ~4 min of data, 20 s of cache, 4 min per drafter).
 # Writes to .scratch/train-gpu; copy a drafter from there into drafters/ to bundle it.
@@ -94,14 +106,14 @@ drafter-gpu: $(STAMP)
 # <= 256 tokens, then 2-layer drafters trained on target features computed online (no cache on disk).
 # Hours on a 2-core CPU; every step resumes where it stopped: rerun the same command after any
 # interruption (data skips finished shards, fit reloads its last checkpoint, saved every 10 minutes).
-# A 16k-token draft vocabulary and Markov rank 128: the bundled drafter's full-vocabulary rank-256
-# head costs 8.8 ms per slot at one CPU thread (a proposal > a target step, bench/drafting-cpu.json).
+# The bundled drafter's settings (drafter-bundled: an 8k-token draft vocabulary, 64 Markov candidates,
+# features in bf16) with 2 layers, over all the data.
 .PHONY: drafter-long
 LONG_TRAIN := $(SCRATCH)/train-long
 drafter-long: $(STAMP)
 	$(VENV)/bin/specray train data --out $(LONG_TRAIN)/data --num-train 24000 --num-valid 256 --prompt-turns all --max-prompt-tokens 192 --max-new-tokens 256 --batch-size 256 --shard-size 256 --dtype bfloat16
 	for kind in dspark dflash eagle3; do \
-	  $(VENV)/bin/specray train fit --kind $$kind --cache $(LONG_TRAIN)/data --out $(LONG_TRAIN)/$$kind --num-layers 2 --markov-rank 128 --draft-vocab-size 16384 --markov-tied --state-input --epochs 1 --sequences-per-step 8 --anchors-per-sequence 64 --lr 1e-3 --autocast || exit 1; \
+	  $(VENV)/bin/specray train fit --kind $$kind --cache $(LONG_TRAIN)/data --out $(LONG_TRAIN)/$$kind --num-layers 2 --markov-rank 256 --draft-vocab-size 8192 --markov-candidates 64 --markov-tied --state-input --epochs 1 --sequences-per-step 8 --anchors-per-sequence 32 --lr 1e-3 --autocast --feature-dtype bfloat16 || exit 1; \
 	done
 	$(VENV)/bin/specray train score --cache $(LONG_TRAIN)/data --drafter $(LONG_TRAIN)/dspark --drafter $(LONG_TRAIN)/dflash --drafter $(LONG_TRAIN)/eagle3 --json $(LONG_TRAIN)/score.json
 	$(VENV)/bin/specray train calibrate --cache $(LONG_TRAIN)/data --drafter $(LONG_TRAIN)/dspark

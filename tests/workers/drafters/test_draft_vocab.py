@@ -109,9 +109,13 @@ def test_a_checkpoint_without_a_map_drafts_over_the_whole_vocabulary(tiny_target
     assert drafter.head is tiny_target.model.lm_head, "a full-vocabulary drafter must share the LM head"
 
 
-def test_the_bundled_drafter_loads_as_a_full_vocabulary_drafter() -> None:
+def test_the_bundled_drafter_proposes_from_its_draft_vocabulary() -> None:
+    """The bundled drafter ships its 8k-token map: ascending target ids, the stop tokens in."""
     model = load_drafter_model("smollm2-135m-dspark")
-    assert model.draft_vocab() is None and model.config.output_vocab_size == model.config.vocab_size
+    vocab = model.draft_vocab()
+    assert vocab is not None and vocab.size == model.config.output_vocab_size == 8192
+    assert vocab.target_vocab_size == model.config.vocab_size
+    assert bool((vocab.to_draft(torch.tensor([0, 2])) >= 0).all()), "a stop token (0, 2) is outside the map"
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
