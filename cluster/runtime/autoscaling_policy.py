@@ -56,10 +56,11 @@ class DraftPoolPolicy:
         sessions = _per_replica(ctx, SESSIONS)
         if _settling(ctx) or not (sessions or ctx.running_replicas):  # nothing to go on yet
             return ctx.target_num_replicas, {}
-        # Serve's own count also covers requests still queued at the router's handle, and it is all
-        # there is when no running replica's report reached the controller within the look-back
-        # window (seen on a loaded 2-core machine: two idle draft workers held at two for minutes).
-        load = max(sum(sessions), ctx.total_num_requests)
+        # The replicas' open sessions plus the requests queued at the router's handle. Serve's total
+        # request count only stands in when no running replica's report reached the controller in
+        # the look-back window: it kept two idle draft workers at two for minutes in loaded suite runs
+        # (it still counted requests the replicas had finished), where the sessions read zero.
+        load = sum(sessions) + ctx.total_queued_requests if sessions else ctx.total_num_requests
         wanted = math.ceil(load / ctx.config.target_ongoing_requests)
         drafted = sum(_per_replica(ctx, DRAFT_TOKENS))
         acceptance = sum(_per_replica(ctx, ACCEPTED_TOKENS)) / drafted if drafted else None

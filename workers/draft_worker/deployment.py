@@ -136,11 +136,13 @@ class DraftWorker:
                 yield chunk
             await task  # raises what ended the session unexpectedly
         finally:
+            # Counted closed first: a second cancellation may interrupt the awaits below, and a
+            # session counted open forever would hold the draft pool's autoscaler up.
+            self.stats.sessions -= 1
+            span.end()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await session.aclose()
-            self.stats.sessions -= 1
-            span.end()
 
     async def _run_session(
         self,

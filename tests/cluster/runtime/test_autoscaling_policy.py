@@ -15,7 +15,10 @@ from specray.workers.worker_stats import DraftWorkerStats, VerifierStats
 
 
 def _context(
-    reports: list[dict[str, float]], target_ongoing_requests: float, handle_requests: float = 0.0
+    reports: list[dict[str, float]],
+    target_ongoing_requests: float,
+    handle_requests: float = 0.0,
+    queued_requests: float = 0.0,
 ) -> AutoscalingContext:
     replicas = [f"replica-{i}" for i in range(len(reports))]
     metrics: dict[str, dict[str, float]] = {}
@@ -30,7 +33,7 @@ def _context(
         target_num_replicas=len(replicas),
         running_replicas=replicas,
         total_num_requests=handle_requests,
-        total_queued_requests=0.0,
+        total_queued_requests=queued_requests,
         aggregated_metrics=metrics,
         raw_metrics=None,
         capacity_adjusted_min_replicas=1,
@@ -63,13 +66,16 @@ def test_draft_pool_grows_with_sessions_only_while_drafts_are_accepted():
     # No drafts at all (drafter `none`, or only prefills so far) is no evidence that drafting pays.
     assert policy(_context([_draft_report(6, 0, 0)], target_ongoing_requests=2))[0] == 1
     # Requests still queued at the router's handle count as load too.
-    assert policy(_context([_draft_report(1, 10, 9)], 2, handle_requests=8))[0] == 4
+    assert policy(_context([_draft_report(1, 10, 9)], 2, handle_requests=8, queued_requests=7))[0] == 4
 
 
 def test_draft_pool_shrinks_whatever_the_acceptance():
     policy = DraftPoolPolicy(min_acceptance_rate=0.5)
     idle = _context([_draft_report(0, 0, 0), _draft_report(1, 10, 1)], target_ongoing_requests=2)
     assert policy(idle)[0] == 1
+    # The replicas' sessions decide, not a request count Serve still holds from the busy period.
+    stale = _context([_draft_report(0, 0, 0), _draft_report(0, 0, 0)], 2, handle_requests=4)
+    assert policy(stale)[0] <= 1, "idle, reporting draft workers held up by Serve's stale request count"
 
 
 def test_draft_pool_without_reports_follows_serves_request_count():
