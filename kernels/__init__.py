@@ -97,8 +97,7 @@ def sample_markov_block(
         token_ids,
     )
     if candidates:
-        ext = cpu_attention.extension() if logits.device.type == "cpu" else None
-        if ext is not None and w1 is not None:
+        if w1 is not None and (ext := markov_sampling.cpu_extension(logits)) is not None:
             return cpu_markov.sample_candidates(ext, *args, candidates)
         return markov_sampling.sample_markov_block(*args, candidates)
     if use_triton(logits):

@@ -44,7 +44,8 @@ class MarkovDraft:
     confidence: torch.Tensor | None  # [B, γ] fp32 c_k, when a confidence head is given
 
 
-def _cpu_extension(x: torch.Tensor) -> ModuleType | None:
+def cpu_extension(x: torch.Tensor) -> ModuleType | None:
+    """The compiled CPU module (top-k, the candidate loop) where `x` lives on the CPU and it builds."""
     return cpu_attention.extension() if x.device.type == "cpu" else None
 
 
@@ -52,7 +53,7 @@ def top_columns(logits: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tenso
     """The M largest logits of each slot (fp32) and their columns, [B, γ, M] each: on the CPU by our
     row-wise top-k (`cpu_select.cpp`, ties to the lower column; torch.topk costs ~10x more there)."""
     flat = logits.float().reshape(-1, logits.shape[-1])
-    ext = _cpu_extension(flat)
+    ext = cpu_extension(flat)
     values, indices = ext.row_topk(flat, m) if ext is not None else flat.topk(m, dim=-1)
     shape = (*logits.shape[:-1], m)
     return values.view(shape), indices.view(shape)

@@ -198,21 +198,28 @@ class TargetCache:
 
     def token_samples(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(ids, loss mask) of every sample, without reading features."""
-        for name, offset, length in self._index:
-            a = self._arrays(name)
-            rows = slice(offset, offset + length)
-            yield (
-                torch.from_numpy(np.array(a["ids"][rows], dtype=np.int64)),
-                torch.from_numpy(np.array(a["loss_mask"][rows], dtype=np.bool_)),
-            )
+        for i in range(len(self)):
+            a, rows = self._rows(i)
+            yield _ids_and_mask(a, rows)
 
     def __getitem__(self, i: int) -> CachedSample:
-        name, offset, length = self._index[i]
-        a = self._arrays(name)
-        rows = slice(offset, offset + length)
+        a, rows = self._rows(i)
+        ids, loss_mask = _ids_and_mask(a, rows)
         return CachedSample(
             features=_from_bf16_bits(a["features"][rows]),
             final_hidden=_from_bf16_bits(a["final"][rows]),
-            ids=torch.from_numpy(np.array(a["ids"][rows], dtype=np.int64)),
-            loss_mask=torch.from_numpy(np.array(a["loss_mask"][rows], dtype=np.bool_)),
+            ids=ids,
+            loss_mask=loss_mask,
         )
+
+    def _rows(self, i: int) -> tuple[dict[str, np.ndarray], slice]:
+        """Sample i's shard arrays and its rows in them."""
+        name, offset, length = self._index[i]
+        return self._arrays(name), slice(offset, offset + length)
+
+
+def _ids_and_mask(a: dict[str, np.ndarray], rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.from_numpy(np.array(a["ids"][rows], dtype=np.int64)),
+        torch.from_numpy(np.array(a["loss_mask"][rows], dtype=np.bool_)),
+    )
