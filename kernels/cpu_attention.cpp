@@ -9,7 +9,8 @@
 // vector exp, and accumulation in key order (the tile's max and sum by fixed trees too). Which
 // tiles a row visits and what it does in each depend only on its own position (and window), never
 // on the other rows of its block, how many query tokens its sequence brings, or the other sequences. So a token's output is bit-identical whether it is
-// decoded alone, verified behind drafts, prefilled in a chunk, or batched.
+// decoded alone, verified behind drafts, prefilled in a chunk, or batched. Non-causal (a drafter's
+// block, whose slots see each other both ways), every row sees all of its sequence's keys.
 #include <torch/extension.h>
 
 #include "cpu_ops.h"
@@ -144,7 +145,7 @@ struct RowState {
 template <typename T>
 void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
             const torch::Tensor& block_tables, const torch::Tensor& query_start_loc,
-            const torch::Tensor& seq_lens, double scale, int64_t window, double softcap,
+            const torch::Tensor& seq_lens, double scale, int64_t window, double softcap, bool causal,
             torch::Tensor& out) {
   const int64_t num_heads = q.size(1), head_dim = q.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
@@ -192,9 +193,9 @@ void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t pos = lens[b] - q_len + (row0 + r - starts[b]);  // this token's position
         first_key[r] = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-        last_key[r] = pos;
+        last_key[r] = causal ? pos : lens[b] - 1;
         lo = std::min(lo, first_key[r]);
-        hi = std::max(hi, pos);
+        hi = std::max(hi, last_key[r]);
         for (int64_t g = 0; g < group; ++g) {
           const int64_t s = r * group + g;
           widen(q_ptr + ((row0 + r) * num_heads + kvh * group + g) * head_dim,
@@ -288,7 +289,8 @@ void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
 
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                               torch::Tensor block_tables, torch::Tensor query_start_loc,
-                              torch::Tensor seq_lens, double scale, int64_t window, double softcap) {
+                              torch::Tensor seq_lens, double scale, int64_t window, double softcap,
+                              bool causal) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
               "q and the KV cache must share a dtype");
@@ -299,13 +301,13 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   auto out = torch::empty_like(q);
   switch (q.scalar_type()) {
     case torch::kFloat:
-      attend<float>(q, k_cache, v_cache, tables, starts, lens, scale, window, softcap, out);
+      attend<float>(q, k_cache, v_cache, tables, starts, lens, scale, window, softcap, causal, out);
       break;
     case torch::kBFloat16:
-      attend<at::BFloat16>(q, k_cache, v_cache, tables, starts, lens, scale, window, softcap, out);
+      attend<at::BFloat16>(q, k_cache, v_cache, tables, starts, lens, scale, window, softcap, causal, out);
       break;
     case torch::kHalf:
-      attend<at::Half>(q, k_cache, v_cache, tables, starts, lens, scale, window, softcap, out);
+      attend<at::Half>(q, k_cache, v_cache, tables, starts, lens, scale, window, softcap, causal, out);
       break;
     default:
       TORCH_CHECK(false, "unsupported dtype ", q.scalar_type());
@@ -314,7 +316,14 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "batch-invariant paged attention (CPU)");
+  m.def(
+      "paged_attention",
+      [](torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
+         torch::Tensor query_start_loc, torch::Tensor seq_lens, double scale, int64_t window, double softcap) {
+        return paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, window,
+                               softcap, true);
+      },
+      "batch-invariant causal paged attention (CPU)");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row (CPU)");
   m.def("rotary_", &rotary_, "rotate-half RoPE in place (CPU)");
   m.def("gated_activation", &gated_activation, "act(gate) * up of a fused [gate | up] row (CPU)");

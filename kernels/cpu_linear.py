@@ -64,12 +64,18 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def packed_weight(layer: nn.Linear) -> torch.Tensor:
-    """The layer's weight in the GEMM's layout, packed on first use and again if the weight changed;
-    kept as a plain attribute (not a parameter, not saved)."""
-    weight = layer.weight
-    cached = layer.__dict__.get("_packed_bf16")
-    if cached is None or cached[0] is not weight or cached[1] != weight._version:
-        cached = (weight, weight._version, cpu_attention.extension().pack_bf16_weight(weight.detach()))
-        layer.__dict__["_packed_bf16"] = cached
+def packed_weight(*layers: nn.Linear) -> torch.Tensor:
+    """The layers' weights stacked by rows (one layer: its own weight) in the GEMM's layout, as one
+    linear layer with their outputs side by side; packed on first use and again if a weight changed,
+    kept as a plain attribute of the first layer (not a parameter, not saved)."""
+    weights = tuple(layer.weight for layer in layers)
+    versions = tuple(weight._version for weight in weights)
+    key = "_packed_bf16" if len(layers) == 1 else f"_packed_bf16_with_{len(layers) - 1}"
+    cached = layers[0].__dict__.get(key)
+    if cached is None or any(a is not b for a, b in zip(cached[0], weights)) or cached[1] != versions:
+        stacked = (
+            torch.cat([weight.detach() for weight in weights]) if len(weights) > 1 else weights[0].detach()
+        )
+        cached = (weights, versions, cpu_attention.extension().pack_bf16_weight(stacked))
+        layers[0].__dict__[key] = cached
     return cached[2]

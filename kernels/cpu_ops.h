@@ -10,12 +10,13 @@
 // cpu_attention.cpp
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                               torch::Tensor block_tables, torch::Tensor query_start_loc,
-                              torch::Tensor seq_lens, double scale, int64_t window, double softcap);
+                              torch::Tensor seq_lens, double scale, int64_t window, double softcap,
+                              bool causal);
 // cpu_rowwise.cpp
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool adds_one);
 void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
 torch::Tensor gated_activation(const torch::Tensor& x, bool gelu);
-// cpu_layer.cpp: binds `decoder_layer` (only the bindings call it, so it is declared nowhere else)
+// cpu_layer.cpp: binds `decoder_layer` and `injected_layer` (only the bindings call them)
 void bind_decoder_layer(pybind11::module& m);
 // cpu_select.cpp
 std::tuple<torch::Tensor, torch::Tensor> row_topk(const torch::Tensor& x, int64_t k);

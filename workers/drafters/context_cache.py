@@ -8,6 +8,8 @@ sequences of a proposal in one projection call; the proposal reads them back pad
 
 Features and KV live in buffers that double when full, so a step appends its few positions in
 place: concatenating onto the whole history each step would copy O(context) bytes per step.
+Beside the KV, a projector may hand back one state row per position that proposals read again
+(DSpark's fused H_ctx at anchor−1), so it is not computed twice.
 """
 
 from __future__ import annotations
@@ -20,9 +22,18 @@ from torch.nn.utils.rnn import pad_sequence
 
 from specray.workers.drafters.layers import KV
 
-# project(features [T, m·d], positions [T], owners [T]) -> per-layer KV [T, ...] of those positions,
-# where owners[t] is the index, in the proposal's batch, of the sequence position t belongs to.
-Projector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], list[KV]]
+
+@dataclass
+class Projection:
+    """What a projector derives from the features of T positions."""
+
+    kv: list[KV]  # per layer, [T, ...] each
+    states: torch.Tensor | None = None  # [T, d]: a row per position that proposals read again
+
+
+# project(features [T, m·d], positions [T], owners [T]) -> the Projection of those positions, where
+# owners[t] is the index, in the proposal's batch, of the sequence position t belongs to.
+Projector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Projection]
 
 _MIN_CAPACITY = 256
 
@@ -41,6 +52,7 @@ class _State:
     buffer: torch.Tensor  # [capacity, m·d], the first `length` rows received
     length: int
     kv: list[KV] = field(default_factory=list)  # per layer, [capacity, ...] buffers
+    states: torch.Tensor | None = None  # [capacity, d], rows of the projector's states
     kv_len: int = 0
 
     @property
@@ -54,10 +66,10 @@ class _State:
         self.length = end
         self.kv_len = min(self.kv_len, start)
 
-    def write_kv(self, start: int, new: list[KV]) -> None:
+    def write_kv(self, start: int, new: list[KV], states: torch.Tensor | None) -> None:
         end = start + new[0][0].shape[0]
+        capacity = self.buffer.shape[0]
         if not self.kv:
-            capacity = self.buffer.shape[0]
             self.kv = [
                 (k.new_empty(capacity, *k.shape[1:]), v.new_empty(capacity, *v.shape[1:])) for k, v in new
             ]
@@ -66,6 +78,11 @@ class _State:
             k_buf, v_buf = _grown(k_buf, start, end), _grown(v_buf, start, end)
             k_buf[start:end], v_buf[start:end] = k, v
             grown.append((k_buf, v_buf))
+        if states is not None:
+            if self.states is None:
+                self.states = states.new_empty(capacity, *states.shape[1:])
+            self.states = _grown(self.states, start, end)
+            self.states[start:end] = states
         self.kv, self.kv_len = grown, end
 
 
@@ -91,6 +108,16 @@ class ContextCache:
         """[B, m·d]: each sequence's features at one position."""
         return torch.stack([self._states[s].features[p] for s, p in zip(seq_ids, positions)])
 
+    def states_at(self, seq_ids: list[str], positions: list[int]) -> torch.Tensor:
+        """[B, d]: each sequence's projected state row at one position (projected by `context_kv`)."""
+        rows = []
+        for seq_id, position in zip(seq_ids, positions):
+            state = self._states[seq_id]
+            if state.states is None or position >= state.kv_len:
+                raise ValueError(f"{seq_id}: no projected state at position {position}")
+            rows.append(state.states[position])
+        return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
+
     def context_kv(self, seq_ids: list[str], lengths: list[int], project: Projector) -> list[KV]:
         """Per-layer context KV [B, max(lengths), ...] of positions 0..lengths[b]−1 of each sequence,
         zero-padded past its length; positions not cached yet are projected in one `project` call."""
@@ -110,9 +137,12 @@ class ContextCache:
                 torch.cat([torch.full((end - start,), row, device=device) for row, start, end in spans]),
             )
             sizes = [end - start for _, start, end in spans]
-            pieces = [(k.split(sizes), v.split(sizes)) for k, v in new]
+            pieces = [(k.split(sizes), v.split(sizes)) for k, v in new.kv]
+            rows = None if new.states is None else new.states.split(sizes)
             for i, (row, start, _) in enumerate(spans):
-                states[row].write_kv(start, [(k[i], v[i]) for k, v in pieces])
+                states[row].write_kv(
+                    start, [(k[i], v[i]) for k, v in pieces], None if rows is None else rows[i]
+                )
         if len(states) == 1:
             return [(k[: lengths[0]].unsqueeze(0), v[: lengths[0]].unsqueeze(0)) for k, v in states[0].kv]
         return [

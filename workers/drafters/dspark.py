@@ -18,6 +18,7 @@ from torch import nn
 
 from specray.kernels import MarkovDraft, linear, sample_markov_block
 from specray.workers.drafters.config import DrafterConfig
+from specray.workers.drafters.context_cache import Projection
 from specray.workers.drafters.feature_drafter import FeatureDrafter
 from specray.workers.drafters.layers import KV, FeatureDrafterBackbone
 from specray.workers.engine.drafter import DraftProposal, DraftRequest
@@ -58,11 +59,8 @@ class DSparkModel(FeatureDrafterBackbone):
         if config.confidence:
             self.confidence_head = nn.Linear(d + r, 1)
 
-    def context_kv(self, features: torch.Tensor, positions: torch.Tensor) -> list[KV]:
-        """Per-layer KV of raw target features [T, m·d] at `positions` [T]."""
-        return self._fused_kv(self.fuse(features), positions)
-
-    def _fused_kv(self, fused: torch.Tensor, positions: torch.Tensor) -> list[KV]:
+    def context_kv(self, fused: torch.Tensor, positions: torch.Tensor) -> list[KV]:
+        """Per-layer KV of fused target features H_ctx [T, d] at `positions` [T]."""
         rotary = self.rotary(positions, fused.dtype)
         return [layer.context_kv(fused, rotary) for layer in self.layers]
 
@@ -91,19 +89,9 @@ class DSparkModel(FeatureDrafterBackbone):
     ) -> torch.Tensor:
         """Final-normed slot states [N, γ, d] of one block per row (inference): row i's context KV
         [N, L, ...] holds its own sequence, of which its block sees positions j < anchors[i]."""
-        block_len = self.config.draft_block_size
         x = self.block_inputs(anchor_embeds, mask_embed, states)
-        positions = anchors.unsqueeze(1) + torch.arange(block_len, device=anchors.device)
-        context_len = context[0][0].shape[1]
-        sees_context = torch.arange(context_len, device=anchors.device) < anchors.unsqueeze(1)
-        mask = torch.cat(
-            (
-                sees_context.unsqueeze(1).expand(-1, block_len, -1),
-                sees_context.new_ones(anchors.shape[0], block_len, block_len),
-            ),
-            -1,
-        )
-        return self.norm(self.run_layers(x, positions, context, mask))
+        positions = anchors.unsqueeze(1) + torch.arange(self.config.draft_block_size, device=anchors.device)
+        return self.norm(self.run_block_layers(x, positions, context, anchors))
 
     def packed_blocks(
         self,
@@ -165,7 +153,7 @@ class DSparkModel(FeatureDrafterBackbone):
         """
         block_len = self.config.draft_block_size
         fused = self.fuse(features)
-        context = self._fused_kv(fused, torch.arange(fused.shape[0], device=fused.device))
+        context = self.context_kv(fused, torch.arange(fused.shape[0], device=fused.device))
         mask_embed = target.embed(torch.tensor([self.config.mask_token_id], device=ids.device))[0]
         states = torch.cat((torch.zeros_like(fused[:1]), fused))[anchors]  # H_ctx at anchor−1
         hidden = self.packed_blocks(context, anchors, target.embed(ids[anchors]), mask_embed, states)
@@ -231,13 +219,17 @@ class DSparkDrafter(FeatureDrafter):
         device = self.device
         m, seq_ids = self.model, [r.seq_id for r in batch]
         anchor_pos = [len(r.token_ids) - 1 for r in batch]
-        context = self.cache.context_kv(seq_ids, anchor_pos, lambda f, pos, _: m.context_kv(f, pos))
+
+        def project(features: torch.Tensor, positions: torch.Tensor, _: torch.Tensor) -> Projection:
+            fused = m.fuse(features)
+            # H_ctx at anchor−1 is a context row too: kept with the KV, fused once.
+            return Projection(m.context_kv(fused, positions), fused if self.config.state_input else None)
+
+        context = self.cache.context_kv(seq_ids, anchor_pos, project)
         mask_embed = self._embed(torch.tensor([self.config.mask_token_id], device=device))[0]
         anchors = torch.tensor([r.token_ids[-1] for r in batch], device=device)
         states = (
-            m.fuse(self.cache.features_at(seq_ids, [p - 1 for p in anchor_pos]))
-            if self.config.state_input
-            else None
+            self.cache.states_at(seq_ids, [p - 1 for p in anchor_pos]) if self.config.state_input else None
         )
         hidden = m.blocks(
             context, torch.tensor(anchor_pos, device=device), self._embed(anchors), mask_embed, states

@@ -13,6 +13,7 @@ from torch import nn
 
 from specray.kernels import linear, sample_markov_block
 from specray.workers.drafters.config import DrafterConfig
+from specray.workers.drafters.context_cache import Projection
 from specray.workers.drafters.feature_drafter import FeatureDrafter
 from specray.workers.drafters.layers import KV, FeatureDrafterBackbone
 from specray.workers.engine.drafter import DraftProposal, DraftRequest
@@ -118,11 +119,11 @@ class Eagle3Drafter(FeatureDrafter):
         seq_ids = [r.seq_id for r in batch]
         anchor_pos = [len(r.token_ids) - 1 for r in batch]
 
-        def project(features: torch.Tensor, positions: torch.Tensor, owners: torch.Tensor) -> list[KV]:
+        def project(features: torch.Tensor, positions: torch.Tensor, owners: torch.Tensor) -> Projection:
             # Step input at t pairs H_t with x_{t+1}.
             next_ids = [batch[o].token_ids[p + 1] for o, p in zip(owners.tolist(), positions.tolist())]
             inputs = m.step_inputs(self._embed(torch.tensor(next_ids, device=device)), m.fuse(features))
-            return m.context_kv(inputs, positions)
+            return Projection(m.context_kv(inputs, positions))
 
         # Steps up to position anchor−2 are context; the step at anchor−1 (reading the anchor) drafts.
         context = self.cache.context_kv(seq_ids, [p - 1 for p in anchor_pos], project)

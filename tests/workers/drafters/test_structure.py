@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specray.workers.drafters.config import DrafterConfig, spread_feature_layers
-from specray.workers.drafters.context_cache import ContextCache
+from specray.workers.drafters.context_cache import ContextCache, Projection
 from specray.workers.drafters.dspark import DSparkModel, block_mask
 from specray.workers.drafters.eagle3 import Eagle3Model, chain_mask
 
@@ -102,7 +102,7 @@ def test_context_cache_crops_rejected_positions() -> None:
 
     def project(features: torch.Tensor, positions: torch.Tensor, owners: torch.Tensor) -> list:
         calls.append((positions.tolist(), owners.tolist()))
-        return [(features[:, None, :2].clone(), features[:, None, 2:4].clone())]
+        return Projection([(features[:, None, :2].clone(), features[:, None, 2:4].clone())])
 
     cache.observe("s", torch.arange(24.0).view(6, 4), 0)
     assert cache.context_kv(["s"], [5], project)[0][0].shape == (1, 5, 1, 2)
@@ -120,7 +120,9 @@ def test_context_cache_projects_a_batch_at_once_and_pads() -> None:
 
     def project(features: torch.Tensor, positions: torch.Tensor, owners: torch.Tensor) -> list:
         calls.append((positions.tolist(), owners.tolist()))
-        return [(features[:, None, :1].clone(), features[:, None, 1:2].clone())]
+        return Projection(
+            [(features[:, None, :1].clone(), features[:, None, 1:2].clone())], features[:, 1] * 10
+        )
 
     cache.observe("a", torch.arange(8.0).view(4, 2), 0)
     cache.observe("b", torch.arange(100.0, 112.0).view(6, 2), 0)
@@ -129,6 +131,11 @@ def test_context_cache_projects_a_batch_at_once_and_pads() -> None:
     assert calls == [([0, 1], [0, 0]), ([0, 1, 2, 3, 4, 2], [0, 0, 0, 0, 0, 1])]
     keys = kv[0][0][..., 0, 0]
     assert keys.tolist() == [[100, 102, 104, 106, 108], [0, 2, 4, 0, 0]]
+    # The projector's state rows are kept beside the KV and read back per position.
+    assert cache.states_at(["a", "b"], [2, 4]).tolist() == [50, 1090], "state rows not kept per position"
+    assert cache.states_at(["b"], [0]).tolist() == [1010]
+    with pytest.raises(ValueError, match="no projected state"):
+        cache.states_at(["a"], [3])
 
 
 def test_a_shorter_draft_is_a_prefix_of_the_full_block(tiny_target) -> None:  # noqa: ANN001
