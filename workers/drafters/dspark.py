@@ -190,6 +190,10 @@ class DSparkDrafter(FeatureDrafter):
             tables = model.markov_tables(target)
         super().__init__(model, target)
         self.markov_tables = tables
+        # Read by every proposal: built once.
+        with torch.inference_mode():
+            self.mask_embed = self._embed(torch.tensor([self.config.mask_token_id], device=self.device))[0]
+            self.conf_temperatures = torch.tensor(self.config.confidence_temperatures, device=self.device)
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[DraftProposal]:
@@ -226,13 +230,12 @@ class DSparkDrafter(FeatureDrafter):
             return Projection(m.context_kv(fused, positions), fused if self.config.state_input else None)
 
         context = self.cache.context_kv(seq_ids, anchor_pos, project)
-        mask_embed = self._embed(torch.tensor([self.config.mask_token_id], device=device))[0]
         anchors = torch.tensor([r.token_ids[-1] for r in batch], device=device)
         states = (
             self.cache.states_at(seq_ids, [p - 1 for p in anchor_pos]) if self.config.state_input else None
         )
         hidden = m.blocks(
-            context, torch.tensor(anchor_pos, device=device), self._embed(anchors), mask_embed, states
+            context, torch.tensor(anchor_pos, device=device), self._embed(anchors), self.mask_embed, states
         )
         # Slot k's hidden state depends on the whole block (bidirectional attention), but nothing
         # after slot k depends on its logits: only the slots asked for get the LM head, a draft's
@@ -261,9 +264,7 @@ class DSparkDrafter(FeatureDrafter):
             hidden=blocks.hidden,
             conf_weight=m.confidence_head.weight[0] if self.config.confidence else None,
             conf_bias=float(m.confidence_head.bias) if self.config.confidence else 0.0,
-            conf_temperature=torch.tensor(
-                self.config.confidence_temperatures[: blocks.width], device=self.device
-            ),
+            conf_temperature=self.conf_temperatures[: blocks.width],
             return_probs=bool((temperature > 0).any()),
             token_ids=self.token_ids,
             candidates=self.config.markov_candidates or None,
