@@ -331,6 +331,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("markov_candidates_block", &markov_candidates_block,
         "the Markov block sampler over each slot's candidate columns (CPU)");
   bind_decoder_layer(m);
+  bind_draft_block(m);
   m.def("has_bf16_gemm", &has_bf16_gemm, "whether linear_bf16 is built (AVX-512 BF16)");
   m.def("pack_bf16_weight", &pack_bf16_weight, "pack a [N, K] bf16 weight for linear_bf16");
   m.def("linear_bf16", &linear_bf16, "batch-invariant bf16 linear layer (CPU, AVX-512 BF16)");

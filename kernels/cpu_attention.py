@@ -1,7 +1,8 @@
 """The CPU's paged attention: a small C++ kernel (`cpu_attention.cpp`), compiled once per machine,
 with the layer's row-wise ops (`cpu_rowwise.cpp`: RMSNorm, RoPE, the gated activation), row-wise
 top-k for the Markov sampler's candidates (`cpu_select.cpp`) and its candidate loop (`cpu_markov.cpp`), our bf16
-GEMM (`cpu_gemm.cpp`) and the fused decoder layer (`cpu_layer.cpp`) in the same module.
+GEMM (`cpu_gemm.cpp`), the fused decoder layer (`cpu_layer.cpp`) and a drafter's fused block forward
+(`cpu_draft_block.cpp`) in the same module.
 
 It is batch-invariant by construction (each query row attends over exactly its own keys, in order),
 which the lossless guarantee needs in every dtype: a token's logits must not depend on how many
@@ -35,6 +36,7 @@ _SOURCES = [
         "cpu_markov.cpp",
         "cpu_gemm.cpp",
         "cpu_layer.cpp",
+        "cpu_draft_block.cpp",
     )
 ]
 

@@ -63,6 +63,8 @@ torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Ten
   return attention_residual_and_mlp(x, attn, w);
 }
 
+}  // namespace
+
 // x [B·T, d], B blocks of T query slots -> the layer's output [B·T, d]. Block b's slots attend to
 // its context KV rows j < context_lens[b] of context_k/v [B, L, KV heads, head_dim] and to all T
 // of its own slots (both ways). The keys are pooled into one table of single-row pages (the
@@ -101,8 +103,6 @@ torch::Tensor injected_layer(const torch::Tensor& x, const std::vector<torch::Te
   const auto attn = paged_attention(qkv.q, pool_k, pool_v, tables, starts, lens, scale, 0, 0.0, false);
   return attention_residual_and_mlp(x, attn, w);
 }
-
-}  // namespace
 
 void bind_decoder_layer(pybind11::module& m) {
   m.def("decoder_layer", &decoder_layer, "a Llama-style decoder layer in one call (CPU, bf16)");

@@ -16,8 +16,15 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool adds_one);
 void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
 torch::Tensor gated_activation(const torch::Tensor& x, bool gelu);
-// cpu_layer.cpp: binds `decoder_layer` and `injected_layer` (only the bindings call them)
+// cpu_layer.cpp: binds `decoder_layer` and `injected_layer`
 void bind_decoder_layer(pybind11::module& m);
+torch::Tensor injected_layer(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                             const std::vector<int64_t>& sizes, const std::vector<int64_t>& heads, double eps,
+                             bool gelu, const torch::Tensor& cos, const torch::Tensor& sin,
+                             const torch::Tensor& context_k, const torch::Tensor& context_v,
+                             const torch::Tensor& context_lens, double scale);
+// cpu_draft_block.cpp
+void bind_draft_block(pybind11::module& m);
 // cpu_select.cpp
 std::tuple<torch::Tensor, torch::Tensor> row_topk(const torch::Tensor& x, int64_t k);
 // cpu_markov.cpp

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specray.kernels import MarkovDraft, linear, sample_markov_block
+from specray.kernels import MarkovDraft, cpu_attention, linear, sample_markov_block
+from specray.kernels.cpu_linear import packed_weight, uses_packed_gemm
 from specray.workers.drafters.config import DrafterConfig
 from specray.workers.drafters.context_cache import Projection
 from specray.workers.drafters.feature_drafter import FeatureDrafter
@@ -89,9 +90,59 @@ class DSparkModel(FeatureDrafterBackbone):
     ) -> torch.Tensor:
         """Final-normed slot states [N, γ, d] of one block per row (inference): row i's context KV
         [N, L, ...] holds its own sequence, of which its block sees positions j < anchors[i]."""
+        block_len = self.config.draft_block_size
         x = self.block_inputs(anchor_embeds, mask_embed, states)
-        positions = anchors.unsqueeze(1) + torch.arange(self.config.draft_block_size, device=anchors.device)
-        return self.norm(self.run_block_layers(x, positions, context, anchors))
+        positions = anchors.unsqueeze(1) + torch.arange(block_len, device=anchors.device)
+        context_len = context[0][0].shape[1]
+        sees_context = torch.arange(context_len, device=anchors.device) < anchors.unsqueeze(1)
+        mask = torch.cat(
+            (
+                sees_context.unsqueeze(1).expand(-1, block_len, -1),
+                sees_context.new_ones(anchors.shape[0], block_len, block_len),
+            ),
+            -1,
+        )
+        return self.norm(self.run_layers(x, positions, context, mask))
+
+    def fused_block_logits(
+        self,
+        context: list[KV],
+        anchors: torch.Tensor,
+        anchor_embeds: torch.Tensor,
+        mask_embed: torch.Tensor,
+        states: torch.Tensor | None,
+        head: nn.Linear,
+        width: int,
+        softcap: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`blocks` and the LM head `head` over their first `width` slots as one C++ call
+        (`kernels/cpu_draft_block.cpp`; bf16 inference where linear layers run our packed GEMM):
+        (final-normed slot states [N, width, d], fp32 logits [N, width, K])."""
+        layer_weights = [layer.fused_weights() for layer in self.layers]
+        attn = self.layers[0].self_attn.config
+        return cpu_attention.extension().draft_block(
+            anchor_embeds,
+            mask_embed,
+            anchors,
+            self.config.draft_block_size,
+            states,
+            self.embed_norm.weight if self.config.state_input else None,
+            packed_weight(self.in_proj) if self.config.state_input else None,
+            self.rotary.inv_freq,
+            [weights for weights, _ in layer_weights],
+            layer_weights[0][1],
+            [attn.num_heads, attn.num_kv_heads, attn.head_dim],
+            self.config.rms_norm_eps,
+            self.layers[0].mlp.gelu,
+            [k for k, _ in context],
+            [v for _, v in context],
+            attn.head_dim**-0.5,
+            self.norm.weight,
+            packed_weight(head),
+            head.weight.shape[0],
+            width,
+            softcap,
+        )
 
     def packed_blocks(
         self,
@@ -194,6 +245,14 @@ class DSparkDrafter(FeatureDrafter):
         with torch.inference_mode():
             self.mask_embed = self._embed(torch.tensor([self.config.mask_token_id], device=self.device))[0]
             self.conf_temperatures = torch.tensor(self.config.confidence_temperatures, device=self.device)
+        # The block forward and head as one C++ call where our packed bf16 GEMM runs them.
+        c = self.config
+        self.fused = (
+            uses_packed_gemm(self.dtype, self.device)
+            and self.head.weight.dtype == self.dtype
+            and c.hidden_size % 2 == 0
+            and c.intermediate_size % 2 == 0
+        )
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[DraftProposal]:
@@ -234,14 +293,19 @@ class DSparkDrafter(FeatureDrafter):
         states = (
             self.cache.states_at(seq_ids, [p - 1 for p in anchor_pos]) if self.config.state_input else None
         )
-        hidden = m.blocks(
-            context, torch.tensor(anchor_pos, device=device), self._embed(anchors), self.mask_embed, states
-        )
+        positions = torch.tensor(anchor_pos, device=device)
         # Slot k's hidden state depends on the whole block (bidirectional attention), but nothing
         # after slot k depends on its logits: only the slots asked for get the LM head, a draft's
         # largest cost, so drafting to a smaller verify budget is cheaper.
         width = max(min(r.max_tokens, self.config.draft_block_size) for r in batch)
-        hidden = hidden[:, :width]
+        anchor_embeds = self._embed(anchors)
+        if self.fused:
+            softcap = self.target.config.final_logit_softcapping or 0.0
+            hidden, logits = m.fused_block_logits(
+                context, positions, anchor_embeds, self.mask_embed, states, self.head, width, softcap
+            )
+            return BlockLogits(hidden, logits, anchors)
+        hidden = m.blocks(context, positions, anchor_embeds, self.mask_embed, states)[:, :width]
         return BlockLogits(hidden, self.logits(hidden), anchors)
 
     def uniforms(self, batch: list[DraftRequest], width: int) -> torch.Tensor:

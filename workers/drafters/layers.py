@@ -5,8 +5,8 @@ the same projections for both. The context is projected raw (it skips the layer'
 its keys/values depend only on the fused target features and can be cached across steps.
 Layers run on a batch of independent rows: training packs all blocks of a sequence into one row,
 inference gives every sequence its own row over its context, padded to the longest. Masks are
-explicit booleans [rows, queries, context + queries] (True = may attend). At inference a block's
-layers run as one C++ call each on CPUs where bf16 runs our packed GEMM (`kernels/cpu_layer.cpp`).
+explicit booleans [rows, queries, context + queries] (True = may attend). On CPUs where bf16 runs
+our packed GEMM, inference runs a DSpark block's layers in C++ (`kernels/cpu_draft_block.cpp`).
 """
 
 from __future__ import annotations
@@ -83,37 +83,24 @@ class InjectedLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rotary, context, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def fused_block_forward(
-        self,
-        x: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
-        context: KV,
-        context_lens: torch.Tensor,
-    ) -> torch.Tensor:
-        """The layer over B blocks as one C++ call: x [B·T, d] flat, context KV [B, L, ...] of which
-        block b sees rows j < context_lens[b], and all of its own block."""
-        attn, mlp, c = self.self_attn, self.mlp, self.self_attn.config
-        layers = (
+    def fused_weights(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The layer's weights for the C++ injected layer (`kernels/cpu_layer.cpp`): (norm 1, packed
+        [q | k | v], packed o, norm 2, packed [gate | up], packed down) and the packed widths."""
+        attn, mlp = self.self_attn, self.mlp
+        stacks = (
             (attn.q_proj, attn.k_proj, attn.v_proj),
             (attn.o_proj,),
             (mlp.gate_up_proj,),
             (mlp.down_proj,),
         )
-        packed = [packed_weight(*stacked) for stacked in layers]
-        return cpu_attention.extension().injected_layer(
-            x,
-            [self.input_layernorm.weight, *packed[:2], self.post_attention_layernorm.weight, *packed[2:]],
-            [sum(layer.weight.shape[0] for layer in stacked) for stacked in layers],
-            [c.num_heads, c.num_kv_heads, c.head_dim],
-            self.input_layernorm.eps,
-            mlp.gelu,
-            rotary[0],
-            rotary[1],
-            context[0],
-            context[1],
-            context_lens,
-            c.head_dim**-0.5,
-        )
+        packed = [packed_weight(*stack) for stack in stacks]
+        weights = [
+            self.input_layernorm.weight,
+            *packed[:2],
+            self.post_attention_layernorm.weight,
+            *packed[2:],
+        ]
+        return weights, [sum(layer.weight.shape[0] for layer in stack) for stack in stacks]
 
 
 class FeatureDrafterBackbone(nn.Module):
@@ -148,32 +135,6 @@ class FeatureDrafterBackbone(nn.Module):
         for layer, kv in zip(self.layers, context):
             x = layer(x, rotary, kv, mask)
         return x
-
-    def run_block_layers(
-        self, x: torch.Tensor, positions: torch.Tensor, context: list[KV], context_lens: torch.Tensor
-    ) -> torch.Tensor:
-        """Layer outputs (pre-norm) [B, T, d] of B blocks of queries x [B, T, d] (inference): block
-        b sees its context KV rows j < context_lens[b] and all of its own T slots, both ways."""
-        if (
-            cpu_decoder_layer(x)
-            and self.config.hidden_size % 2 == 0
-            and self.config.intermediate_size % 2 == 0
-        ):
-            rotary = self.rotary(positions.reshape(-1), x.dtype)
-            flat = x.reshape(-1, x.shape[-1])
-            for layer, kv in zip(self.layers, context):
-                flat = layer.fused_block_forward(flat, rotary, kv, context_lens)
-            return flat.view(x.shape)
-        rows, block_len = x.shape[:2]
-        sees_context = torch.arange(context[0][0].shape[1], device=x.device) < context_lens.unsqueeze(1)
-        mask = torch.cat(
-            (
-                sees_context.unsqueeze(1).expand(-1, block_len, -1),
-                sees_context.new_ones(rows, block_len, block_len),
-            ),
-            -1,
-        )
-        return self.run_layers(x, positions, context, mask)
 
     def draft_vocab(self) -> DraftVocab | None:
         if not self.config.draft_vocab_size:

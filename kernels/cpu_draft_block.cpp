@@ -1,0 +1,69 @@
+// A DSpark/DFlash drafter's whole block forward in one call on the CPU (bf16, our packed GEMM):
+// slot inputs [anchor, MASK × (T−1)] (through the state-input projection where the drafter has
+// one), RoPE at the slots' positions, the injected layers over the cached context KV, the final
+// norm and the LM head over the first `width` slots. The same kernels in the same order as the
+// Python modules; what goes away is the ~80 Python-level ops a proposal spent around them, which
+// cost about as much as the block's weights take to stream.
+#include <torch/extension.h>
+
+#include "cpu_ops.h"
+
+namespace {
+
+// Slot inputs [N, T, d]: the MASK embedding in every slot but the first, which holds the anchor's;
+// with a state-input projection, in_proj([norm(slot input); H_ctx at anchor−1]).
+torch::Tensor block_inputs(const torch::Tensor& anchor_embeds, const torch::Tensor& mask_embed, int64_t slots,
+                           const c10::optional<torch::Tensor>& states,
+                           const c10::optional<torch::Tensor>& embed_norm,
+                           const c10::optional<torch::Tensor>& in_proj, double eps) {
+  const int64_t n = anchor_embeds.size(0), d = anchor_embeds.size(1);
+  TORCH_CHECK(mask_embed.dim() == 1 && mask_embed.size(0) == d, "draft_block: mask_embed must be [d]");
+  auto x = mask_embed.expand({n, slots, d}).clone();
+  x.select(1, 0).copy_(anchor_embeds);
+  if (!in_proj.has_value()) return x;
+  TORCH_CHECK(states.has_value() && embed_norm.has_value(), "draft_block: in_proj needs states and embed_norm");
+  const auto normed = rms_norm(x.view({n * slots, d}), *embed_norm, eps, false).view({n, slots, d});
+  const auto joined = torch::cat({normed, states->unsqueeze(1).expand({n, slots, d})}, -1);
+  return linear_bf16(joined.view({n * slots, 2 * d}), *in_proj, d, c10::nullopt).view({n, slots, d});
+}
+
+// (cos, sin) [N·T, head_dim] of slot t of block b at position anchors[b] + t, as the Python
+// RotaryEmbedding computes them (fp32 angles, rotate-half layout, cast to the model's dtype).
+std::pair<torch::Tensor, torch::Tensor> slot_rotary(const torch::Tensor& anchors, int64_t slots,
+                                                    const torch::Tensor& inv_freq, torch::ScalarType dtype) {
+  const auto positions = (anchors.unsqueeze(1) + torch::arange(slots, anchors.options())).reshape({-1});
+  const auto freqs = positions.to(torch::kFloat).unsqueeze(-1) * inv_freq.unsqueeze(0);
+  const auto angles = torch::cat({freqs, freqs}, -1);
+  return {angles.cos().to(dtype), angles.sin().to(dtype)};
+}
+
+// -> (final-normed slot states [N, width, d], fp32 logits [N, width, K] over the head's rows).
+// `layers[l]` and `sizes` are injected_layer's weights and output widths; context_k/v[l] [N, L, ...]
+// the cached context KV of layer l, of which block b sees rows j < anchors[b].
+std::tuple<torch::Tensor, torch::Tensor> draft_block(
+    const torch::Tensor& anchor_embeds, const torch::Tensor& mask_embed, const torch::Tensor& anchors,
+    int64_t slots, const c10::optional<torch::Tensor>& states, const c10::optional<torch::Tensor>& embed_norm,
+    const c10::optional<torch::Tensor>& in_proj, const torch::Tensor& inv_freq,
+    const std::vector<std::vector<torch::Tensor>>& layers, const std::vector<int64_t>& sizes,
+    const std::vector<int64_t>& heads, double eps, bool gelu, const std::vector<torch::Tensor>& context_k,
+    const std::vector<torch::Tensor>& context_v, double scale, const torch::Tensor& norm,
+    const torch::Tensor& head, int64_t head_rows, int64_t width, double softcap) {
+  TORCH_CHECK(layers.size() == context_k.size() && layers.size() == context_v.size() && !layers.empty(),
+              "draft_block: one context KV per layer");
+  TORCH_CHECK(width >= 1 && width <= slots, "draft_block: width must be in [1, slots]");
+  const int64_t n = anchor_embeds.size(0), d = anchor_embeds.size(1);
+  const auto [cos, sin] = slot_rotary(anchors, slots, inv_freq, anchor_embeds.scalar_type());
+  auto x = block_inputs(anchor_embeds, mask_embed, slots, states, embed_norm, in_proj, eps).view({n * slots, d});
+  for (size_t l = 0; l < layers.size(); ++l)
+    x = injected_layer(x, layers[l], sizes, heads, eps, gelu, cos, sin, context_k[l], context_v[l], anchors, scale);
+  const auto hidden = rms_norm(x, norm, eps, false).view({n, slots, d}).narrow(1, 0, width).contiguous();
+  auto logits = linear_bf16(hidden.view({n * width, d}), head, head_rows, c10::nullopt);
+  if (softcap > 0) logits = torch::tanh(logits / softcap) * softcap;
+  return {hidden, logits.to(torch::kFloat).view({n, width, head_rows})};
+}
+
+}  // namespace
+
+void bind_draft_block(pybind11::module& m) {
+  m.def("draft_block", &draft_block, "a DSpark/DFlash block forward and LM head in one call (CPU, bf16)");
+}
