@@ -1,9 +1,10 @@
-// A DSpark/DFlash drafter's whole block forward in one call on the CPU (bf16, our packed GEMM):
+// A DSpark/DFlash drafter's proposal forward in two calls on the CPU (bf16, our packed GEMM): the
+// new context rows (fused target features H_ctx and each layer's KV), then the whole block:
 // slot inputs [anchor, MASK × (T−1)] (through the state-input projection where the drafter has
 // one), RoPE at the slots' positions, the injected layers over the cached context KV, the final
 // norm and the LM head over the first `width` slots. The same kernels in the same order as the
 // Python modules; what goes away is the ~80 Python-level ops a proposal spent around them, which
-// cost about as much as the block's weights take to stream.
+// cost about as much as the drafter's weights take to stream.
 #include <torch/extension.h>
 
 #include "cpu_ops.h"
@@ -27,14 +28,36 @@ torch::Tensor block_inputs(const torch::Tensor& anchor_embeds, const torch::Tens
   return linear_bf16(joined.view({n * slots, 2 * d}), *in_proj, d, c10::nullopt).view({n, slots, d});
 }
 
-// (cos, sin) [N·T, head_dim] of slot t of block b at position anchors[b] + t, as the Python
-// RotaryEmbedding computes them (fp32 angles, rotate-half layout, cast to the model's dtype).
-std::pair<torch::Tensor, torch::Tensor> slot_rotary(const torch::Tensor& anchors, int64_t slots,
-                                                    const torch::Tensor& inv_freq, torch::ScalarType dtype) {
-  const auto positions = (anchors.unsqueeze(1) + torch::arange(slots, anchors.options())).reshape({-1});
+// (cos, sin) [P, head_dim] at `positions` [P], as the Python RotaryEmbedding computes them (fp32
+// angles, rotate-half layout, cast to the model's dtype).
+std::pair<torch::Tensor, torch::Tensor> rotary_at(const torch::Tensor& positions, const torch::Tensor& inv_freq,
+                                                  torch::ScalarType dtype) {
   const auto freqs = positions.to(torch::kFloat).unsqueeze(-1) * inv_freq.unsqueeze(0);
   const auto angles = torch::cat({freqs, freqs}, -1);
   return {angles.cos().to(dtype), angles.sin().to(dtype)};
+}
+
+// -> (H_ctx [T, d], per layer (k, v) [T, KV heads, head_dim]) of raw target features [T, m·d] at
+// `positions`: fused = norm(fc(features)), then each layer's packed [k | v] product of the fused
+// rows with RoPE on k (the context skips the layer's input norm).
+std::tuple<torch::Tensor, std::vector<torch::Tensor>> draft_context(
+    const torch::Tensor& features, const torch::Tensor& positions, const torch::Tensor& fc, int64_t d,
+    const torch::Tensor& context_norm, double eps, const torch::Tensor& inv_freq,
+    const std::vector<torch::Tensor>& kv_weights, const std::vector<int64_t>& heads) {
+  TORCH_CHECK(heads.size() == 2, "draft_context: heads = (KV heads, head_dim)");
+  const int64_t tokens = features.size(0), num_kv_heads = heads[0], head_dim = heads[1];
+  const int64_t width = num_kv_heads * head_dim;
+  const auto fused = rms_norm(linear_bf16(features, fc, d, c10::nullopt), context_norm, eps, false);
+  const auto [cos, sin] = rotary_at(positions, inv_freq, features.scalar_type());
+  std::vector<torch::Tensor> kv;
+  for (const auto& weight : kv_weights) {
+    const auto both = linear_bf16(fused, weight, 2 * width, c10::nullopt);
+    auto k = both.narrow(1, 0, width).view({tokens, num_kv_heads, head_dim});
+    rotary_(k, cos, sin);
+    kv.push_back(k);
+    kv.push_back(both.narrow(1, width, width).view({tokens, num_kv_heads, head_dim}));
+  }
+  return {fused, kv};
 }
 
 // -> (final-normed slot states [N, width, d], fp32 logits [N, width, K] over the head's rows).
@@ -52,7 +75,8 @@ std::tuple<torch::Tensor, torch::Tensor> draft_block(
               "draft_block: one context KV per layer");
   TORCH_CHECK(width >= 1 && width <= slots, "draft_block: width must be in [1, slots]");
   const int64_t n = anchor_embeds.size(0), d = anchor_embeds.size(1);
-  const auto [cos, sin] = slot_rotary(anchors, slots, inv_freq, anchor_embeds.scalar_type());
+  const auto positions = (anchors.unsqueeze(1) + torch::arange(slots, anchors.options())).reshape({-1});
+  const auto [cos, sin] = rotary_at(positions, inv_freq, anchor_embeds.scalar_type());
   auto x = block_inputs(anchor_embeds, mask_embed, slots, states, embed_norm, in_proj, eps).view({n * slots, d});
   for (size_t l = 0; l < layers.size(); ++l)
     x = injected_layer(x, layers[l], sizes, heads, eps, gelu, cos, sin, context_k[l], context_v[l], anchors, scale);
@@ -65,5 +89,6 @@ std::tuple<torch::Tensor, torch::Tensor> draft_block(
 }  // namespace
 
 void bind_draft_block(pybind11::module& m) {
+  m.def("draft_context", &draft_context, "a DSpark/DFlash drafter's context rows: H_ctx and each layer's KV (CPU, bf16)");
   m.def("draft_block", &draft_block, "a DSpark/DFlash block forward and LM head in one call (CPU, bf16)");
 }

@@ -104,6 +104,26 @@ class DSparkModel(FeatureDrafterBackbone):
         )
         return self.norm(self.run_layers(x, positions, context, mask))
 
+    def fused_context_kv(
+        self, features: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """(H_ctx [T, d], per-layer KV) of raw target features [T, m·d] at `positions`: `fuse` and
+        `context_kv` as one C++ call (`kernels/cpu_draft_block.cpp`; bf16 inference where linear
+        layers run our packed GEMM)."""
+        attn = self.layers[0].self_attn
+        fused, kv = cpu_attention.extension().draft_context(
+            features,
+            positions,
+            packed_weight(self.fc),
+            self.config.hidden_size,
+            self.context_norm.weight,
+            self.config.rms_norm_eps,
+            self.rotary.inv_freq,
+            [packed_weight(layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in self.layers],
+            [attn.config.num_kv_heads, attn.config.head_dim],
+        )
+        return fused, list(zip(kv[::2], kv[1::2]))
+
     def fused_block_logits(
         self,
         context: list[KV],
@@ -284,9 +304,13 @@ class DSparkDrafter(FeatureDrafter):
         anchor_pos = [len(r.token_ids) - 1 for r in batch]
 
         def project(features: torch.Tensor, positions: torch.Tensor, _: torch.Tensor) -> Projection:
-            fused = m.fuse(features)
+            if self.fused:
+                fused, kv = m.fused_context_kv(features, positions)
+            else:
+                fused = m.fuse(features)
+                kv = m.context_kv(fused, positions)
             # H_ctx at anchor−1 is a context row too: kept with the KV, fused once.
-            return Projection(m.context_kv(fused, positions), fused if self.config.state_input else None)
+            return Projection(kv, fused if self.config.state_input else None)
 
         context = self.cache.context_kv(seq_ids, anchor_pos, project)
         anchors = torch.tensor([r.token_ids[-1] for r in batch], device=device)

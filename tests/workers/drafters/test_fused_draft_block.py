@@ -196,3 +196,33 @@ def test_bf16_proposals_take_the_fused_block_and_match_alone_and_batched(monkeyp
             assert (a.probs is None) == (b.probs is None)
             assert a.probs is None or torch.equal(a.probs, b.probs), f"row {i}: draft probabilities change"
     assert len(calls) == 2 * (1 + len(lengths)), f"bf16 proposals took the fused block {len(calls)} times"
+
+
+def test_the_fused_context_rows_are_the_modules_and_do_not_depend_on_the_batch() -> None:
+    """`draft_context` (fc, context norm, each layer's [k | v] with RoPE) against the fp32 modules,
+    and each row's bits the same when projected alone."""
+    target = make_tiny_target(seed=4)
+    model = _model(target, True)
+    g = torch.Generator().manual_seed(3)
+    features, positions = torch.randn(5, 3 * 32, generator=g), torch.tensor([0, 1, 2, 7, 30])
+    reference = copy.deepcopy(model).float()
+    fused_model = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.inference_mode():
+        want_fused = reference.fuse(features)
+        want = [want_fused, *[t for kv in reference.context_kv(want_fused, positions) for t in kv]]
+        got_fused, got_kv = fused_model.fused_context_kv(features.to(torch.bfloat16), positions)
+        got = [got_fused, *[t for kv in got_kv for t in kv]]
+        rows = [
+            fused_model.fused_context_kv(features[i : i + 1].to(torch.bfloat16), positions[i : i + 1])
+            for i in range(5)
+        ]
+    names = ["H_ctx"] + [f"layer {i // 2} {'kv'[i % 2]}" for i in range(2 * len(model.layers))]
+    for name, w, x in zip(names, want, got):
+        error, scale = (x.float() - w).abs().max().item(), w.abs().max().item()
+        assert error <= 0.03 * scale, (
+            f"{name}: fused bf16 is {error:.4f} from fp32 modules (scale {scale:.2f})"
+        )
+    for i, (fused, kv) in enumerate(rows):
+        alone = [fused, *[t for pair in kv for t in pair]]
+        for name, together, single in zip(names, got, alone):
+            assert torch.equal(together[i], single[0]), f"row {i}: its {name} changes with the other rows"
