@@ -76,6 +76,16 @@ def _inputs(model: DSparkModel, lens: list[int], seed: int) -> dict:
     }
 
 
+def _setup(state_input: bool, seed: int) -> tuple[DSparkModel, torch.nn.Linear, dict]:
+    """A drafter over a tiny target, its output head and one batch of block inputs."""
+    target = make_tiny_target(seed=4)
+    model = _model(target, state_input)
+    inputs = _inputs(model, CONTEXT_LENS, seed=seed)
+    if not state_input:
+        inputs["states"] = None
+    return model, model.output_layer(target.model), inputs
+
+
 def _cast(inputs: dict, dtype: torch.dtype) -> dict:
     cast = {
         k: v.to(dtype) if k not in ("context", "anchors") and v is not None else v for k, v in inputs.items()
@@ -103,12 +113,7 @@ def _fused(model: DSparkModel, head: torch.nn.Linear, inputs: dict) -> tuple[tor
 
 @pytest.mark.parametrize("state_input", [True, False], ids=["state-input", "plain"])
 def test_the_fused_block_computes_what_the_modules_compute(state_input) -> None:  # noqa: ANN001
-    target = make_tiny_target(seed=4)
-    model = _model(target, state_input)
-    head = model.output_layer(target.model)
-    inputs = _inputs(model, CONTEXT_LENS, seed=0)
-    if not state_input:
-        inputs["states"] = None
+    model, head, inputs = _setup(state_input, seed=0)
     for name, want, got in zip(
         ("hidden", "logits"), _modules(model, head, inputs), _fused(model, head, inputs)
     ):
@@ -120,10 +125,7 @@ def test_the_fused_block_computes_what_the_modules_compute(state_input) -> None:
 
 
 def test_a_block_gets_the_same_bits_alone_and_in_a_batch() -> None:
-    target = make_tiny_target(seed=4)
-    model = _model(target, True)
-    head = model.output_layer(target.model)
-    inputs = _inputs(model, CONTEXT_LENS, seed=1)
+    model, head, inputs = _setup(True, seed=1)
     together = _fused(model, head, inputs)
     for b, length in enumerate(CONTEXT_LENS):
         alone_inputs = {k: v[b : b + 1] for k, v in inputs.items() if k not in ("context", "mask_embed")}
@@ -137,10 +139,7 @@ def test_a_block_gets_the_same_bits_alone_and_in_a_batch() -> None:
 
 
 def test_context_rows_past_a_blocks_length_are_not_seen() -> None:
-    target = make_tiny_target(seed=4)
-    model = _model(target, True)
-    head = model.output_layer(target.model)
-    inputs = _inputs(model, CONTEXT_LENS, seed=2)
+    model, head, inputs = _setup(True, seed=2)
     before = _fused(model, head, inputs)
     scrambled = []
     for k, v in inputs["context"]:
