@@ -106,5 +106,4 @@ torch::Tensor injected_layer(const torch::Tensor& x, const std::vector<torch::Te
 
 void bind_decoder_layer(pybind11::module& m) {
   m.def("decoder_layer", &decoder_layer, "a Llama-style decoder layer in one call (CPU, bf16)");
-  m.def("injected_layer", &injected_layer, "a drafter's injected layer over blocks of queries in one call (CPU, bf16)");
 }

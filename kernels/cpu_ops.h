@@ -16,7 +16,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool adds_one);
 void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
 torch::Tensor gated_activation(const torch::Tensor& x, bool gelu);
-// cpu_layer.cpp: binds `decoder_layer` and `injected_layer`
+// cpu_layer.cpp: binds `decoder_layer`; `injected_layer` is called by cpu_draft_block.cpp
 void bind_decoder_layer(pybind11::module& m);
 torch::Tensor injected_layer(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
                              const std::vector<int64_t>& sizes, const std::vector<int64_t>& heads, double eps,

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specray.kernels import cpu_attention, linear
-from specray.kernels.cpu_linear import cpu_decoder_layer, packed_weight
+from specray.kernels import linear
+from specray.kernels.cpu_linear import packed_weight
 from specray.workers.drafters.config import DrafterConfig
 from specray.workers.drafters.draft_vocab import DraftVocab
 from specray.workers.models.config import ModelConfig
@@ -37,14 +37,6 @@ class InjectedAttention(nn.Module):
 
     def project_kv(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> KV:
         c = self.config
-        if cpu_decoder_layer(x) and c.hidden_size % 2 == 0:
-            # One GEMM for [k | v] and RoPE in place: a proposal projects a few context rows, where
-            # each call saved counts.
-            ext, width = cpu_attention.extension(), c.num_kv_heads * c.head_dim
-            kv = ext.linear_bf16(x, packed_weight(self.k_proj, self.v_proj), 2 * width, None)
-            k = kv[:, :width].view(x.shape[0], c.num_kv_heads, c.head_dim)
-            ext.rotary_(k, *rotary)
-            return k, kv[:, width:].view(x.shape[0], c.num_kv_heads, c.head_dim)
         k = linear(x, self.k_proj).view(x.shape[0], c.num_kv_heads, c.head_dim)
         v = linear(x, self.v_proj).view(x.shape[0], c.num_kv_heads, c.head_dim)
         return apply_rotary(k, *rotary), v
