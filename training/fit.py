@@ -150,7 +150,7 @@ def sequence_loss(
     return drafter_loss(
         blocks.logits,
         blocks.confidence,
-        blocks.target_logits,
+        blocks.target,
         blocks.labels,
         blocks.supervised,
         weights,

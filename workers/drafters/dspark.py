@@ -231,10 +231,15 @@ class DSparkModel(FeatureDrafterBackbone):
         prev_pos = (anchors.unsqueeze(1) + torch.arange(block_len, device=ids.device)).clamp(
             max=ids.shape[0] - 1
         )
-        logits = self.output_logits(hidden, target)
         code = self.markov_code(ids[prev_pos], target)
-        if code is not None:
-            logits = logits + self.markov_bias(code, target)
+        if code is not None and self.config.markov_tied and not target.config.final_logit_softcapping:
+            # The tied bias is the head applied to B·code, and W·h + W·(B·code) = W·(h + B·code):
+            # one pass through the head instead of two (inference samples the bias per slot instead).
+            logits = self.output_logits(hidden + self.markov_out(code), target)
+        else:
+            logits = self.output_logits(hidden, target)
+            if code is not None:
+                logits = logits + self.markov_bias(code, target)
         return logits, self.confidence_logits(hidden, code)
 
 
