@@ -69,10 +69,15 @@ class FitConfig:
     autocast: bool | None = None  # bf16 autocast; None: on for CUDA, off on CPU
     # Wall-clock budget: after a few timed steps the schedule is shortened to end within it.
     time_budget_s: float | None = None
+    # The schedule's length in steps when shorter than its epochs (the LR decays to 0 there): what
+    # reproduces a budgeted run on another machine.
+    max_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError("time_budget_s must be > 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max_steps must be >= 1")
         trained_kind(self.kind)
         if min(self.num_layers, self.draft_block_size, self.epochs, self.sequences_per_step) < 1:
             raise ValueError("num_layers, draft_block_size, epochs and sequences_per_step must be >= 1")
@@ -96,7 +101,7 @@ class FitConfig:
         keys = (
             "kind", "target", "num_layers", "draft_block_size", "markov_rank", "state_input", "markov_tied",
             "epochs", "lr", "warmup", "sequences_per_step", "anchors_per_sequence", "grad_clip", "seed",
-            "draft_vocab_size", "feature_dtype",
+            "draft_vocab_size", "feature_dtype", "max_steps",
         )  # fmt: skip
         return {**{k: getattr(self, k) for k in keys}, "sequences": sequences}
 
@@ -190,7 +195,8 @@ def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = T
         model.norm.weight.copy_(scale + 1.0 if target.config.norm_adds_one else scale)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     steps_per_epoch = -(-len(data) // config.sequences_per_step)
-    plan = {"total": steps_per_epoch * config.epochs}
+    planned = steps_per_epoch * config.epochs
+    plan = {"total": min(planned, config.max_steps or planned)}
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, plan["total"], config.warmup)
     )

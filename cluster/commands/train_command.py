@@ -145,6 +145,9 @@ def register(p: argparse.ArgumentParser) -> None:
     )
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--time-budget-minutes", type=float, help="shorten the schedule to end within this")
+    fit.add_argument(
+        "--max-steps", type=int, help="end the schedule after this many steps (before its epochs)"
+    )
     fit.add_argument("--save-every", type=int, default=20, help="checkpoint the training state every N steps")
     fit.add_argument("--save-every-minutes", type=float, default=10.0, help="... and every this many minutes")
     fit.set_defaults(func=run_fit)
@@ -325,6 +328,7 @@ def run_fit(args: argparse.Namespace) -> int:
             autocast=args.autocast,
             seed=args.seed,
             time_budget_s=None if args.time_budget_minutes is None else 60 * args.time_budget_minutes,
+            max_steps=args.max_steps,
             save_every=args.save_every,
             save_every_minutes=args.save_every_minutes,
         )

@@ -171,6 +171,22 @@ def test_time_budget_shortens_the_schedule(tiny_cache, tiny_target, tmp_path) ->
     assert (tmp_path / "budget" / "model.safetensors").exists(), "no checkpoint written at the cut"
 
 
+def test_max_steps_ends_the_schedule_early(tiny_cache, tiny_target, tmp_path) -> None:  # noqa: ANN001
+    config = FitConfig(
+        kind="dflash",
+        cache_dir=tiny_cache,
+        out_dir=tmp_path / "capped",
+        epochs=6,
+        sequences_per_step=3,
+        anchors_per_sequence=4,
+        max_steps=5,
+    )
+    summary = fit(config, tiny_target, progress=False)
+    # 12 sequences, 3 per step, 6 epochs plan 24 steps; the cap ends the schedule (LR and all) at 5.
+    assert summary["steps"] == 5, f"max_steps=5 did not end the 24-step schedule: {summary['steps']}"
+    assert summary["final"]["step"] == 5, "the last logged step is not the capped one"
+
+
 def test_score_ranks_a_trained_drafter_above_its_untrained_start(tiny_cache, tiny_target, tmp_path) -> None:  # noqa: ANN001
     config = _short_fit("dspark", True, tiny_cache, tmp_path / "trained")
     fit(config, tiny_target, progress=False)
