@@ -155,16 +155,21 @@ def test_fit_reduces_loss_and_round_trips(kind, tiny_cache, tiny_target, tmp_pat
     assert all(s.stats.draft_tokens > 0 for s in spec)
 
 
-def test_time_budget_shortens_the_schedule(tiny_cache, tiny_target, tmp_path) -> None:  # noqa: ANN001
-    config = FitConfig(
+def _24_planned_steps(tiny_cache, out_dir, **limit) -> FitConfig:  # noqa: ANN001, ANN003
+    """12 sequences, 3 per step, 6 epochs: a 24-step plan, cut by `limit`."""
+    return FitConfig(
         kind="dflash",
         cache_dir=tiny_cache,
-        out_dir=tmp_path / "budget",
+        out_dir=out_dir,
         epochs=6,
         sequences_per_step=3,
         anchors_per_sequence=4,
-        time_budget_s=1e-3,
+        **limit,
     )
+
+
+def test_time_budget_shortens_the_schedule(tiny_cache, tiny_target, tmp_path) -> None:  # noqa: ANN001
+    config = _24_planned_steps(tiny_cache, tmp_path / "budget", time_budget_s=1e-3)
     summary = fit(config, tiny_target, progress=False)
     # 12 sequences, 3 per step, 6 epochs plan 24 steps; a spent budget stops after the 10 timed ones.
     assert summary["steps"] == 10, f"the budget did not cut the 24 planned steps: {summary['steps']}"
@@ -172,15 +177,7 @@ def test_time_budget_shortens_the_schedule(tiny_cache, tiny_target, tmp_path) ->
 
 
 def test_max_steps_ends_the_schedule_early(tiny_cache, tiny_target, tmp_path) -> None:  # noqa: ANN001
-    config = FitConfig(
-        kind="dflash",
-        cache_dir=tiny_cache,
-        out_dir=tmp_path / "capped",
-        epochs=6,
-        sequences_per_step=3,
-        anchors_per_sequence=4,
-        max_steps=5,
-    )
+    config = _24_planned_steps(tiny_cache, tmp_path / "capped", max_steps=5)
     summary = fit(config, tiny_target, progress=False)
     # 12 sequences, 3 per step, 6 epochs plan 24 steps; the cap ends the schedule (LR and all) at 5.
     assert summary["steps"] == 5, f"max_steps=5 did not end the 24-step schedule: {summary['steps']}"
