@@ -6,7 +6,8 @@ Measured on the 2-core dev CPU (AMD EPYC, AVX-512 BF16, no AMX), 1 thread, again
 49,152-token LM head at 1 row 2.6 ms vs 9.8; a 1-token decode step of SmolLM2-135M about 2.3x
 faster. `tests/kernels/test_cpu_linear.py` pins the numerics. Where the CPU has AMX, oneDNN's AMX
 kernels stay (they are fast at every row count); `SPECRAY_CPU_GEMM=onednn` forces them anywhere.
-Batch-invariant by construction, at every row count, so no row padding is needed on this path.
+Batch-invariant by construction, at every row count; oneDNN's GEMM is called in row blocks that
+make it so (`batch_invariance.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specray.kernels import cpu_attention
+from specray.kernels.batch_invariance import ONEDNN_ROW_BLOCKS, linear_in_blocks
 from specray.kernels.cpu_features import cpu_flags, has_amx_bf16
 
 GEMM_ENV = "SPECRAY_CPU_GEMM"
@@ -48,16 +50,18 @@ def cpu_decoder_layer(x: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """`layer(x)`, through the packed bf16 GEMM where it applies (inference on such a CPU)."""
+    """`layer(x)` for inference on the CPU with each row's bits independent of the batch: through
+    the packed bf16 GEMM where it applies, else oneDNN in invariant row blocks."""
     weight = layer.weight
     if (
-        x.dtype != torch.bfloat16
-        or weight.dtype != torch.bfloat16
+        x.device.type != "cpu"
+        or x.dtype != weight.dtype
+        or x.dtype not in ONEDNN_ROW_BLOCKS
         or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-        or not uses_packed_gemm(x.dtype, x.device)
-        or weight.shape[1] % 2
     ):
         return F.linear(x, weight, layer.bias)
+    if not uses_packed_gemm(x.dtype, x.device) or weight.shape[1] % 2:
+        return linear_in_blocks(x, weight, layer.bias, ONEDNN_ROW_BLOCKS[x.dtype])
     out = cpu_attention.extension().linear_bf16(
         x.reshape(-1, weight.shape[1]), packed_weight(layer), weight.shape[0], layer.bias
     )

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from specray.kernels import AttentionMetadata, cpu_attention, cpu_rowwise, linear, paged_attention, write_kv
-from specray.kernels.batch_invariance import invariant_rows
 from specray.kernels.cpu_linear import cpu_decoder_layer, packed_weight
 from specray.workers.models.config import ModelConfig, RopeConfig
 
@@ -94,7 +93,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         c = self.config
         rows = x.shape[0]
-        # Rows past the batch's tokens only pad the linear layers (see DecoderModel.forward).
+        # Rows past the batch's tokens pad a captured step's shape (`engine/cuda_graphs.py`).
         tokens = meta.slot_mapping.shape[0]
         q, k, v = linear(x, self.qkv_proj)[:tokens].split(self.qkv_sizes, dim=-1)
         q = q.view(tokens, c.num_heads, c.head_dim)
@@ -245,13 +244,6 @@ class DecoderModel(nn.Module):
         return_final_hidden: bool = False,
     ) -> ForwardOutput:
         tokens = input_ids.shape[0]
-        # Every linear layer computes at least the row count whose GEMM kernel all batches share,
-        # so a token's result never depends on how many tokens share its step (lossless in every
-        # dtype). The padding rows repeat the last token and are dropped.
-        rows = invariant_rows(tokens, self.lm_head.weight.dtype, input_ids.device)
-        if rows > tokens:
-            input_ids = torch.cat((input_ids, input_ids[-1:].expand(rows - tokens)))
-            positions = torch.cat((positions, positions[-1:].expand(rows - tokens)))
         x = self.embed(input_ids)
         rotary = {key: rope(positions, x.dtype) for key, rope in self.rotary.items()}
         features = []
@@ -260,13 +252,9 @@ class DecoderModel(nn.Module):
             if i in feature_layers:
                 features.append(x[:tokens])
         hidden = self.model.norm(x)
-        logits_rows = hidden[logits_indices]
-        logit_rows_needed = invariant_rows(logits_rows.shape[0], logits_rows.dtype, logits_rows.device)
-        if logit_rows_needed > logits_rows.shape[0] and logits_rows.shape[0] > 0:
-            pad = logits_rows[-1:].expand(logit_rows_needed - logits_rows.shape[0], -1)
-            logits = self.compute_logits(torch.cat((logits_rows, pad)))[: logits_rows.shape[0]]
-        else:
-            logits = self.compute_logits(logits_rows)
+        # Every linear layer computes each row with the same bits whatever shares its step
+        # (`kernels.linear`), so speculative decoding is lossless in every dtype.
+        logits = self.compute_logits(hidden[logits_indices])
         return ForwardOutput(
             logits=logits,
             features=torch.cat(features, dim=-1) if features else None,

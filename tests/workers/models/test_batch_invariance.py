@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from specray.kernels import cpu_attention
-from specray.kernels.batch_invariance import invariant_rows
+from specray.kernels.batch_invariance import ONEDNN_ROW_BLOCKS
 from specray.kernels.cpu_features import has_bf16
-from specray.kernels.cpu_linear import uses_packed_gemm
+from specray.kernels.cpu_linear import linear
 from specray.workers.engine.model_runner import ModelRunner, ScheduledSequence
 from specray.workers.models.loader import load_model
 
@@ -76,6 +76,19 @@ def test_a_sequence_alone_equals_it_inside_a_ragged_batch(target, prompts):
     )
 
 
+def test_a_verify_alone_equals_it_among_more_rows_than_one_gemm_block(target, prompts):
+    """Eight verifies put 40 rows through the LM head: more than oneDNN computes in one invariant
+    block (`cpu_linear.ONEDNN_INVARIANT_MAX_ROWS`), which once changed a row's bits on AMX."""
+    tails = [p[-VERIFY:] for p in prompts]
+    alone = _runner(target, prompts).run([ScheduledSequence("s0", tails[0], VERIFY)]).logits[0]
+    runner = _runner(target, prompts + prompts)
+    batch = [ScheduledSequence(f"s{i}", tails[i % len(tails)], VERIFY) for i in range(2 * len(prompts))]
+    crowded = runner.run(batch).logits[0]
+    assert torch.equal(alone, crowded), (
+        f"verify logits alone vs among 40 rows differ by {(alone - crowded).abs().max().item():.3g}"
+    )
+
+
 def test_prefill_chunking_does_not_change_later_logits(target, prompts):
     tail = prompts[3][-VERIFY:]
     whole = _runner(target, prompts).run([ScheduledSequence("s3", tail, VERIFY)]).logits[0]
@@ -83,18 +96,30 @@ def test_prefill_chunking_does_not_change_later_logits(target, prompts):
     assert torch.equal(whole, chunked), "prefilling in chunks of 7 changed the logits"
 
 
-def test_linear_padding_rule_covers_small_batches():
-    """Row counts the CPU GEMM treats differently are padded to one it treats like every other."""
-    cpu = torch.device("cpu")
-    bf16_rows = 1 if uses_packed_gemm(torch.bfloat16, cpu) else 2  # our packed GEMM needs no padding
-    assert invariant_rows(1, torch.bfloat16, cpu) == bf16_rows and invariant_rows(7, torch.bfloat16, cpu) == 7
-    assert [invariant_rows(n, torch.float32, cpu) for n in (1, 3, 4, 5, 9, 12, 13)] == [
-        4,
-        4,
-        4,
-        8,
-        12,
-        12,
-        13,
-    ]
-    assert invariant_rows(1, torch.bfloat16, torch.device("meta")) == 1
+def test_onednn_row_blocks_stay_within_the_shared_kernels():
+    """Every call oneDNN gets has a row count in the class all batch sizes share: fp32 4, 8 or 12
+    rows, bf16 2 to 32 (never the one-row GEMV), and together they cover the padded rows."""
+    fp32, bf16 = ONEDNN_ROW_BLOCKS[torch.float32], ONEDNN_ROW_BLOCKS[torch.bfloat16]
+    for rows in range(1, 130):
+        for blocks, allowed in ((fp32, {4, 8, 12}), (bf16, set(range(2, 33)))):
+            padded = blocks.padded(rows)
+            sizes = blocks.sizes(padded)
+            assert padded >= rows and sum(sizes) == padded, f"{blocks}: {rows} rows → {sizes}"
+            assert set(sizes) <= allowed, f"{blocks}: {rows} rows called as {sizes}"
+    assert bf16.sizes(33) == [31, 2], "a lone 33rd bf16 row must not run as a GEMV"
+
+
+def test_linear_rows_have_the_same_bits_in_every_batch():
+    """`kernels.linear` on the CPU: each row equals that row alone, in fp32 and bf16, for the
+    LM head's shape and a small layer, at row counts on both sides of every block limit."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for k, n in ((576, 49152), (576, 192)):
+            layer = torch.nn.Linear(k, n, bias=False).to(dtype).requires_grad_(False)
+            x = torch.randn(80, k).to(dtype)
+            with torch.inference_mode():
+                alone = torch.cat([linear(x[i : i + 1], layer) for i in range(80)])
+                for rows in (2, 3, 5, 12, 13, 16, 32, 33, 57, 80):
+                    assert torch.equal(linear(x[:rows], layer), alone[:rows]), (
+                        f"{dtype} [{k}→{n}]: a batch of {rows} rows changed a row's bits"
+                    )
