@@ -19,10 +19,10 @@ needs none of this.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -60,19 +60,17 @@ ONEDNN_ROW_BLOCKS = {
 
 
 def linear_in_blocks(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blocks: RowBlocks
+    x: torch.Tensor, out_features: int, matmul: Callable[[torch.Tensor], torch.Tensor], blocks: RowBlocks
 ) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` computed in `blocks`, so each row gets the bits it gets in any batch."""
+    """`matmul` (a linear layer on oneDNN) of `x`'s rows, computed in `blocks` so each row gets the
+    bits it gets in any batch."""
     rows = x.reshape(-1, x.shape[-1])
     count = rows.shape[0]
     if count == 0:
-        return F.linear(x, weight, bias)
+        return x.new_empty(*x.shape[:-1], out_features)
     padded = blocks.padded(count)
     if padded > count:
         rows = torch.cat((rows, rows[-1:].expand(padded - count, -1)))
     sizes = blocks.sizes(padded)
-    if len(sizes) == 1:
-        out = F.linear(rows, weight, bias)
-    else:
-        out = torch.cat([F.linear(block, weight, bias) for block in rows.split(sizes)])
-    return out[:count].view(*x.shape[:-1], weight.shape[0])
+    out = matmul(rows) if len(sizes) == 1 else torch.cat([matmul(block) for block in rows.split(sizes)])
+    return out[:count].view(*x.shape[:-1], out_features)
