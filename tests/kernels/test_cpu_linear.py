@@ -1,6 +1,7 @@
-"""Our packed bf16 GEMM (`kernels/cpu_gemm.cpp`, `cpu_linear.py`): agrees with an fp32 matmul within
-one bf16 rounding, gives a row the same bits alone, in any batch and on any thread count, repacks a
-weight that changed, and steps aside for fp32 and autograd."""
+"""Our packed bf16 GEMM (`kernels/cpu_gemm.cpp`, `cpu_linear.py`; AMX tiles or vdpbf16ps, whichever
+this CPU runs for a shape): agrees with an fp32 matmul within one bf16 rounding, gives a row the
+same bits alone, in any batch and on any thread count, repacks a weight that changed, and steps
+aside for fp32 and autograd."""
 
 from __future__ import annotations
 
@@ -29,8 +30,16 @@ def _layer(k: int, n: int, bias: bool) -> nn.Linear:
     return layer
 
 
-# SmolLM2's projections and LM head, and odd sizes: N not a multiple of 16 or 64, a bias.
-SHAPES = [(576, 960, False), (1536, 576, False), (576, 49152, False), (64, 40, True), (32, 17, True)]
+# SmolLM2's projections and LM head, and odd sizes: N not a multiple of 16 or 64, a bias, and K not
+# a multiple of 32 (on an AMX CPU the one layer that runs vdpbf16ps instead of tiles).
+SHAPES = [
+    (576, 960, False),
+    (1536, 576, False),
+    (576, 49152, False),
+    (64, 40, True),
+    (32, 17, True),
+    (48, 24, True),
+]
 
 
 @pytest.mark.parametrize(("k", "n", "bias"), SHAPES, ids=lambda v: str(v))
