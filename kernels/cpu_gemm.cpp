@@ -13,9 +13,9 @@
 // one fp32 tile element accumulating `tdpbf16ps` over the input pairs in order, 16 pairs per
 // instruction, for every row count, tile position and thread: batch-invariant by construction too.
 // A tile computes 16 rows for the price of one (its cost is the weight stream), so a verify step of
-// 8 tokens costs about a decode step: on a 2-core AMX Xeon a SmolLM2 step took ~22 ms for 1 and for
-// 8 rows, against ~15 ms and ~31 ms with vdpbf16ps, and speculative decoding gained the most
-// (`specray bench engine`: hybrid drafting 75 against 60 tokens/s). The two instructions round differently, so a process uses one
+// 8 tokens costs little more than a decode step: on a 2-core AMX Xeon the model's 121 linear layers
+// took ~12 ms at 1 and at 8 rows, and `specray bench engine` with tiles against without (two runs)
+// had hybrid drafting at 75 against 60 tokens/s. The two instructions round differently, so a process uses one
 // of them for every row count of a layer (AMX wherever K is a multiple of 32 and the OS grants the
 // tiles), never both.
 #include <torch/extension.h>

@@ -7,7 +7,7 @@ Measured on the 2-core dev CPU (AMD EPYC, AVX-512 BF16, no AMX), 1 thread, again
 faster. `tests/kernels/test_cpu_linear.py` pins the numerics. On a 2-core AMX Xeon our GEMM runs
 on AMX tiles and costs about the same for 1 and 8 rows; there oneDNN's bf16 linear (which reorders
 the weight on every call) took 2.0 ms for the LM head at 1 row, and `specray bench engine` decoded
-36.1 tokens/s on oneDNN against 48.8 on our GEMM (two runs). `SPECRAY_CPU_GEMM=onednn` forces
+23.1 tokens/s on oneDNN against 46.4 on our GEMM (back to back). `SPECRAY_CPU_GEMM=onednn` forces
 oneDNN anywhere.
 Batch-invariant by construction, at every row count; oneDNN's GEMM is called in row blocks that
 make it so (`batch_invariance.py`).
