@@ -39,6 +39,20 @@ constexpr int64_t kLanes = 16;    // output columns per vector
 constexpr int kTileCols = 4;      // column blocks (of 16) per tile
 constexpr int kTileRows = 4;      // rows per tile: 16 accumulators, 8 loads per 16 dot products
 
+// Column block `col` of `rows` output rows: each row's fp32 sums `sum(r)` (+ bias) rounded to bf16,
+// the columns past N masked off.
+template <typename Sum>
+inline void store_block(Sum sum, int64_t rows, const float* bias, uint16_t* out, int64_t out_stride, int64_t col,
+                        int64_t n) {
+  const int64_t valid = std::min<int64_t>(kLanes, n - col);
+  const __mmask16 mask = valid >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + col) : _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m256bh v = _mm512_cvtneps_pbh(_mm512_add_ps(sum(r), b));
+    _mm256_mask_storeu_epi16(out + r * out_stride + col, mask, (__m256i)v);
+  }
+}
+
 // One tile: R rows x C column blocks, over all K/2 input pairs.
 template <int R, int C>
 void tile(const uint16_t* x, int64_t x_stride, const uint16_t* w, int64_t block_stride, int64_t pairs,
@@ -56,16 +70,8 @@ void tile(const uint16_t* x, int64_t x_stride, const uint16_t* w, int64_t block_
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
     }
   }
-  for (int c = 0; c < C; ++c) {
-    const int64_t col = col0 + c * kLanes;
-    const int64_t valid = std::min<int64_t>(kLanes, n - col);
-    const __mmask16 mask = valid >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + col) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) {
-      const __m256bh v = _mm512_cvtneps_pbh(_mm512_add_ps(acc[r][c], b));
-      _mm256_mask_storeu_epi16(out + r * out_stride + col, mask, (__m256i)v);
-    }
-  }
+  for (int c = 0; c < C; ++c)
+    store_block([&](int64_t r) { return acc[r][c]; }, R, bias, out, out_stride, col0 + c * kLanes, n);
 }
 
 using TileFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, const float*, uint16_t*,
@@ -149,17 +155,9 @@ void amx_tile(const uint16_t* x, int64_t x_stride, const uint16_t* w, int64_t bl
   if (C > 1) _tile_stored(1, scratch + kAmxRows * kLanes, 64);
   if (C > 2) _tile_stored(2, scratch + 2 * kAmxRows * kLanes, 64);
   if (C > 3) _tile_stored(3, scratch + 3 * kAmxRows * kLanes, 64);
-  for (int c = 0; c < C; ++c) {
-    const int64_t col = col0 + c * kLanes;
-    const int64_t valid = std::min<int64_t>(kLanes, n - col);
-    const __mmask16 mask = valid >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + col) : _mm512_setzero_ps();
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m512 acc = _mm512_loadu_ps(scratch + (c * kAmxRows + r) * kLanes);
-      const __m256bh v = _mm512_cvtneps_pbh(_mm512_add_ps(acc, b));
-      _mm256_mask_storeu_epi16(out + r * out_stride + col, mask, (__m256i)v);
-    }
-  }
+  for (int c = 0; c < C; ++c)
+    store_block([&](int64_t r) { return _mm512_loadu_ps(scratch + (c * kAmxRows + r) * kLanes); }, rows, bias, out,
+                out_stride, col0 + c * kLanes, n);
 }
 
 using AmxTileFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, const float*, uint16_t*,
