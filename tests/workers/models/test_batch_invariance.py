@@ -78,7 +78,7 @@ def test_a_sequence_alone_equals_it_inside_a_ragged_batch(target, prompts):
 
 def test_a_verify_alone_equals_it_among_more_rows_than_one_gemm_block(target, prompts):
     """Eight verifies put 40 rows through the LM head: more than oneDNN computes in one invariant
-    block (`cpu_linear.ONEDNN_INVARIANT_MAX_ROWS`), which once changed a row's bits on AMX."""
+    block (`batch_invariance.ONEDNN_ROW_BLOCKS`), which once changed a row's bits on AMX."""
     tails = [p[-VERIFY:] for p in prompts]
     alone = _runner(target, prompts).run([ScheduledSequence("s0", tails[0], VERIFY)]).logits[0]
     runner = _runner(target, prompts + prompts)
