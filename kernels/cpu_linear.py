@@ -63,13 +63,14 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
         or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
     ):
         return F.linear(x, weight, bias)
-    blocks = ONEDNN_ROW_BLOCKS[x.dtype]
     if uses_packed_gemm(x.dtype, x.device) and weight.shape[1] % 2 == 0:
         out = cpu_attention.extension().linear_bf16(
             x.reshape(-1, weight.shape[1]), packed_weight(layer), weight.shape[0], bias
         )
         return out.view(*x.shape[:-1], weight.shape[0])
-    return linear_in_blocks(x, weight.shape[0], lambda rows: F.linear(rows, weight, bias), blocks)
+    return linear_in_blocks(
+        x, weight.shape[0], lambda rows: F.linear(rows, weight, bias), ONEDNN_ROW_BLOCKS[x.dtype]
+    )
 
 
 def packed_weight(*layers: nn.Linear) -> torch.Tensor:
