@@ -333,7 +333,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_decoder_layer(m);
   bind_draft_block(m);
   m.def("has_bf16_gemm", &has_bf16_gemm, "whether linear_bf16 is built (AVX-512 BF16)");
-  m.def("has_amx_gemm", &has_amx_gemm, "whether linear_bf16 runs AMX tiles where K is a multiple of 32");
   m.def("pack_bf16_weight", &pack_bf16_weight, "pack a [N, K] bf16 weight for linear_bf16");
   m.def("linear_bf16", &linear_bf16, "batch-invariant bf16 linear layer (CPU, AVX-512 BF16)");
 }

@@ -193,14 +193,11 @@ void linear_amx(const torch::Tensor& rows, const uint16_t* w_ptr, int64_t pairs,
   });
 }
 #else
-bool amx_granted() { return false; }
 bool uses_amx(int64_t) { return false; }
 void linear_amx(const torch::Tensor&, const uint16_t*, int64_t, int64_t, const float*, torch::Tensor&) {}
 #endif
 
 }  // namespace
-
-bool has_amx_gemm() { return amx_granted(); }
 
 bool has_bf16_gemm() { return true; }
 
@@ -260,8 +257,6 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, i
 #else
 
 bool has_bf16_gemm() { return false; }
-
-bool has_amx_gemm() { return false; }
 
 torch::Tensor pack_bf16_weight(const torch::Tensor&) { TORCH_CHECK(false, "built without AVX-512 BF16"); }
 

@@ -36,7 +36,6 @@ std::vector<torch::Tensor> markov_candidates_block(
     const c10::optional<torch::Tensor>& token_ids, int64_t columns, bool return_probs);
 // cpu_gemm.cpp
 bool has_bf16_gemm();
-bool has_amx_gemm();
 torch::Tensor pack_bf16_weight(const torch::Tensor& weight);
 torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
                           const c10::optional<torch::Tensor>& bias);
