@@ -54,12 +54,14 @@ def cpu_decoder_layer(x: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """`layer(x)` for inference on the CPU with each row's bits independent of the batch: through
-    the packed bf16 GEMM where it applies, else oneDNN in invariant row blocks."""
+    the packed bf16 GEMM where it applies, else oneDNN in invariant row blocks. Training (autograd
+    or autocast, which recasts the weight on every call) gets one plain `F.linear`."""
     weight, bias = layer.weight, layer.bias
     if (
         x.device.type != "cpu"
         or x.dtype != weight.dtype
         or x.dtype not in ONEDNN_ROW_BLOCKS
+        or torch.is_autocast_enabled("cpu")
         or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
     ):
         return F.linear(x, weight, bias)

@@ -123,3 +123,18 @@ def test_linear_rows_have_the_same_bits_in_every_batch():
                     assert torch.equal(linear(x[:rows], layer), alone[:rows]), (
                         f"{dtype} [{k}→{n}]: a batch of {rows} rows changed a row's bits"
                     )
+
+
+def test_autocast_linear_is_one_call(monkeypatch):
+    """Row blocks are for inference: under bf16 autocast (training, where each call recasts the
+    weight — 29 ms for the LM head) `kernels.linear` makes one `F.linear` call for all rows."""
+    import specray.kernels.cpu_linear as cpu_linear
+
+    calls = []
+    real = cpu_linear.F.linear
+    monkeypatch.setattr(cpu_linear.F, "linear", lambda *args: calls.append(args[0].shape[0]) or real(*args))
+    layer = torch.nn.Linear(64, 96, bias=False).requires_grad_(False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear(torch.randn(40, 64), layer)
+    assert calls == [40], f"autocast linear of 40 rows made calls of {calls} rows"
+    assert out.dtype == torch.bfloat16, "autocast linear must compute in bf16"
