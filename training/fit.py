@@ -149,9 +149,11 @@ def sequence_loss(
     sample: CachedSample,
     anchors: torch.Tensor,
     weights: LossWeights,
+    teacher: DecoderModel | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of one cached sequence over the given anchors."""
-    blocks = teacher_forced_blocks(model, target, sample, anchors)
+    """The loss of one cached sequence over the given anchors (the target's distribution from
+    `teacher`'s LM head, default the target's)."""
+    blocks = teacher_forced_blocks(model, target, sample, anchors, teacher)
     return drafter_loss(
         blocks.logits,
         blocks.confidence,
@@ -180,7 +182,8 @@ def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = T
     features_target = target
     feature_dtype = resolve_dtype(config.feature_dtype, config.device)
     if feature_dtype != target.model.lm_head.weight.dtype and not is_target_cache(config.cache_dir):
-        # A copy: the drafter's loss keeps reading the fp32 target's embedding and LM head.
+        # A copy: the drafter keeps reading the fp32 target's embedding and LM head rows; the
+        # target's distribution comes from the copy's head, as the features do from its layers.
         features_target = replace(target, model=copy.deepcopy(target.model).to(feature_dtype))
     data = open_features(config.cache_dir, "train", features_target, online_layers)
     if len(data) == 0:
@@ -239,7 +242,9 @@ def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = T
             if anchors.numel() == 0:
                 continue
             with autocast:
-                loss, m = sequence_loss(model, target.model, sample, anchors, config.loss_weights)
+                loss, m = sequence_loss(
+                    model, target.model, sample, anchors, config.loss_weights, features_target.model
+                )
             (loss / len(chunk)).backward()
             for key, value in m.items():
                 metrics[key] = metrics.get(key, 0.0) + value / len(chunk)

@@ -97,9 +97,15 @@ def greedy_tokens(logits: torch.Tensor, vocab: DraftVocab | None) -> torch.Tenso
 
 
 def teacher_forced_blocks(
-    model: torch.nn.Module, target: torch.nn.Module, sample: CachedSample, anchors: torch.Tensor
+    model: torch.nn.Module,
+    target: torch.nn.Module,
+    sample: CachedSample,
+    anchors: torch.Tensor,
+    teacher: torch.nn.Module | None = None,
 ) -> TeacherForcedBlocks:
-    """Score a drafter's blocks at `anchors` of a cached sequence; the target never runs its layers."""
+    """Score a drafter's blocks at `anchors` of a cached sequence; the target never runs its layers.
+    The target's distribution comes from `teacher`'s LM head (default: the target's), outside any
+    autocast: a bf16 copy of the target there runs as it serves, without recasting the head."""
     labels, supervised, target_pos = block_labels(
         sample.ids, sample.loss_mask, anchors, model.config.draft_block_size
     )
@@ -107,8 +113,11 @@ def teacher_forced_blocks(
     # Each target position serves up to γ slots: its distribution is computed once, then shared.
     unique, inverse = target_pos.unique(return_inverse=True)
     vocab = model.draft_vocab()
-    with torch.no_grad():
-        target_probs = TargetProbs.of_logits(target.compute_logits(sample.final_hidden[unique]), vocab)
+    teacher = teacher or target
+    head = teacher.lm_head.weight
+    with torch.no_grad(), torch.autocast(head.device.type, enabled=False):
+        hidden = sample.final_hidden[unique].to(head.dtype)
+        target_probs = TargetProbs.of_logits(teacher.compute_logits(hidden), vocab)
     return TeacherForcedBlocks(labels, supervised, logits, confidence, target_probs[inverse], vocab)
 
 

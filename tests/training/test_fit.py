@@ -3,6 +3,7 @@ features computed online are the cache's."""
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from specray.training.acceptance_estimate import score_drafters
-from specray.training.fit import FitConfig, fit
+from specray.training.fit import FitConfig, drafter_config, fit
+from specray.training.objective import block_labels, teacher_forced_blocks
 from specray.training.online_features import OnlineTargetFeatures, open_features
 from specray.training.regenerate import write_shard
 from specray.training.target_cache import CacheConfig, TargetCache, build_cache
@@ -244,3 +246,23 @@ def test_fit_with_a_draft_vocabulary(tiny_cache, tiny_target, tmp_path) -> None:
     spec = LLMEngine(tiny_target, drafter, EngineConfig(num_speculative_tokens=7)).generate(prompts, params)
     assert [s.output_ids for s in spec] == [s.output_ids for s in plain]
     assert sum(s.stats.accepted_tokens for s in spec) > 0
+
+
+def test_the_teachers_head_gives_the_target_distribution_outside_autocast(tiny_cache, tiny_target) -> None:  # noqa: ANN001
+    """A bf16-feature fit scores blocks against its bf16 copy of the target: the target's
+    distribution is that copy's LM head over the bf16 final states, computed in bf16 as a bf16
+    engine serves it, even inside the fit's autocast."""
+    data = TargetCache(tiny_cache, "train")
+    sample = data[0]
+    model = build_model(drafter_config(FitConfig(kind="dspark"), tiny_target, data.feature_layers))
+    teacher = copy.deepcopy(tiny_target.model).to(torch.bfloat16)
+    anchors = torch.tensor([1, 2, 4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        blocks = teacher_forced_blocks(model, tiny_target.model, sample, anchors, teacher)
+    _, _, target_pos = block_labels(sample.ids, sample.loss_mask, anchors, model.config.draft_block_size)
+    with torch.no_grad():
+        logits = teacher.compute_logits(sample.final_hidden[target_pos].to(torch.bfloat16))
+    assert logits.dtype == torch.bfloat16
+    assert torch.equal(blocks.target.inside, logits.float().softmax(-1)), (
+        "the blocks' target distribution is not the teacher's bf16 head over the final states"
+    )
