@@ -109,6 +109,13 @@ inline void widen(const T* src, float* dst, int64_t n, int64_t padded) {
   for (; d < padded; ++d) dst[d] = 0.0f;
 }
 
+// Asks for the cache lines of a row of n elements.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(bytes + b);
+}
+
 #if defined(__AVX512BF16__)
 constexpr bool kDotBf16 = true;
 // Lane-wise partial sums of the dot product of two bf16 rows of n elements (n a multiple of 32):
@@ -134,6 +141,31 @@ constexpr bool kDotBf16 = false;
 template <typename T>
 inline vec dot_partial_bf16(const T*, const T*, int64_t) { return vec{}; }
 #endif
+
+// acc[c] = acc[c] * rescale, then += weights[j] * values[j][c] for j in [from, to), key by key
+// (each element in key order). Keys are the outer loop so that a row's C accumulators stay in
+// registers and each weight is broadcast once (not once per chunk of the head).
+template <int C>
+inline void accumulate_values(float* acc, float rescale, const float* weights, const float* values,
+                              int64_t stride, int64_t from, int64_t to) {
+  vec sums[C];
+  for (int c = 0; c < C; ++c) sums[c] = load(acc + c * kTile) * rescale;
+  for (int64_t j = from; j < to; ++j) {
+    const vec w = splat(weights[j]);
+    for (int c = 0; c < C; ++c) sums[c] += w * load(values + j * stride + c * kTile);
+  }
+  for (int c = 0; c < C; ++c) store(acc + c * kTile, sums[c]);
+}
+
+// The same for any number of chunks (heads other than 64 or 128 wide), one chunk at a time.
+inline void accumulate_values_any(float* acc, float rescale, const float* weights, const float* values,
+                                  int64_t stride, int64_t chunks, int64_t from, int64_t to) {
+  for (int64_t c = 0; c < chunks; ++c) {
+    vec sum = load(acc + c * kTile) * rescale;
+    for (int64_t j = from; j < to; ++j) sum += splat(weights[j]) * load(values + j * stride + c * kTile);
+    store(acc + c * kTile, sum);
+  }
+}
 
 // One (query row, head)'s running softmax: max, sum of weights, weighted sum of values.
 struct RowState {
@@ -208,6 +240,20 @@ void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
         const int64_t tile_keys = std::min<int64_t>(kTile, hi + 1 - tile);
         // The key's page and offset advance by one per key: no division per key.
         int64_t page = tile / block_size, offset = tile % block_size;
+        if (tile + kTile <= hi) {
+          // The next tile's rows, fetched while this one computes (a decode batch reads its KV
+          // from memory, and the rows of a tile sit on one or two pages).
+          int64_t next_page = (tile + kTile) / block_size, next_offset = (tile + kTile) % block_size;
+          for (int64_t j = 0; j < kTile && tile + kTile + j <= hi; ++j) {
+            const int64_t slot = static_cast<int64_t>(table[next_page]) * block_size + next_offset;
+            prefetch_row(k_ptr + slot * slot_stride + kvh * head_dim, head_dim);
+            prefetch_row(v_ptr + slot * slot_stride + kvh * head_dim, head_dim);
+            if (++next_offset == block_size) {
+              next_offset = 0;
+              ++next_page;
+            }
+          }
+        }
         if (dot_bf16) std::fill(key_rows, key_rows + kTile, zero_row.data());
         for (int64_t j = 0; j < tile_keys; ++j) {
           if (tile + j >= lo) {
@@ -262,12 +308,13 @@ void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
                 state.total == 0.0f ? 0.0f : exp_nonpositive(splat(state.max_score - new_max))[0];
             const vec weights = visible ? exp_nonpositive(tile_scores - new_max) : splat(0.0f);
             const float total = state.total * rescale + lane_sum(weights);
-            // Each element accumulates over the keys in order; the chunk loop is outermost only so
-            // that its accumulator stays in a register.
-            for (int64_t c = 0; c < chunks; ++c) {
-              vec acc = load(state.acc + c * kTile) * rescale;
-              for (int64_t j = from; j < to; ++j) acc += weights[j] * load(values.data() + j * padded_dim + c * kTile);
-              store(state.acc + c * kTile, acc);
+            store(scores, weights);
+            if (chunks == 4) {
+              accumulate_values<4>(state.acc, rescale, scores, values.data(), padded_dim, from, to);
+            } else if (chunks == 8) {
+              accumulate_values<8>(state.acc, rescale, scores, values.data(), padded_dim, from, to);
+            } else {
+              accumulate_values_any(state.acc, rescale, scores, values.data(), padded_dim, chunks, from, to);
             }
             state.total = total;
             state.max_score = new_max;
