@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 
 namespace {
 
@@ -97,6 +99,26 @@ inline specray_vec::vec activation(specray_vec::vec x, bool gelu) {
   return (x < 0.0f ? x * e : x) / (1.0f + e);
 }
 
+// 16 bf16 values (as bits) widened to fp32: exact, a shift.
+inline specray_vec::vec widen_bf16(const at::BFloat16* p) {
+  using half_lanes = uint16_t __attribute__((vector_size(specray_vec::kLanes * sizeof(uint16_t))));
+  half_lanes raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  const specray_vec::ivec bits = __builtin_convertvector(raw, specray_vec::ivec) << 16;
+  return reinterpret_cast<const specray_vec::vec&>(bits);
+}
+
+// 16 fp32 lanes rounded to bf16 to nearest even, as c10::BFloat16 rounds a (non-NaN) float.
+inline void narrow_bf16(specray_vec::vec v, at::BFloat16* p) {
+  using namespace specray_vec;
+  using uvec = uint32_t __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+  using half_lanes = uint16_t __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+  const uvec bits = reinterpret_cast<const uvec&>(v);
+  const uvec rounded = (bits + (0x7FFFu + ((bits >> 16) & 1u))) >> 16;
+  const half_lanes out = __builtin_convertvector(rounded, half_lanes);
+  std::memcpy(p, &out, sizeof(out));
+}
+
 // x [rows, 2i] = [gate | up] (unit stride along a row) -> act(gate) * up [rows, i], each product
 // in fp32 from the activation rounded to x's dtype, as PyTorch's act(gate) * up computes it.
 template <typename T>
@@ -111,7 +133,16 @@ void gated_rows(const torch::Tensor& x, torch::Tensor& out, bool gelu) {
       const T* gate = src + r * row_stride;
       const T* up = gate + width;
       T* o = dst + r * width;
-      for (int64_t i0 = 0; i0 < width; i0 += kLanes) {
+      int64_t i0 = 0;
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        // Whole vectors of bf16 without per-element conversions, rounding as the loop below does.
+        alignas(64) at::BFloat16 act[kLanes];
+        for (; i0 + kLanes <= width; i0 += kLanes) {
+          narrow_bf16(activation(widen_bf16(gate + i0), gelu), act);
+          narrow_bf16(widen_bf16(act) * widen_bf16(up + i0), o + i0);
+        }
+      }
+      for (; i0 < width; i0 += kLanes) {
         const int64_t n = std::min<int64_t>(kLanes, width - i0);
         for (int64_t i = 0; i < kLanes; ++i) lanes[i] = i < n ? widen(gate[i0 + i]) : 0.0f;
         store(lanes, activation(load(lanes), gelu));
