@@ -30,6 +30,7 @@ from specray.workers.drafters.config import DrafterConfig, spread_feature_layers
 from specray.workers.drafters.draft_vocab import frequent_tokens
 from specray.workers.drafters.kinds import TrainedKind, trained_kind
 from specray.workers.drafters.loss_weights import LossWeights
+from specray.workers.engine.host_memory import keep_freed_memory
 from specray.workers.models.decoder import DecoderModel
 from specray.workers.models.dtype import DTYPE_CHOICES, resolve_dtype
 from specray.workers.models.loader import LoadedModel, load_model
@@ -175,6 +176,7 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
 def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = True) -> dict:
     """Train and write the drafter to `config.out_dir`; returns a summary (also in train_log.json)."""
     torch.manual_seed(config.seed)
+    keep_freed_memory()  # every step allocates the same large tensors again
     target = target or load_model(config.target, "float32", config.device)
     for p in target.model.parameters():
         p.requires_grad_(False)

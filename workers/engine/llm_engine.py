@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from specray.workers.engine.config import EngineConfig
 from specray.workers.engine.drafter import Drafter, DraftRequest
+from specray.workers.engine.host_memory import keep_freed_memory
 from specray.workers.engine.sampling import SamplingParams
 from specray.workers.engine.scheduler import Commit, ScheduledWork, Scheduler
 from specray.workers.engine.scheduling_policy import policy_class
@@ -32,6 +33,7 @@ class LLMEngine:
     def __init__(
         self, target: LoadedModel, drafter: Drafter | None = None, config: EngineConfig | None = None
     ) -> None:
+        keep_freed_memory()  # a step's large tensors (logits, sampling) reuse freed memory
         self.target = target
         self.tokenizer = target.tokenizer
         self.drafter = drafter
