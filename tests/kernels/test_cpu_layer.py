@@ -63,3 +63,22 @@ def test_layers_it_does_not_cover_keep_the_module_path():
         config = dataclasses.replace(make_tiny_target().config, family=family)
         layers = DecoderModel(config).model.layers
         assert not any(layer.fused_on_cpu for layer in layers), f"{family} layers need the module path"
+
+
+def test_the_fused_layer_sees_weights_changed_after_its_first_call():
+    """The fused layer keeps its packed arguments between steps: a weight changed in place, or a
+    new parameter put in its place, must reach the next step as it reaches the module path."""
+    target = make_tiny_target(seed=4)
+    model = DecoderModel(target.config).to(torch.bfloat16).eval()
+    model.load_state_dict(target.model.state_dict(), strict=False)
+    layer = model.model.layers[0]
+    with torch.inference_mode():
+        _steps(model, True)
+    with torch.no_grad():
+        layer.mlp.down_proj.weight.mul_(2)
+        layer.input_layernorm.weight.add_(0.5)
+    layer.self_attn.o_proj.weight = torch.nn.Parameter(-layer.self_attn.o_proj.weight.detach().clone())
+    with torch.inference_mode():
+        fused, modules = _steps(model, True), _steps(model, False)
+    for step, (want, got) in enumerate(zip(modules, fused)):
+        assert torch.equal(want, got), f"step {step}: the fused layer ran with stale weights"
