@@ -80,7 +80,8 @@ drafter: $(STAMP)
 # The bundled DSpark drafter (drafters/smollm2-135m-dspark), reproduced and installed: the first
 # 3,840 prompts of drafter-long's plan (the same shards), one epoch of DSpark over them with the
 # target's features computed online in bf16, an 8k-token draft vocabulary and 64 Markov candidates
-# (a proposal ~0.17 of a target step on one CPU thread). ~40 min of data + ~27 min of fit on 2 cores.
+# (a proposal ~0.17 of a target step on one CPU thread). ~40 min of data + ~27 min of fit on 2 AMD
+# cores; ~18 + ~17 min on the 2-core AMX Xeon (rates measured there, drafters/README.md).
 .PHONY: drafter-bundled
 BUNDLED_TRAIN := $(SCRATCH)/train-bundled
 drafter-bundled: $(STAMP)
