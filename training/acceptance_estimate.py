@@ -47,7 +47,7 @@ def score_drafter(
         at = choose_anchors(sample.loss_mask, sample.ids.shape[0], torch.Generator(), min_anchor=1)
         if at.numel() == 0:
             continue
-        blocks = teacher_forced_blocks(model, target.model, sample, at)
+        blocks = teacher_forced_blocks(model, target.model, [sample], [at])
         hit = (blocks.greedy_tokens() == blocks.labels) & blocks.supervised
         greedy += hit.long().cumprod(1).sum(0).float().cpu()
         sampled += (blocks.survival() * blocks.supervised).cumprod(1).sum(0).cpu()

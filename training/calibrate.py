@@ -75,7 +75,7 @@ def collect(
         anchors = choose_anchors(sample.loss_mask.cpu(), config.anchors_per_sequence, gen).to(config.device)
         if anchors.numel() == 0:
             continue
-        blocks = teacher_forced_blocks(model, target.model, sample, anchors)
+        blocks = teacher_forced_blocks(model, target.model, [sample], [anchors])
         full = blocks.supervised.all(dim=1)
         survive = blocks.survival()
         survive, full = survive.cpu(), full.cpu()

@@ -144,17 +144,19 @@ def drafter_config(config: FitConfig, target: LoadedModel, feature_layers: tuple
     return replace(built, feature_layers=tuple(feature_layers))
 
 
-def sequence_loss(
+def batch_loss(
     model: DrafterModel,
     target: DecoderModel,
-    sample: CachedSample,
-    anchors: torch.Tensor,
+    samples: list[CachedSample],
+    anchors: list[torch.Tensor],
     weights: LossWeights,
+    num_sequences: int,
     teacher: DecoderModel | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of one cached sequence over the given anchors (the target's distribution from
-    `teacher`'s LM head, default the target's)."""
-    blocks = teacher_forced_blocks(model, target, sample, anchors, teacher)
+    """The mean over `num_sequences` of each cached sequence's loss over its anchors (sequences
+    left out, e.g. without anchors, count 0), from one drafter forward; the target's distribution
+    from `teacher`'s LM head, default the target's."""
+    blocks = teacher_forced_blocks(model, target, samples, anchors, teacher)
     return drafter_loss(
         blocks.logits,
         blocks.confidence,
@@ -163,6 +165,8 @@ def sequence_loss(
         blocks.supervised,
         weights,
         blocks.vocab,
+        blocks.sequence_of,
+        num_sequences,
     )
 
 
@@ -235,21 +239,28 @@ def fit(config: FitConfig, target: LoadedModel | None = None, progress: bool = T
         chunk = order[within * config.sequences_per_step : (within + 1) * config.sequences_per_step].tolist()
         optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
+        samples, anchors = [], []
         for i, sample in zip(chunk, data.samples(chunk)):
             rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 131 + i)
-            min_anchor = config.drafter_kind.first_anchor
             # Anchors are drawn on the CPU (the seeded generator lives there), then moved with the sample.
-            anchors = choose_anchors(sample.loss_mask.cpu(), config.anchors_per_sequence, rng, min_anchor)
-            sample, anchors = sample.to(config.device), anchors.to(config.device)
-            if anchors.numel() == 0:
-                continue
+            at = choose_anchors(
+                sample.loss_mask.cpu(), config.anchors_per_sequence, rng, config.drafter_kind.first_anchor
+            )
+            if at.numel() > 0:
+                samples.append(sample.to(config.device))
+                anchors.append(at.to(config.device))
+        if samples:
             with autocast:
-                loss, m = sequence_loss(
-                    model, target.model, sample, anchors, config.loss_weights, features_target.model
+                loss, metrics = batch_loss(
+                    model,
+                    target.model,
+                    samples,
+                    anchors,
+                    config.loss_weights,
+                    len(chunk),
+                    features_target.model,
                 )
-            (loss / len(chunk)).backward()
-            for key, value in m.items():
-                metrics[key] = metrics.get(key, 0.0) + value / len(chunk)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()

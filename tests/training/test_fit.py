@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from specray.training.acceptance_estimate import score_drafters
-from specray.training.fit import FitConfig, drafter_config, fit
-from specray.training.objective import block_labels, teacher_forced_blocks
+from specray.training.fit import FitConfig, batch_loss, drafter_config, fit
+from specray.training.objective import block_labels, choose_anchors, teacher_forced_blocks
 from specray.training.online_features import OnlineTargetFeatures, open_features
 from specray.training.regenerate import write_shard
-from specray.training.target_cache import CacheConfig, TargetCache, build_cache
+from specray.training.target_cache import CacheConfig, CachedSample, TargetCache, build_cache
 from specray.workers.drafters.checkpoint import (
     build_model,
     load_drafter,
@@ -258,7 +258,7 @@ def test_the_teachers_head_gives_the_target_distribution_outside_autocast(tiny_c
     teacher = copy.deepcopy(tiny_target.model).to(torch.bfloat16)
     anchors = torch.tensor([1, 2, 4])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        blocks = teacher_forced_blocks(model, tiny_target.model, sample, anchors, teacher)
+        blocks = teacher_forced_blocks(model, tiny_target.model, [sample], [anchors], teacher)
     _, _, target_pos = block_labels(sample.ids, sample.loss_mask, anchors, model.config.draft_block_size)
     with torch.no_grad():
         logits = teacher.compute_logits(sample.final_hidden[target_pos].to(torch.bfloat16))
@@ -266,3 +266,49 @@ def test_the_teachers_head_gives_the_target_distribution_outside_autocast(tiny_c
     assert torch.equal(blocks.target.inside, logits.float().softmax(-1)), (
         "the blocks' target distribution is not the teacher's bf16 head over the final states"
     )
+
+
+def _truncated(sample: CachedSample, length: int) -> CachedSample:
+    return CachedSample(
+        sample.features[:length], sample.final_hidden[:length], sample.ids[:length], sample.loss_mask[:length]
+    )
+
+
+@pytest.mark.parametrize("kind", ["dspark", "dflash", "eagle3"])
+def test_one_padded_forward_gives_each_sequences_loss_and_gradients(kind, tiny_cache, tiny_target) -> None:  # noqa: ANN001
+    """A fit step scores its sequences in one drafter forward, padded to the longest sequence and
+    the most anchors: the loss, metrics and gradients are the mean of each sequence's own, with a
+    sequence left out (no anchors) counting 0 — as when each sequence ran alone."""
+    data = TargetCache(tiny_cache, "train")
+    config = FitConfig(kind=kind, markov_rank=8, state_input=True, markov_tied=True)
+    torch.manual_seed(0)
+    model = build_model(drafter_config(config, tiny_target, data.feature_layers))
+    for name, parameter in model.named_parameters():
+        if name.startswith("markov_out"):  # zero at the start of training; exercise the Markov path
+            torch.nn.init.normal_(parameter)
+    samples = [_truncated(data[i], length) for i, length in ((0, 48), (1, 30), (2, 41))]
+    generator = torch.Generator().manual_seed(1)
+    anchors = [
+        choose_anchors(s.loss_mask, most, generator, config.drafter_kind.first_anchor)
+        for s, most in zip(samples, (6, 3, 5))
+    ]
+    assert [a.numel() for a in anchors] == [6, 3, 5]
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    loss, metrics = batch_loss(model, tiny_target.model, samples, anchors, config.loss_weights, 4)
+    batched = torch.autograd.grad(loss, parameters, allow_unused=True)
+    alone_loss, alone_metrics, alone = 0.0, {}, [torch.zeros_like(p) for p in parameters]
+    for sample, at in zip(samples, anchors):
+        part, part_metrics = batch_loss(model, tiny_target.model, [sample], [at], config.loss_weights, 1)
+        for total, grad in zip(alone, torch.autograd.grad(part, parameters, allow_unused=True)):
+            if grad is not None:
+                total += grad / 4
+        alone_loss += float(part.detach()) / 4
+        for key, value in part_metrics.items():
+            alone_metrics[key] = alone_metrics.get(key, 0.0) + value / 4
+    assert float(loss) == pytest.approx(alone_loss, rel=1e-5), (
+        "batched loss is not the mean of the sequences'"
+    )
+    assert metrics == pytest.approx(alone_metrics, rel=1e-5, abs=1e-6), "batched metrics differ"
+    for (name, _), got, want in zip(model.named_parameters(), batched, alone):
+        got = torch.zeros_like(want) if got is None else got
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), f"gradient of {name} differs when batched"

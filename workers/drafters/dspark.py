@@ -27,14 +27,13 @@ from specray.workers.models.decoder import DecoderModel, RMSNorm
 
 
 def block_mask(anchors: torch.Tensor, context_len: int, draft_block_size: int) -> torch.Tensor:
-    """[N·γ, L + N·γ] bool: slot of block i sees context j < anchors[i] and all of block i only."""
-    n = anchors.shape[0]
+    """[.., N·γ, L + N·γ] bool for anchors [.., N] (one row of blocks per leading index): slot of
+    block i sees context j < anchors[i] and all of block i only."""
+    n = anchors.shape[-1]
     block_of = torch.arange(n, device=anchors.device).repeat_interleave(draft_block_size)
-    sees_context = torch.arange(context_len, device=anchors.device).unsqueeze(0) < anchors[
-        block_of
-    ].unsqueeze(1)
+    sees_context = torch.arange(context_len, device=anchors.device) < anchors[..., block_of].unsqueeze(-1)
     sees_block = block_of.unsqueeze(1) == block_of.unsqueeze(0)
-    return torch.cat((sees_context, sees_block), dim=1)
+    return torch.cat((sees_context, sees_block.expand(*sees_context.shape[:-1], -1)), dim=-1)
 
 
 class DSparkModel(FeatureDrafterBackbone):
@@ -172,14 +171,16 @@ class DSparkModel(FeatureDrafterBackbone):
         mask_embed: torch.Tensor,
         states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-normed slot states [N, γ, d] of many blocks over one shared context KV [L, ...]
-        (training: every block of a sequence packed into one row under `block_mask`)."""
-        n, block_len = anchors.shape[0], self.config.draft_block_size
-        x = self.block_inputs(anchor_embeds, mask_embed, states).reshape(1, n * block_len, -1)
-        positions = (anchors.unsqueeze(1) + torch.arange(block_len, device=anchors.device)).reshape(1, -1)
-        mask = block_mask(anchors, context[0][0].shape[0], block_len).unsqueeze(0)
-        packed = [(k.unsqueeze(0), v.unsqueeze(0)) for k, v in context]
-        return self.norm(self.run_layers(x, positions, packed, mask)).view(n, block_len, -1)
+        """Final-normed slot states [B, N, γ, d] of many blocks per sequence (training: every block
+        of sequence b packed into row b under `block_mask`, over its context KV [B, L, ...]);
+        anchors [B, N], anchor_embeds and states [B, N, d]."""
+        (rows, n), block_len = anchors.shape, self.config.draft_block_size
+        flat_states = None if states is None else states.flatten(0, 1)
+        x = self.block_inputs(anchor_embeds.flatten(0, 1), mask_embed, flat_states)
+        positions = (anchors.unsqueeze(-1) + torch.arange(block_len, device=anchors.device)).view(rows, -1)
+        mask = block_mask(anchors, context[0][0].shape[1], block_len)
+        hidden = self.run_layers(x.view(rows, n * block_len, -1), positions, context, mask)
+        return self.norm(hidden).view(rows, n, block_len, -1)
 
     def markov_code(self, prev: torch.Tensor, target: DecoderModel) -> torch.Tensor | None:
         """W1[x_{k−1}]: the r-dim code of the previous token that the Markov and confidence heads read."""
@@ -216,22 +217,24 @@ class DSparkModel(FeatureDrafterBackbone):
     def training_outputs(
         self, features: torch.Tensor, ids: torch.Tensor, anchors: torch.Tensor, target: DecoderModel
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Teacher-forced logits [N, γ, K] over the output vocabulary and confidence logits [N, γ]
-        for many anchors at once.
+        """Teacher-forced logits [B, N, γ, K] over the output vocabulary and confidence logits
+        [B, N, γ] for many anchors [B, N] of each of B sequences (features [B, L, m·d], ids [B, L];
+        sequences shorter than L padded at the end, where no anchor's block reads them).
 
         Slot k's previous token is the true token at anchor+k (the anchor itself for k = 0): the
         Markov and confidence heads see what inference sees when the earlier drafts were accepted.
         """
         block_len = self.config.draft_block_size
+        rows, length = ids.shape
         fused = self.fuse(features)
-        context = self.context_kv(fused, torch.arange(fused.shape[0], device=fused.device))
+        context = self.context_kv(fused.flatten(0, 1), torch.arange(length, device=ids.device).repeat(rows))
+        context = [(k.unflatten(0, (rows, length)), v.unflatten(0, (rows, length))) for k, v in context]
         mask_embed = target.embed(torch.tensor([self.config.mask_token_id], device=ids.device))[0]
-        states = torch.cat((torch.zeros_like(fused[:1]), fused))[anchors]  # H_ctx at anchor−1
-        hidden = self.packed_blocks(context, anchors, target.embed(ids[anchors]), mask_embed, states)
-        prev_pos = (anchors.unsqueeze(1) + torch.arange(block_len, device=ids.device)).clamp(
-            max=ids.shape[0] - 1
-        )
-        code = self.markov_code(ids[prev_pos], target)
+        row = torch.arange(rows, device=ids.device).unsqueeze(1)
+        states = torch.cat((torch.zeros_like(fused[:, :1]), fused), 1)[row, anchors]  # H_ctx at anchor−1
+        hidden = self.packed_blocks(context, anchors, target.embed(ids[row, anchors]), mask_embed, states)
+        prev_pos = (anchors.unsqueeze(-1) + torch.arange(block_len, device=ids.device)).clamp(max=length - 1)
+        code = self.markov_code(ids[row.unsqueeze(-1), prev_pos], target)
         if code is not None and self.config.markov_tied and not target.config.final_logit_softcapping:
             # The tied bias is the head applied to B·code, and W·h + W·(B·code) = W·(h + B·code):
             # one pass through the head instead of two (inference samples the bias per slot instead).

@@ -21,17 +21,16 @@ from specray.workers.models.decoder import DecoderModel, RMSNorm
 
 
 def chain_mask(anchors: torch.Tensor, context_len: int, steps: int) -> torch.Tensor:
-    """[N·s, L + N·s] bool: step j of chain i sees context t < anchors[i] − 1 and steps ≤ j of chain i."""
-    n = anchors.shape[0]
+    """[.., N·s, L + N·s] bool for anchors [.., N] (one row of chains per leading index): step j of
+    chain i sees context t < anchors[i] − 1 and steps ≤ j of chain i."""
+    n = anchors.shape[-1]
     device = anchors.device
     chain_of = torch.arange(n, device=device).repeat_interleave(steps)
     step_of = torch.arange(steps, device=device).repeat(n)
-    sees_context = torch.arange(context_len, device=device).unsqueeze(0) < (anchors[chain_of] - 1).unsqueeze(
-        1
-    )
+    sees_context = torch.arange(context_len, device=device) < (anchors[..., chain_of] - 1).unsqueeze(-1)
     same_chain = chain_of.unsqueeze(1) == chain_of.unsqueeze(0)
     sees_chain = same_chain & (step_of.unsqueeze(0) <= step_of.unsqueeze(1))
-    return torch.cat((sees_context, sees_chain), dim=1)
+    return torch.cat((sees_context, sees_chain.expand(*sees_context.shape[:-1], -1)), dim=-1)
 
 
 class Eagle3Model(FeatureDrafterBackbone):
@@ -70,32 +69,39 @@ class Eagle3Model(FeatureDrafterBackbone):
         return self.run_layers(inputs, positions, context, mask)
 
     def packed_chains(self, context: list[KV], anchors: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """Layer outputs (pre-norm) [N, s, d] of many chains over one shared context KV [L, ...]
-        (training: every chain of a sequence packed into one row under `chain_mask`)."""
-        n, steps, d = inputs.shape
-        positions = (anchors.unsqueeze(1) - 1 + torch.arange(steps, device=anchors.device)).reshape(1, -1)
-        mask = chain_mask(anchors, context[0][0].shape[0], steps).unsqueeze(0)
-        packed = [(k.unsqueeze(0), v.unsqueeze(0)) for k, v in context]
-        return self.run_layers(inputs.reshape(1, n * steps, d), positions, packed, mask).view(n, steps, d)
+        """Layer outputs (pre-norm) [B, N, s, d] of many chains per sequence (training: every chain
+        of sequence b packed into row b under `chain_mask`, over its context KV [B, L, ...]);
+        anchors [B, N], inputs [B, N, s, d]."""
+        rows, n, steps, d = inputs.shape
+        positions = (anchors.unsqueeze(-1) - 1 + torch.arange(steps, device=anchors.device)).view(rows, -1)
+        mask = chain_mask(anchors, context[0][0].shape[1], steps)
+        outputs = self.run_layers(inputs.view(rows, n * steps, d), positions, context, mask)
+        return outputs.view(rows, n, steps, d)
 
     def training_outputs(
         self, features: torch.Tensor, ids: torch.Tensor, anchors: torch.Tensor, target: DecoderModel
     ) -> tuple[torch.Tensor, None]:
-        """Logits [N, γ, K] over the output vocabulary of the unrolled chain, teacher-forced on the
-        true tokens."""
-        block_len, length = self.config.draft_block_size, ids.shape[0]
+        """Logits [B, N, γ, K] over the output vocabulary of the unrolled chains at anchors [B, N]
+        of each of B sequences (features [B, L, m·d], ids [B, L]; shorter sequences padded at the
+        end), teacher-forced on the true tokens."""
+        block_len = self.config.draft_block_size
+        rows, length = ids.shape
         fused = self.fuse(features)
         # Step input at t pairs H_t with x_{t+1}; the last position has no next token (never used).
-        next_ids = torch.cat((ids[1:], ids[-1:]))
+        next_ids = torch.cat((ids[:, 1:], ids[:, -1:]), 1)
         all_inputs = self.step_inputs(target.embed(next_ids), fused)
-        context = self.context_kv(all_inputs, torch.arange(length, device=ids.device))
-        inputs = all_inputs[anchors - 1].unsqueeze(1)
+        positions = torch.arange(length, device=ids.device).repeat(rows)
+        context = [
+            (k.unflatten(0, (rows, length)), v.unflatten(0, (rows, length)))
+            for k, v in self.context_kv(all_inputs.flatten(0, 1), positions)
+        ]
+        row = torch.arange(rows, device=ids.device).unsqueeze(1)
+        inputs = all_inputs[row, anchors - 1].unsqueeze(2)
         for j in range(1, block_len):
             outputs = self.packed_chains(context, anchors, inputs)
-            token = ids[(anchors + j).clamp(max=length - 1)]
-            inputs = torch.cat(
-                (inputs, self.step_inputs(target.embed(token), outputs[:, -1]).unsqueeze(1)), 1
-            )
+            token = ids[row, (anchors + j).clamp(max=length - 1)]
+            step = self.step_inputs(target.embed(token), outputs[:, :, -1])
+            inputs = torch.cat((inputs, step.unsqueeze(2)), 2)
         outputs = self.packed_chains(context, anchors, inputs)
         return self.output_logits(self.norm(outputs), target), None
 

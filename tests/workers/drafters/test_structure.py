@@ -20,6 +20,12 @@ def _dspark(tiny_target, **kwargs) -> DSparkModel:  # noqa: ANN001
     return model
 
 
+def _one_sequence(model, features, ids, anchors, target):  # noqa: ANN001, ANN202
+    """`training_outputs` of one sequence: row 0 of a batch of one."""
+    logits, confidence = model.training_outputs(features[None], ids[None], anchors[None], target)
+    return logits[0], None if confidence is None else confidence[0]
+
+
 # (state_input, markov_tied): the bare and state-input block inputs, free and embedding-tied tables.
 VARIANTS = [(False, False), (True, False), (True, True)]
 
@@ -50,15 +56,15 @@ def test_block_never_sees_later_context_or_other_blocks(tiny_target, state_input
     features = torch.randn(30, 3 * 32)
     ids = torch.randint(3, 96, (30,))
     anchors = torch.tensor([5, 12, 20])
-    logits, _ = model.training_outputs(features, ids, anchors, tiny_target.model)
+    logits, _ = _one_sequence(model, features, ids, anchors, tiny_target.model)
     later = features.clone()
     later[12:] += torch.randn_like(later[12:])  # context at or after anchor 12
     other = ids.clone()
     other[20] = (other[20] + 1) % 96  # block 2's anchor token
     for f, i in ((later, ids), (features, other)):
-        changed, _ = model.training_outputs(f, i, anchors, tiny_target.model)
+        changed, _ = _one_sequence(model, f, i, anchors, tiny_target.model)
         assert torch.allclose(changed[0], logits[0], atol=1e-5)
-    changed, _ = model.training_outputs(later, ids, anchors, tiny_target.model)
+    changed, _ = _one_sequence(model, later, ids, anchors, tiny_target.model)
     assert torch.allclose(changed[1], logits[1], atol=1e-5) and not torch.allclose(changed[2], logits[2])
 
 
@@ -72,11 +78,11 @@ def test_markov_bias_and_confidence_depend_only_on_previous_token(
     features = torch.randn(30, 3 * 32)
     ids = torch.randint(3, 96, (30,))
     anchors = torch.tensor([10])
-    logits, conf = model.training_outputs(features, ids, anchors, tiny_target.model)
+    logits, conf = _one_sequence(model, features, ids, anchors, tiny_target.model)
     # ids[anchor + 3] is x_2 (slot 2's label) and x_{k−1} for slot 3.
     edited = ids.clone()
     edited[13] = (edited[13] + 7) % 96
-    new_logits, new_conf = model.training_outputs(features, edited, anchors, tiny_target.model)
+    new_logits, new_conf = _one_sequence(model, features, edited, anchors, tiny_target.model)
     differs = [not torch.allclose(new_logits[0, k], logits[0, k]) for k in range(7)]
     assert differs == [k == 3 for k in range(7)]
     conf_differs = [not torch.isclose(new_conf[0, k], conf[0, k]) for k in range(7)]
@@ -88,10 +94,10 @@ def test_eagle3_chain_uses_only_earlier_steps(tiny_target) -> None:  # noqa: ANN
     model = Eagle3Model(DrafterConfig.for_target("eagle3", tiny_target.config, 3)).eval()
     features = torch.randn(30, 3 * 32)
     ids = torch.randint(3, 96, (30,))
-    logits, _ = model.training_outputs(features, ids, torch.tensor([10]), tiny_target.model)
+    logits, _ = _one_sequence(model, features, ids, torch.tensor([10]), tiny_target.model)
     edited = ids.clone()
     edited[13] = (edited[13] + 7) % 96  # the teacher-forced input of step 3
-    new_logits, _ = model.training_outputs(features, edited, torch.tensor([10]), tiny_target.model)
+    new_logits, _ = _one_sequence(model, features, edited, torch.tensor([10]), tiny_target.model)
     differs = [not torch.allclose(new_logits[0, k], logits[0, k]) for k in range(7)]
     assert differs == [k >= 3 for k in range(7)]
 
@@ -166,18 +172,18 @@ def test_state_input_reads_the_last_context_state(tiny_target) -> None:  # noqa:
     features = torch.randn(30, 3 * 32)
     ids = torch.randint(3, 96, (30,))
     anchors = torch.tensor([12])
-    logits, _ = model.training_outputs(features, ids, anchors, tiny_target.model)
+    logits, _ = _one_sequence(model, features, ids, anchors, tiny_target.model)
     # Remove attention's path to the context: only the state input can still carry position 11.
     for layer in model.layers:
         torch.nn.init.zeros_(layer.self_attn.v_proj.weight)
-    no_attention, _ = model.training_outputs(features, ids, anchors, tiny_target.model)
+    no_attention, _ = _one_sequence(model, features, ids, anchors, tiny_target.model)
     edited = features.clone()
     edited[11] += torch.randn(3 * 32)
-    changed, _ = model.training_outputs(edited, ids, anchors, tiny_target.model)
+    changed, _ = _one_sequence(model, edited, ids, anchors, tiny_target.model)
     assert not torch.allclose(changed, no_attention), "slots ignore H_ctx at anchor−1"
     edited = features.clone()
     edited[10] += torch.randn(3 * 32)
-    changed, _ = model.training_outputs(edited, ids, anchors, tiny_target.model)
+    changed, _ = _one_sequence(model, edited, ids, anchors, tiny_target.model)
     assert torch.allclose(changed, no_attention, atol=1e-5), (
         "the state input reads a position other than anchor−1"
     )
@@ -202,8 +208,8 @@ def test_greedy_draft_is_the_training_argmax(tiny_target, state_input, markov_ti
     drafted = drafter.propose([request])[0].tokens
     # Teacher-force the drafted tokens: slot k's previous token is then the draft x_{k−1}.
     forced = torch.cat((ids[:16], torch.tensor(drafted)))
-    logits, _ = model.training_outputs(
-        torch.cat((features, torch.randn(3, 3 * 32))), forced, torch.tensor([15]), tiny_target.model
+    logits, _ = _one_sequence(
+        model, torch.cat((features, torch.randn(3, 3 * 32))), forced, torch.tensor([15]), tiny_target.model
     )
     assert logits[0].argmax(-1).tolist() == drafted
 
