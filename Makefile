@@ -77,19 +77,20 @@ drafter: $(STAMP)
 	$(VENV)/bin/specray train score --cache $(TRAIN)/cache --drafter $(TRAIN)/dspark --drafter $(TRAIN)/dflash --drafter $(TRAIN)/eagle3 --json $(TRAIN)/score.json
 	$(VENV)/bin/specray train calibrate --cache $(TRAIN)/cache --drafter $(TRAIN)/dspark
 
-# The bundled DSpark drafter (drafters/smollm2-135m-dspark), reproduced and installed: the first
-# 3,840 prompts of drafter-long's plan (the same shards), one epoch of DSpark over them with the
-# target's features computed online in bf16, an 8k-token draft vocabulary and 64 Markov candidates
-# (a proposal ~0.17 of a target step on one CPU thread). ~40 min of data + ~27 min of fit on 2 AMD
-# cores; ~18 + ~17 min on the 2-core AMX Xeon (rates measured there, drafters/README.md).
+# The bundled DSpark drafter (drafters/smollm2-135m-dspark), reproduced and installed: 20,736
+# regenerated ShareGPT responses of <= 256 tokens (every human turn as a prompt), then DSpark for
+# 2,329 steps of 8 sequences with the target's features computed online in bf16, an 8k-token draft
+# vocabulary and 64 Markov candidates. ~1.6 h of data + ~1 h of fit on the 2-core AMX Xeon (rates
+# in drafters/README.md). Every step resumes where it stopped: rerun after any interruption (data
+# skips finished shards, fit reloads its last checkpoint, saved every 10 minutes).
 .PHONY: drafter-bundled
-BUNDLED_TRAIN := $(SCRATCH)/train-bundled
+LONG_TRAIN := $(SCRATCH)/train-long
 drafter-bundled: $(STAMP)
-	$(VENV)/bin/specray train data --out $(BUNDLED_TRAIN)/data --num-train 3840 --num-valid 256 --prompt-turns all --max-prompt-tokens 192 --max-new-tokens 256 --batch-size 256 --shard-size 256 --dtype bfloat16
-	$(VENV)/bin/specray train fit --kind dspark --cache $(BUNDLED_TRAIN)/data --out $(BUNDLED_TRAIN)/dspark --num-layers 1 --markov-rank 256 --draft-vocab-size 8192 --markov-candidates 64 --markov-tied --state-input --epochs 1 --sequences-per-step 8 --anchors-per-sequence 32 --lr 1e-3 --autocast --feature-dtype bfloat16
-	$(VENV)/bin/specray train calibrate --cache $(BUNDLED_TRAIN)/data --drafter $(BUNDLED_TRAIN)/dspark
+	$(VENV)/bin/specray train data --out $(LONG_TRAIN)/data --num-train 20736 --num-valid 256 --prompt-turns all --max-prompt-tokens 192 --max-new-tokens 256 --batch-size 256 --shard-size 256 --dtype bfloat16
+	kind=dspark; $(VENV)/bin/specray train fit --kind $$kind $(LONG_FIT)
+	$(VENV)/bin/specray train calibrate --cache $(LONG_TRAIN)/data --drafter $(LONG_TRAIN)/dspark
 	mkdir -p drafters/smollm2-135m-dspark
-	cp $(BUNDLED_TRAIN)/dspark/config.json $(BUNDLED_TRAIN)/dspark/model.safetensors $(BUNDLED_TRAIN)/dspark/calibration.json drafters/smollm2-135m-dspark/
+	cp $(LONG_TRAIN)/dspark/config.json $(LONG_TRAIN)/dspark/model.safetensors $(LONG_TRAIN)/dspark/calibration.json drafters/smollm2-135m-dspark/
 
 # The same pipeline at GPU scale (one H100: ~4 min of data, 20 s of cache, 4 min per drafter).
 # Writes to .scratch/train-gpu; copy a drafter from there into drafters/ to bundle it.
@@ -103,21 +104,13 @@ drafter-gpu: $(STAMP)
 	done; wait
 	$(VENV)/bin/specray train calibrate --drafter $(GPU_TRAIN)/dspark --cache $(GPU_TRAIN)/cache
 
-# The long CPU run of #17: 24k regenerated responses (every ShareGPT human turn as a prompt) of
-# <= 256 tokens, then 2-layer drafters trained on target features computed online (no cache on disk).
-# Hours on a 2-core CPU; every step resumes where it stopped: rerun the same command after any
-# interruption (data skips finished shards, fit reloads its last checkpoint, saved every 10 minutes).
-# The bundled drafter's settings (drafter-bundled: an 8k-token draft vocabulary, 64 Markov candidates,
-# features in bf16) with 2 layers, over all the data.
+# The long CPU run of #17: the bundled drafter's data and DSpark fit (drafter-bundled), then DFlash
+# and EAGLE-3 with the same settings, data and steps, and all three scored on the held-out split.
 .PHONY: drafter-long
-LONG_TRAIN := $(SCRATCH)/train-long
-drafter-long: $(STAMP)
-	$(VENV)/bin/specray train data --out $(LONG_TRAIN)/data --num-train 24000 --num-valid 256 --prompt-turns all --max-prompt-tokens 192 --max-new-tokens 256 --batch-size 256 --shard-size 256 --dtype bfloat16
-	for kind in dspark dflash eagle3; do \
-	  $(VENV)/bin/specray train fit --kind $$kind --cache $(LONG_TRAIN)/data --out $(LONG_TRAIN)/$$kind --num-layers 2 --markov-rank 256 --draft-vocab-size 8192 --markov-candidates 64 --markov-tied --state-input --epochs 1 --sequences-per-step 8 --anchors-per-sequence 32 --lr 1e-3 --autocast --feature-dtype bfloat16 || exit 1; \
-	done
+LONG_FIT = --cache $(LONG_TRAIN)/data --out $(LONG_TRAIN)/$$kind --num-layers 1 --markov-rank 256 --draft-vocab-size 8192 --markov-candidates 64 --markov-tied --state-input --epochs 1 --sequences-per-step 8 --anchors-per-sequence 32 --lr 1e-3 --autocast --feature-dtype bfloat16 --max-steps 2329
+drafter-long: drafter-bundled
+	for kind in dflash eagle3; do $(VENV)/bin/specray train fit --kind $$kind $(LONG_FIT) || exit 1; done
 	$(VENV)/bin/specray train score --cache $(LONG_TRAIN)/data --drafter $(LONG_TRAIN)/dspark --drafter $(LONG_TRAIN)/dflash --drafter $(LONG_TRAIN)/eagle3 --json $(LONG_TRAIN)/score.json
-	$(VENV)/bin/specray train calibrate --cache $(LONG_TRAIN)/data --drafter $(LONG_TRAIN)/dspark
 
 # The whole recipe in one lent GPU slot (training/gpu_recipe.sh says how): packs the model in two
 # parts, the prompts and the gguf wheel into .gpu-a/ and .gpu-b/ (git-ignored).
