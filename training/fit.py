@@ -1,9 +1,9 @@
 """`specray train fit`: train a DSpark, DFlash or EAGLE-3 drafter from the target cache.
 
 AdamW (weight decay 0), linear warm-up then cosine decay to 0, gradient clipping; fp32 master
-weights, bf16 autocast on GPU (and on CPU when asked). Each optimizer step accumulates a few
-sequences, each contributing many anchors in one packed attention mask. Samples come from the
-target cache, or are computed online from `specray train data`'s records (`online_features.py`).
+weights, bf16 autocast on GPU (and on CPU when asked). Each optimizer step scores a few sequences
+in one padded drafter forward, each contributing many anchors under its own mask. Samples come from
+the target cache, or are computed online from `specray train data`'s records (`online_features.py`).
 The full training state is saved every `save_every` steps and `save_every_minutes`
 (`checkpointing.py`), so a rerun resumes where it stopped, with the same result; the final drafter
 is written as config.json + model.safetensors.
