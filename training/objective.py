@@ -135,10 +135,11 @@ def teacher_forced_blocks(
         target,
     )
     vocab = model.draft_vocab()
-    head = (teacher or target).lm_head.weight
+    teacher = teacher or target
+    head = teacher.lm_head.weight
     with torch.no_grad(), torch.autocast(head.device.type, enabled=False):
         rows = torch.cat(hidden).to(head.dtype)
-        target_probs = TargetProbs.of_logits((teacher or target).compute_logits(rows), vocab)
+        target_probs = TargetProbs.of_logits(teacher.compute_logits(rows), vocab)
     return TeacherForcedBlocks(
         torch.cat(labels),
         torch.cat(supervised),
@@ -166,7 +167,7 @@ def drafter_loss(
     """Loss over [N, γ, K] draft logits (Markov-corrected) against the target's distribution.
 
     Each sequence's blocks (`sequence_of` [N]; None: all one sequence) form a weighted mean, and
-    the loss is the sum of those means over `num_sequences` (sequences without blocks count 0).
+    the loss is the mean of those over `num_sequences` (sequences without blocks count 0).
     With a draft vocabulary, p_d is 0 outside it: the L1 term counts p_t's mass there, and a label
     outside it has no CE (the drafter cannot propose it).
     """
