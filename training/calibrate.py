@@ -6,6 +6,10 @@ simulated: draft k survives with probability 1 − ½‖p_d − p_t‖₁, drawn
 observed prefix acceptance at k is the product of those draws up to k. Then, for k = 1..γ in
 order, one temperature T_k on the confidence logit is grid-searched to minimise the ECE of the
 cumulative product Π_{i≤k} c_i, the earlier temperatures held fixed.
+
+At the same anchors it measures n-gram lookup: how often an n-gram draft's k-th token matches the
+text, given the earlier ones did, per suffix-match length n — the prior a hybrid over this drafter
+starts each request from (workers/drafters/hybrid.py).
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from tqdm import tqdm
 from specray.training.objective import choose_anchors, teacher_forced_blocks
 from specray.training.online_features import open_features
 from specray.workers.drafters.checkpoint import load_drafter_model, resolve_drafter_path
+from specray.workers.drafters.hybrid import count_outcome
 from specray.workers.drafters.kinds import DrafterModel, trained_kind
+from specray.workers.drafters.ngram import NgramDrafter
 from specray.workers.models.loader import LoadedModel, load_model
 
 
@@ -60,16 +66,34 @@ def auc(score: torch.Tensor, label: torch.Tensor) -> float | None:
     return float((ranks[label.bool()].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
+def ngram_acceptance(
+    anchored: list[tuple[list[int], list[int]]], ngram: NgramDrafter, block_size: int
+) -> tuple[list[list[float]], list[list[list[int]]]]:
+    """For (token ids, anchors) pairs: the rate [n − 1][k − 1] at which the n-gram draft proposed
+    at an anchor after an n-token suffix match has its k-th token equal to the text's, the earlier
+    ones equal, with a Beta(1, 1) prior (so 0.5 where never reached); and the counts behind it,
+    [n − 1][k − 1] = [accepted, reached]."""
+    counts = [[[0, 0] for _ in range(block_size)] for _ in range(ngram.max_ngram)]
+    for ids, anchors in anchored:
+        for anchor in anchors:
+            draft, match = ngram.match(ids[: anchor + 1], block_size)
+            if draft:
+                count_outcome(counts[match - 1], draft, ids[anchor + 1 : anchor + 1 + block_size])
+    rates = [[(accepted + 1) / (reached + 2) for accepted, reached in row] for row in counts]
+    return rates, counts
+
+
 @torch.no_grad()
 def collect(
     model: DrafterModel, target: LoadedModel, config: CalibrateConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Confidence logits [M, γ] and observed prefix acceptance [M, γ] over full blocks of the split."""
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[list[int], list[int]]]]:
+    """Confidence logits [M, γ] and observed prefix acceptance [M, γ] over full blocks of the split,
+    and each sequence's (token ids, anchors)."""
     data = open_features(config.cache_dir, config.split, target, model.config.feature_layers)
     if len(data) == 0:
         raise ValueError(f"no {config.split} samples in {config.cache_dir}")
     gen = torch.Generator().manual_seed(config.seed)
-    logits_out, accept_out = [], []
+    logits_out, accept_out, anchored = [], [], []
     for i in tqdm(range(len(data)), desc="calibrate"):
         sample = data[i].to(config.device)
         anchors = choose_anchors(sample.loss_mask.cpu(), config.anchors_per_sequence, gen).to(config.device)
@@ -82,7 +106,8 @@ def collect(
         drawn = (torch.rand(survive.shape, generator=gen) < survive).float().cumprod(dim=1)
         logits_out.append(blocks.confidence.float().cpu()[full])
         accept_out.append(drawn[full])
-    return torch.cat(logits_out), torch.cat(accept_out)
+        anchored.append((sample.ids.tolist(), anchors.tolist()))
+    return torch.cat(logits_out), torch.cat(accept_out), anchored
 
 
 def fit_temperatures(
@@ -113,7 +138,8 @@ def fit_temperatures(
 
 
 def calibrate(config: CalibrateConfig, target: LoadedModel | None = None) -> dict:
-    """Fit the temperatures, write them into the drafter's config.json, and save calibration.json."""
+    """Fit the temperatures, measure n-gram acceptance, write both into the drafter's config.json,
+    and save calibration.json."""
     path = resolve_drafter_path(config.drafter)
     model = load_drafter_model(path, config.device).eval()
     if not trained_kind(model.config.kind).confidence_head or not model.config.confidence:
@@ -122,9 +148,16 @@ def calibrate(config: CalibrateConfig, target: LoadedModel | None = None) -> dic
         )
     target = target or load_model(model.config.target_name or "smollm2-135m", "float32", config.device)
     # Calibrate the raw head: earlier temperatures must not leak into a re-run.
-    conf_logits, accepted = collect(model, target, config)
+    conf_logits, accepted, anchored = collect(model, target, config)
     temperatures, report = fit_temperatures(conf_logits, accepted, config.num_bins)
-    model.config.with_temperatures(temperatures).save(path / "config.json")
-    result = {"temperatures": temperatures, "blocks": int(conf_logits.shape[0]), **report}
+    rates, counts = ngram_acceptance(anchored, NgramDrafter(), model.config.draft_block_size)
+    model.config.calibrated(temperatures, rates).save(path / "config.json")
+    result = {
+        "temperatures": temperatures,
+        "blocks": int(conf_logits.shape[0]),
+        **report,
+        "ngram_acceptance": rates,
+        "ngram_counts": counts,
+    }
     (path / "calibration.json").write_text(json.dumps(result, indent=1) + "\n")
     return result

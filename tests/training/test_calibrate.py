@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from specray.training.calibrate import auc, expected_calibration_error, fit_temperatures
+from specray.training.calibrate import auc, expected_calibration_error, fit_temperatures, ngram_acceptance
 from specray.training.objective import block_labels, choose_anchors
+from specray.workers.drafters.ngram import NgramDrafter
 
 
 def test_temperature_scaling_fixes_overconfidence() -> None:
@@ -33,3 +34,14 @@ def test_supervision_stops_at_the_first_unsupervised_slot() -> None:
     labels, supervised, target_pos = block_labels(ids, mask, torch.tensor([2, 9]), 4)
     assert supervised.tolist() == [[True, True, True, False], [True, True, False, False]]
     assert labels[0].tolist() == [3, 4, 5, 6] and target_pos[0].tolist() == [2, 3, 4, 5]
+
+
+def test_ngram_acceptance_scores_the_lookup_draft_at_each_anchor_against_the_text() -> None:
+    ids = [5, 1, 2, 3, 7, 1, 2, 3, 8]
+    # Anchor 6 (token 2): the suffix [1, 2] occurred at 1, so n = 2 proposes [3, 7, 1]; the text
+    # goes on 3, 8: position 1 accepted, position 2 reached and rejected, position 3 not reached.
+    # Anchor 3 (token 3): no earlier 3, no match, nothing counted.
+    rates, counts = ngram_acceptance([(ids, [3, 6])], NgramDrafter(max_ngram=4), block_size=3)
+    assert counts[1] == [[1, 1], [0, 1], [0, 0]], "the counts after a 2-token match"
+    assert all(row == [[0, 0]] * 3 for n, row in enumerate(counts) if n != 1), "other lengths counted"
+    assert rates[1] == [2 / 3, 1 / 3, 1 / 2], "the rates are the counts under a Beta(1, 1) prior"

@@ -108,7 +108,15 @@ async def draft_session(
             )
             # Draft the continuation while the verifier works; one extra token covers the bonus.
             guess = asyncio.ensure_future(
-                _propose(drafter, session_id, tokens + proposal.tokens, limit + 1, params, generator)
+                _propose(
+                    drafter,
+                    session_id,
+                    tokens + proposal.tokens,
+                    limit + 1,
+                    params,
+                    generator,
+                    committed=len(tokens),
+                )
             )
             result = await _receive(channel, drafter, session_id)
             span.set_attribute(tracing.ACCEPTED, result.accepted)
@@ -155,10 +163,11 @@ async def _propose(
     limit: int,
     params: SamplingParams,
     generator: torch.Generator,
+    committed: int | None = None,
 ) -> DraftProposal:
     if drafter is None or limit <= 0:
         return DraftProposal(tokens=[])
-    return await drafter.propose(DraftRequest(session_id, list(tokens), limit, params, generator))
+    return await drafter.propose(DraftRequest(session_id, list(tokens), limit, params, generator, committed))
 
 
 def _segment(

@@ -58,6 +58,10 @@ class DrafterConfig:
     markov_candidates: int = 0
     # Per-position calibration temperatures dividing the confidence logit (1 = uncalibrated).
     confidence_temperatures: tuple[float, ...] = field(default=())
+    # [n − 1][k − 1]: how often an n-gram draft's k-th token was accepted, given the earlier ones were,
+    # after an n-token suffix match, on the held-out data `calibrate` scores; the prior of a hybrid
+    # over this drafter (hybrid.py). () = not measured.
+    ngram_acceptance: tuple[tuple[float, ...], ...] = field(default=())
     target_name: str = ""
 
     def __post_init__(self) -> None:
@@ -65,6 +69,9 @@ class DrafterConfig:
         if not self.confidence_temperatures:
             object.__setattr__(self, "confidence_temperatures", (1.0,) * self.draft_block_size)
         object.__setattr__(self, "confidence_temperatures", tuple(map(float, self.confidence_temperatures)))
+        object.__setattr__(
+            self, "ngram_acceptance", tuple(tuple(map(float, r)) for r in self.ngram_acceptance)
+        )
         if self.num_layers < 1 or self.draft_block_size < 1 or self.markov_rank < 0:
             raise ValueError("need num_layers >= 1, draft_block_size >= 1, markov_rank >= 0")
         if not self.feature_layers:
@@ -78,6 +85,13 @@ class DrafterConfig:
             or min(self.confidence_temperatures) <= 0
         ):
             raise ValueError("need one positive confidence temperature per block position")
+        if any(
+            len(row) != self.draft_block_size or not all(0 < a < 1 for a in row)
+            for row in self.ngram_acceptance
+        ):
+            raise ValueError(
+                "ngram_acceptance needs one rate in (0, 1) per block position for each match length"
+            )
         if not 0 <= self.draft_vocab_size <= self.vocab_size:
             raise ValueError(f"draft_vocab_size {self.draft_vocab_size} outside 0..{self.vocab_size}")
         if not 0 <= self.mask_token_id < self.vocab_size:
@@ -126,8 +140,8 @@ class DrafterConfig:
         if mine != theirs or max(self.feature_layers) >= target.num_layers:
             raise ValueError(f"drafter built for (V, d, heads, head_dim)={mine}, target has {theirs}")
 
-    def with_temperatures(self, temperatures: list[float]) -> DrafterConfig:
-        return replace(self, confidence_temperatures=tuple(temperatures))
+    def calibrated(self, temperatures: list[float], ngram_acceptance: list[list[float]]) -> DrafterConfig:
+        return replace(self, confidence_temperatures=tuple(temperatures), ngram_acceptance=ngram_acceptance)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")

@@ -296,15 +296,6 @@ class DSparkDrafter(FeatureDrafter):
             proposals[i] = self.proposal(draft, row, r)
         return proposals
 
-    def ready(self, requests: list[DraftRequest]) -> list[int]:
-        """Indices of the requests a block can be drafted for now."""
-        # The anchor's own features come with the next verify; all earlier ones must be here.
-        return [
-            i
-            for i, r in enumerate(requests)
-            if r.max_tokens > 0 and self.cache.num_features(r.seq_id) >= len(r.token_ids) - 1 > 0
-        ]
-
     def block_logits(self, batch: list[DraftRequest]) -> BlockLogits:
         """One backbone forward and one LM head product for the blocks of all `batch` requests."""
         device = self.device

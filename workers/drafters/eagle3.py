@@ -113,11 +113,7 @@ class Eagle3Drafter(FeatureDrafter):
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[DraftProposal]:
         proposals = [DraftProposal(tokens=[]) for _ in requests]
-        ready = [
-            i
-            for i, r in enumerate(requests)
-            if r.max_tokens > 0 and self.cache.num_features(r.seq_id) >= len(r.token_ids) - 1 > 0
-        ]
+        ready = self.ready(requests)
         if not ready:
             return proposals
         batch = [requests[i] for i in ready]

@@ -14,7 +14,7 @@ import torch
 
 from specray.workers.drafters.context_cache import ContextCache
 from specray.workers.drafters.layers import FeatureDrafterBackbone
-from specray.workers.engine.drafter import Drafter
+from specray.workers.engine.drafter import Drafter, DraftRequest
 from specray.workers.models.decoder import DecoderModel
 
 
@@ -42,6 +42,18 @@ class FeatureDrafter(Drafter):
 
     def release(self, seq_id: str) -> None:
         self.cache.release(seq_id)
+
+    def ready(self, requests: list[DraftRequest]) -> list[int]:
+        """Indices of the requests that can be drafted now: every feature before the anchor is here
+        (the anchor's own come with the next verify). A guess past the committed tokens never is:
+        whether its features arrived first is a race, and a seeded request must not depend on one."""
+        return [
+            i
+            for i, r in enumerate(requests)
+            if r.max_tokens > 0
+            and not r.ahead
+            and self.cache.num_features(r.seq_id) >= len(r.token_ids) - 1 > 0
+        ]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [..., K] over the output columns of final-normed drafter states [..., d]."""

@@ -4,15 +4,20 @@ schedules both alike.
 
 A proposal with confidences c is expected to get Σ_j Π_{i≤j} c_i drafts accepted.
 - The block's c_k are the DSpark drafter's calibrated confidences.
-- An n-gram draft's c_k is the acceptance rate this drafter has seen for n-gram drafts at position k
-  after a suffix match of the same length n (a Beta(1, 1) prior: 0.5 before any evidence). The
-  evidence is the tokens the target commits after an n-gram proposal: a deterministic draft x
-  passes with probability p_t(x) (1 or 0 at T = 0), the chance that the target's own token there
-  is x. So each committed token up to the first mismatch is an unbiased observation, past a cut
-  the scheduler made too, where the bonus token stands in for the unverified draft.
+- An n-gram draft's c_k is the acceptance rate of n-gram drafts at position k after a suffix match
+  of the same length n: a Beta prior centred on the rate `calibrate` measured on held-out data
+  (worth PRIOR_WEIGHT observations; Beta(1, 1) when unmeasured), updated by this request's own
+  outcomes. The evidence is the tokens the target commits after an n-gram proposal: a
+  deterministic draft x passes with probability p_t(x) (1 or 0 at T = 0), the chance that the
+  target's own token there is x. So each committed token up to the first mismatch is an unbiased
+  observation, past a cut the scheduler made too, where the bonus token stands in for the
+  unverified draft.
 
-Where the n-gram's expected length beats the mean of the block's so far, the block is not drafted
-at all for that request: on text that repeats its context most steps then cost n-gram lookup alone.
+Where the n-gram's expected length beats the mean of the block's so far in this request, the block
+is not drafted at all: on text that repeats its context most steps then cost n-gram lookup alone.
+
+Reproducible: every choice reads the checkpoint and the request's own committed tokens only, never
+another request's, so a seeded request samples the same text alone or in any batch.
 
 Lossless: the choice must not depend on the random draws of the proposal it picks; a sampled token
 that decides whether it is proposed biases the output (the argument behind DSpark's stop rule). So
@@ -22,8 +27,8 @@ request then draws its block from its own stream, as the DSpark drafter does.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +36,18 @@ from specray.workers.drafters.dspark import DSparkDrafter
 from specray.workers.drafters.ngram import NgramDrafter
 from specray.workers.engine.confidence_scheduler import expected_accepted
 from specray.workers.engine.drafter import Drafter, DraftProposal, DraftRequest
+
+PRIOR_WEIGHT = 8  # pseudo-observations behind a measured n-gram acceptance rate
+
+
+def count_outcome(counts: list[list[int]], draft: list[int], emitted: list[int]) -> None:
+    """Add one n-gram proposal's outcome to counts[k] = [accepted, reached]: position k is reached
+    when every earlier draft matched the committed token there."""
+    for k, (token, target) in enumerate(zip(draft, emitted)):
+        counts[k][1] += 1
+        if token != target:
+            break
+        counts[k][0] += 1
 
 
 @dataclass
@@ -42,6 +59,27 @@ class _Pending:
     match: int  # n, the length of the suffix it followed
 
 
+@dataclass
+class _RequestHistory:
+    """What one request's own steps showed: n-gram outcomes and the block's expected lengths."""
+
+    block_size: int
+    outcomes: dict[int, list[list[int]]] = field(default_factory=dict)  # [n][k] → [accepted, reached]
+    pending: _Pending | None = None
+    block_steps: int = 0
+    block_expected_sum: float = 0.0
+
+    def counts(self, match: int) -> list[list[int]]:
+        """[k] → [accepted, reached] of this request's n-gram drafts after a match of `match`."""
+        if match not in self.outcomes:
+            self.outcomes[match] = [[0, 0] for _ in range(self.block_size)]
+        return self.outcomes[match]
+
+    def block_expected(self) -> float | None:
+        """The mean expected accepted length of the block's greedy paths so far (None before any)."""
+        return self.block_expected_sum / self.block_steps if self.block_steps else None
+
+
 class HybridDrafter(Drafter):
     def __init__(self, block: DSparkDrafter, ngram: NgramDrafter | None = None) -> None:
         if not block.config.confidence:
@@ -50,29 +88,37 @@ class HybridDrafter(Drafter):
         self.ngram = ngram or NgramDrafter()
         self.name = f"hybrid-{block.name}"
         self.feature_layers = block.feature_layers
-        # [match length][position] → (accepted, reached) of n-gram drafts.
-        self.outcomes: dict[int, list[list[int]]] = defaultdict(
-            lambda: [[0, 0] for _ in range(block.config.draft_block_size)]
-        )
-        self._pending: dict[str, _Pending] = {}
+        self.prior = block.config.ngram_acceptance
+        if self.prior and len(self.prior) < self.ngram.max_ngram:
+            raise ValueError(
+                f"{block.name} measured n-gram acceptance up to n = {len(self.prior)}, "
+                f"the n-gram drafter matches up to n = {self.ngram.max_ngram}"
+            )
+        self._histories: dict[str, _RequestHistory] = {}
         self.choices: Counter[str] = Counter()  # proposals made from each source
-        self._block_expected = (0, 0.0)  # (count, sum) of the block's greedy expected lengths
 
     def observe(self, seq_id: str, features: torch.Tensor, start: int) -> None:
         self.block.observe(seq_id, features, start)
 
     def release(self, seq_id: str) -> None:
         self.block.release(seq_id)
-        self._pending.pop(seq_id, None)
+        self._histories.pop(seq_id, None)
 
-    def ngram_confidence(self, match: int, length: int) -> list[float]:
+    def ngram_confidence(self, seq_id: str, match: int, length: int) -> list[float]:
         """c_k of an n-gram proposal of `length` tokens after a suffix match of `match` tokens."""
-        return [(accepted + 1) / (reached + 2) for accepted, reached in self.outcomes[match][:length]]
+        history = self._histories.get(seq_id)
+        counts = history.outcomes.get(match) if history is not None else None
+        confidence = []
+        for k in range(length):
+            accepted, reached = counts[k] if counts is not None else (0, 0)
+            rate, weight = (self.prior[match - 1][k], PRIOR_WEIGHT) if self.prior else (0.5, 2)
+            confidence.append((rate * weight + accepted) / (weight + reached))
+        return confidence
 
-    def block_expected(self) -> float | None:
-        """The mean expected accepted length of the block's greedy paths so far (None before any)."""
-        count, total = self._block_expected
-        return total / count if count else None
+    def _history(self, seq_id: str) -> _RequestHistory:
+        if seq_id not in self._histories:
+            self._histories[seq_id] = _RequestHistory(self.block.config.draft_block_size)
+        return self._histories[seq_id]
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[DraftProposal]:
@@ -80,15 +126,20 @@ class HybridDrafter(Drafter):
             self._read_outcome(r)
         block_size = self.block.config.draft_block_size
         matches = [self.ngram.match(r.token_ids, min(r.max_tokens, block_size)) for r in requests]
-        confidences = [self.ngram_confidence(match, len(tokens)) for tokens, match in matches]
+        confidences = [
+            self.ngram_confidence(r.seq_id, match, len(tokens))
+            for r, (tokens, match) in zip(requests, matches)
+        ]
         # The block's forward is skipped where the n-gram is expected to beat the block's typical
-        # proposal: most steps of text that repeats its context cost n-gram lookup alone. The rule
-        # reads the context and past outcomes only, never this proposal's draws, so it stays lossless.
-        typical = self.block_expected()
+        # proposal in this request: most steps of text that repeats its context cost n-gram lookup
+        # alone. The rule reads the context and past outcomes only, never this proposal's draws.
+        typical = [
+            h.block_expected() if (h := self._histories.get(r.seq_id)) is not None else None for r in requests
+        ]
         ready = [
             i
             for i in self.block.ready(requests)
-            if not matches[i][0] or typical is None or expected_accepted(confidences[i]) <= typical
+            if not matches[i][0] or typical[i] is None or expected_accepted(confidences[i]) <= typical[i]
         ]
         rows = {i: row for row, i in enumerate(ready)}
         if ready:
@@ -107,33 +158,27 @@ class HybridDrafter(Drafter):
                 greedy_path = expected_accepted(
                     greedy.confidence[row, : min(r.max_tokens, block_size)].tolist()
                 )
-                self._block_expected = (self._block_expected[0] + 1, self._block_expected[1] + greedy_path)
+                history = self._history(r.seq_id)
+                history.block_steps += 1
+                history.block_expected_sum += greedy_path
                 if not tokens or expected_accepted(confidence) <= greedy_path:
                     proposals.append(self.block.proposal(drawn, row, r))
                     self.choices["block"] += 1
                     continue
-            if tokens and self._committed(r) == len(r.token_ids):
+            if tokens and not r.ahead:
                 # Only a proposal from committed tokens has an outcome to read back (a pipelined
                 # draft worker also drafts ahead of its verifier's reply).
-                self._pending[r.seq_id] = _Pending(len(r.token_ids), tokens, match)
+                self._history(r.seq_id).pending = _Pending(len(r.token_ids), tokens, match)
             proposals.append(DraftProposal(tokens, confidence=confidence if tokens else None))
             self.choices["ngram" if tokens else "none"] += 1
         return proposals
 
-    def _committed(self, request: DraftRequest) -> int:
-        """Tokens of the request known committed: those with target features, and the anchor."""
-        return min(len(request.token_ids), self.block.cache.num_features(request.seq_id) + 1)
-
     def _read_outcome(self, request: DraftRequest) -> None:
-        pending = self._pending.get(request.seq_id)
-        committed = self._committed(request)
-        if pending is None or committed <= pending.base:
+        history = self._histories.get(request.seq_id)
+        pending = history.pending if history is not None else None
+        if pending is None or request.committed <= pending.base:
             return
-        del self._pending[request.seq_id]
-        emitted = request.token_ids[pending.base : committed]
-        counts = self.outcomes[pending.match]
-        for k, (draft, token) in enumerate(zip(pending.tokens, emitted)):
-            counts[k][1] += 1
-            if draft != token:
-                break
-            counts[k][0] += 1
+        history.pending = None
+        count_outcome(
+            history.counts(pending.match), pending.tokens, request.token_ids[pending.base : request.committed]
+        )

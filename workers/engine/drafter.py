@@ -13,10 +13,24 @@ from specray.workers.engine.sampling import SamplingParams
 @dataclass
 class DraftRequest:
     seq_id: str
-    token_ids: list[int]  # the committed context; the last token is the anchor
+    token_ids: list[int]  # the context; the last token is the anchor
     max_tokens: int  # propose at most this many
     params: SamplingParams
     generator: torch.Generator  # the request's own random stream (sampled drafting)
+    # How many of token_ids the target has committed (all, unless None says otherwise): a pipelined
+    # draft worker drafts ahead from its segment's drafts before the verifier answers.
+    committed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.committed is None:
+            self.committed = len(self.token_ids)
+        if not 0 <= self.committed <= len(self.token_ids):
+            raise ValueError(f"committed={self.committed} outside 0..{len(self.token_ids)} tokens")
+
+    @property
+    def ahead(self) -> bool:
+        """A guess drafted past the committed tokens, whose outcome depends on the pending verify."""
+        return self.committed < len(self.token_ids)
 
 
 @dataclass
