@@ -33,9 +33,10 @@ from specray.workers.models.loader import DEFAULT_MODEL, LoadedModel, gguf_sourc
 class ModeResult:
     name: str
     dtype: str
-    tokens_per_s: float
+    tokens_per_s: float  # over every round
     tau: float | None
     matches_autoregressive: bool  # token for token, against our autoregressive output in this dtype
+    tokens_per_s_by_round: list[float]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             throughput += _throughput(args, target, hf_model, prompt_ids, batch_sizes)
     if not args.no_llama_cpp and not args.only_throughput:
         modes += _llama_cpp_modes(target, args.max_tokens)
-    results = _batch_one(modes, prompt_ids[: args.num_prompts], dtypes) if modes else []
+    results = _batch_one(modes, prompt_ids[: args.num_prompts], dtypes, args.rounds) if modes else []
 
     report = {
         "model": args.model,
@@ -87,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         "torch_threads": torch.get_num_threads(),
         "num_prompts": args.num_prompts,
         "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
         "modes": [asdict(r) for r in results],
         "throughput": [asdict(r) for r in throughput],
     }
@@ -109,8 +111,11 @@ def _encode(target: LoadedModel, prompts: list) -> list[list[int]]:
     ]
 
 
-def _batch_one(modes: list[_Mode], prompt_ids: list[list[int]], dtypes: list[str]) -> list[ModeResult]:
-    """Every mode decodes the prompts one at a time; modes interleaved prompt by prompt."""
+def _batch_one(
+    modes: list[_Mode], prompt_ids: list[list[int]], dtypes: list[str], rounds: int = 1
+) -> list[ModeResult]:
+    """Every mode decodes the prompts one at a time; modes interleaved prompt by prompt, `rounds`
+    times over."""
     names = [(m.name, m.dtype) for m in modes]
     if len(set(names)) != len(names):
         raise ValueError(f"two modes share a name (give the drafters distinct names): {names}")
@@ -119,14 +124,24 @@ def _batch_one(modes: list[_Mode], prompt_ids: list[list[int]], dtypes: list[str
     for mode in modes:
         mode.generate(prompt_ids[0][:16])
     outputs: dict[tuple[str, str], list[list[int]]] = {(m.name, m.dtype): [] for m in modes}
-    for ids in tqdm(prompt_ids, desc="prompts"):
+    by_round: dict[tuple[str, str], list[float]] = {(m.name, m.dtype): [] for m in modes}
+    for round_index in range(rounds):
+        elapsed = dict.fromkeys(by_round, 0.0)
+        tokens = dict.fromkeys(by_round, 0)
+        for ids in tqdm(prompt_ids, desc=f"prompts (round {round_index + 1}/{rounds})"):
+            for mode in modes:
+                key = (mode.name, mode.dtype)
+                start = time.perf_counter()
+                out, steps = mode.generate(ids)
+                elapsed[key] += time.perf_counter() - start
+                tokens[key] += len(out)
+                mode.steps += steps
+                outputs[key].append(out)
+        for key in by_round:
+            by_round[key].append(tokens[key] / elapsed[key])
         for mode in modes:
-            start = time.perf_counter()
-            out, steps = mode.generate(ids)
-            mode.elapsed += time.perf_counter() - start
-            mode.tokens += len(out)
-            mode.steps += steps
-            outputs[(mode.name, mode.dtype)].append(out)
+            mode.elapsed += elapsed[(mode.name, mode.dtype)]
+            mode.tokens += tokens[(mode.name, mode.dtype)]
     return [
         ModeResult(
             m.name,
@@ -134,6 +149,7 @@ def _batch_one(modes: list[_Mode], prompt_ids: list[list[int]], dtypes: list[str
             m.tokens / m.elapsed,
             m.tokens / m.steps if m.speculative else None,
             outputs[(m.name, m.dtype)] == outputs[("autoregressive", _reference_dtype(m.dtype, dtypes))],
+            by_round[(m.name, m.dtype)],
         )
         for m in modes
     ]
@@ -296,17 +312,26 @@ def _print_table(results: list[ModeResult]) -> None:
     llama = next((r.tokens_per_s for r in results if r.name == "llama_cpp"), None)
     width = max(22, *(len(r.name) + 2 for r in results))
     first_ar = f"vs {first.dtype} AR"
+    # Over several rounds, the range of each round's own ratio to autoregressive: the noise to read
+    # the ratios against.
+    rounds = len(first.tokens_per_s_by_round) > 1
+    ar_rounds = {r.dtype: r.tokens_per_s_by_round for r in results if r.name == "autoregressive"}
     print(
-        f"{'mode':<{width}}{'dtype':>10}{'tokens/s':>10}{'vs AR':>8}{first_ar:>{len(first_ar) + 2}}"
+        f"{'mode':<{width}}{'dtype':>10}{'tokens/s':>10}{'vs AR':>8}"
+        + (f"{'by round':>13}" if rounds else "")
+        + f"{first_ar:>{len(first_ar) + 2}}"
         + (f"{'vs llama.cpp':>14}" if llama else "")
         + f"{'tau':>7}  matches AR"
     )
     for r in results:
         tau = f"{r.tau:.2f}" if r.tau is not None else "-"
+        reference = _reference_dtype(r.dtype, dtypes)
+        ratios = [t / a for t, a in zip(r.tokens_per_s_by_round, ar_rounds[reference])]
         print(
             f"{r.name:<{width}}{r.dtype:>10}{r.tokens_per_s:>10.1f}"
-            f"{r.tokens_per_s / ar[_reference_dtype(r.dtype, dtypes)]:>8.2f}"
-            f"{r.tokens_per_s / first.tokens_per_s:>{len(first_ar) + 2}.2f}"
+            f"{r.tokens_per_s / ar[reference]:>8.2f}"
+            + (f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>13}" if rounds else "")
+            + f"{r.tokens_per_s / first.tokens_per_s:>{len(first_ar) + 2}.2f}"
             + (f"{r.tokens_per_s / llama:>14.2f}" if llama else "")
             + f"{tau:>7}  {r.matches_autoregressive}"
         )

@@ -29,6 +29,13 @@ def register_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--prompts", default=None, help="JSONL of {prompt} or {messages}; default: HumanEval")
     p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=1,
+        help="decode the prompts this many times, modes interleaved; tokens/s is over all rounds and "
+        "the table shows each round's ratio to autoregressive (the noise of a shared machine)",
+    )
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--num-speculative-tokens", "-k", type=int, default=5)
     p.add_argument(

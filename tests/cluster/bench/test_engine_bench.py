@@ -31,7 +31,7 @@ def test_batch_one_and_throughput_in_one_run(tiny_model, tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "engine", "--model", str(tiny_model), "--prompts", str(prompts), "--json", str(out)]
     args += ["--num-prompts", "2", "--max-tokens", "6", "--drafter", "ngram", "--batch-drafter", "ngram"]
-    args += ["--dtype", "float32", "--scheduling", "fixed", "--scheduling", "confidence"]
+    args += ["--dtype", "float32", "--scheduling", "fixed", "--scheduling", "confidence", "--rounds", "2"]
     args += ["--no-llama-cpp", *(a for b in BATCH_SIZES for a in ("--batch-size", str(b)))]
     assert main(args) == 0
 
@@ -44,6 +44,7 @@ def test_batch_one_and_throughput_in_one_run(tiny_model, tmp_path):
         "hf_generate",
         "hf_prompt_lookup",
     ]
+    assert all(len(m["tokens_per_s_by_round"]) == 2 for m in report["modes"]), "a round was not timed"
     speculative = [m for m in report["modes"] if m["name"].startswith("ngram")]
     assert all(m["matches_autoregressive"] for m in speculative), "a scheduling changed the greedy text"
     rows = {(r["name"], r["batch_size"]): r for r in report["throughput"]}
