@@ -11,6 +11,15 @@ from pathlib import Path
 # The packaged default target; `workers/models/loader.py` resolves it (a test checks they agree).
 DEFAULT_MODEL = "smollm2-135m"
 
+# The drafter when none is named: for the default model the hybrid of n-gram lookup and its bundled
+# DSpark drafter (it beats n-gram lookup in `specray bench engine`, drafters/README.md); n-gram
+# lookup for other models, which have no bundled drafter.
+DEFAULT_DRAFTER = "hybrid:smollm2-135m-dspark"
+
+
+def default_drafter(model: str) -> str:
+    return DEFAULT_DRAFTER if model == DEFAULT_MODEL else "ngram"
+
 
 def checkout_root() -> Path | None:
     """The repository this package runs from (an editable install), or None for an installed wheel."""

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from specray.cluster.bench import engine_throughput
+from specray.defaults import default_drafter
 from specray.training.prompt_sets import humaneval_prompts, jsonl_prompts
 from specray.workers.drafters.registry import build_drafter, trained_drafter_name
 from specray.workers.engine.config import EngineConfig
@@ -48,7 +49,10 @@ def run(args: argparse.Namespace) -> int:
     wanted = max([args.num_prompts, *batch_sizes])
     prompts = jsonl_prompts(args.prompts, wanted) if args.prompts else humaneval_prompts(wanted)
     params = SamplingParams(max_tokens=args.max_tokens)
-    default_drafters = ["ngram", "smollm2-135m-dspark"] if args.model == DEFAULT_MODEL else ["ngram"]
+    # n-gram lookup, the bundled drafter and the default one (the hybrid of both) for the default model.
+    default_drafters = ["ngram"]
+    if args.model == DEFAULT_MODEL:
+        default_drafters += ["smollm2-135m-dspark", default_drafter(args.model)]
     modes: list[_Mode] = []
     throughput: list[engine_throughput.ThroughputResult] = []
     prompt_ids: list[list[int]] = []

@@ -42,7 +42,8 @@ def register_engine(p: argparse.ArgumentParser) -> None:
         "--drafter",
         action="append",
         default=None,
-        help="speculative mode(s); default: ngram, plus the bundled trained drafter of the default model",
+        help="speculative mode(s); default: ngram, plus for the default model its bundled trained drafter "
+        "and the default drafter (the hybrid of both)",
     )
     p.add_argument(
         "--scheduling",

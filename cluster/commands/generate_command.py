@@ -7,7 +7,7 @@ import sys
 import time
 
 from specray.cluster.commands.help_text import DRAFTER_HELP
-from specray.defaults import DEFAULT_MODEL
+from specray.defaults import DEFAULT_MODEL, default_drafter
 from specray.workers.models.dtype import DTYPE_CHOICES
 
 
@@ -17,8 +17,17 @@ def register(p: argparse.ArgumentParser) -> None:
         "--raw", action="store_true", help="send the prompt as raw text, without the chat template"
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="packaged name, .gguf file or HF directory")
-    p.add_argument("--drafter", default="ngram", help=DRAFTER_HELP)
+    p.add_argument(
+        "--drafter",
+        help=f"{DRAFTER_HELP} (default: {default_drafter(DEFAULT_MODEL)} for the default model, else ngram)",
+    )
     p.add_argument("--num-speculative-tokens", "-k", type=int, default=5, help="γ: drafts per step")
+    p.add_argument(
+        "--scheduling",
+        choices=("confidence", "fixed", "off"),
+        default="confidence",
+        help="drafts per step: confidence (DSpark Algorithm 1), fixed (all γ) or off (autoregressive)",
+    )
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 where fast, else fp32")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -36,9 +45,14 @@ def run(args: argparse.Namespace) -> int:
     from specray.workers.models.loader import load_model
 
     target = load_model(args.model, args.dtype)
+    args.drafter = args.drafter or default_drafter(args.model)
     check_num_speculative_tokens(args.drafter, args.num_speculative_tokens)
     drafter = build_drafter(args.drafter, target)
-    engine = LLMEngine(target, drafter, EngineConfig(num_speculative_tokens=args.num_speculative_tokens))
+    engine = LLMEngine(
+        target,
+        drafter,
+        EngineConfig(num_speculative_tokens=args.num_speculative_tokens, scheduling=args.scheduling),
+    )
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,

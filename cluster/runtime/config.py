@@ -12,7 +12,7 @@ from specray.cluster.runtime.failover_config import Failover
 from specray.cluster.runtime.limits import RequestLimits
 from specray.cluster.runtime.tls import InternalTls
 from specray.cluster.runtime.tracing import TracingConfig
-from specray.defaults import DEFAULT_MODEL
+from specray.defaults import DEFAULT_MODEL, default_drafter
 
 # Console detail of `specray serve` and the level of every role's `specray` loggers.
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -119,7 +119,8 @@ RENAMED_KEYS = {"gamma": "num_speculative_tokens", "max_drafts": "num_speculativ
 
 class ClusterConfig(_Strict):
     model: str = DEFAULT_MODEL
-    drafter: str = "ngram"  # none | ngram | a trained drafter's directory
+    # none | ngram | a bundled or trained drafter, hybrid:<it>; unset: `default_drafter(model)`.
+    drafter: str
     num_speculative_tokens: int = Field(5, ge=0, le=32)
     # The engine's dtype: `auto` is bf16 on CUDA and on CPUs with AMX-BF16 or AVX-512 BF16, fp32 elsewhere.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -156,6 +157,8 @@ class ClusterConfig(_Strict):
         if isinstance(data, dict):
             for old in RENAMED_KEYS.keys() & data.keys():
                 raise ValueError(f"`{old}` is now `{RENAMED_KEYS[old]}`")
+            if data.get("drafter") is None:
+                data = {**data, "drafter": default_drafter(data.get("model", DEFAULT_MODEL))}
         return data
 
     @classmethod
@@ -166,6 +169,7 @@ class ClusterConfig(_Strict):
         return cls.model_validate(data)
 
     def with_overrides(self, **changes: Any) -> ClusterConfig:
-        return self.model_validate(
-            {**self.model_dump(), **{k: v for k, v in changes.items() if v is not None}}
-        )
+        data = {**self.model_dump(), **{k: v for k, v in changes.items() if v is not None}}
+        if changes.get("drafter") is None and self.drafter == default_drafter(self.model):
+            del data["drafter"]  # the default drafter follows the model
+        return self.model_validate(data)

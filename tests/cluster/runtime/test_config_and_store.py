@@ -47,6 +47,18 @@ def test_serve_flags_override_yaml():
     assert config.verifiers.kv_cache_tokens == 32768  # the rest of the YAML stays
 
 
+def test_the_default_drafter_follows_the_model():
+    """Unset, the drafter is the bundled hybrid for the default model and n-gram lookup for any
+    other (no bundled drafter fits it), also when a flag changes the model of a config."""
+    assert ClusterConfig().drafter == "hybrid:smollm2-135m-dspark"
+    assert ClusterConfig(model="gemma3-270m").drafter == "ngram"
+    assert ClusterConfig().with_overrides(model="gemma3-270m").drafter == "ngram", (
+        "the default model's drafter stayed with another model"
+    )
+    named = ClusterConfig(drafter="none").with_overrides(model="gemma3-270m")
+    assert named.drafter == "none", "a named drafter was replaced by the default"
+
+
 def test_session_store_on_real_redis():
     async def scenario(url: str) -> None:
         store = SessionStore(url, session_ttl_s=30, finished_ttl_s=5)
