@@ -75,6 +75,7 @@ def sample_markov_block(
     conf_weight: torch.Tensor | None = None,
     conf_bias: float = 0.0,
     conf_temperature: torch.Tensor | None = None,
+    conf_shift: torch.Tensor | None = None,
     return_probs: bool = False,
     token_ids: torch.Tensor | None = None,
     candidates: int | None = None,
@@ -93,6 +94,7 @@ def sample_markov_block(
         conf_weight,
         conf_bias,
         conf_temperature,
+        conf_shift,
         return_probs,
         token_ids,
     )

@@ -29,6 +29,7 @@ def sample_candidates(
     conf_weight: torch.Tensor | None,
     conf_bias: float,
     conf_temperature: torch.Tensor | None,
+    conf_shift: torch.Tensor | None,
     return_probs: bool,
     token_ids: torch.Tensor | None,
     candidates: int,
@@ -37,12 +38,16 @@ def sample_candidates(
     check_markov_inputs(logits, w1, w2, hidden, conf_weight, token_ids)
     _, num_slots, columns = logits.shape
     top_logits, top_cols = top_columns(logits, min(candidates, columns))
+    scale = torch.ones(num_slots) if conf_temperature is None else conf_temperature.float()
     conf_h = conf_e = None
     if conf_weight is not None:
         d_model = hidden.shape[-1]
-        conf_h = (hidden.float() @ conf_weight[:d_model].float() + conf_bias).contiguous()
+        conf_h = hidden.float() @ conf_weight[:d_model].float() + conf_bias
+        if conf_shift is not None:
+            # The loop divides slot k's logit by scale[k]: s_k · t_k in the numerator adds s_k after it.
+            conf_h = conf_h + conf_shift.float() * scale
+        conf_h = conf_h.contiguous()
         conf_e = conf_weight[d_model:].float().contiguous()
-    scale = torch.ones(num_slots) if conf_temperature is None else conf_temperature.float()
     tokens, token_probs, probs, confidence = ext.markov_candidates_block(
         top_logits.contiguous(),
         top_cols.contiguous(),

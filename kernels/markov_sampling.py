@@ -7,7 +7,8 @@ depend on the token drafted at slot k-1:
 
 sampled left to right by inverse CDF with the caller's uniforms (argmax where T = 0, whose draft
 distribution is then one-hot). The confidence head reads the same previous token before x_k is drawn:
-c_k = σ((w · [h_k; W1[x_{k-1}]] + b) / t_k), t_k the calibration temperature of position k.
+c_k = σ((w · [h_k; W1[x_{k-1}]] + b) / t_k + s_k), t_k and s_k the calibration temperature and
+shift (Platt bias) of position k.
 A drafter without Markov head (DFlash) passes no W1/W2 and its confidence weight has only the h part.
 A drafter with a draft vocabulary passes `token_ids`: logit column j is token token_ids[j]. W2 then
 has one row per column, W1 one row per token id (the anchor may be any token), and the sampled
@@ -101,6 +102,7 @@ def sample_markov_block(
     conf_weight: torch.Tensor | None = None,
     conf_bias: float = 0.0,
     conf_temperature: torch.Tensor | None = None,
+    conf_shift: torch.Tensor | None = None,
     return_probs: bool = False,
     token_ids: torch.Tensor | None = None,
     candidates: int | None = None,
@@ -116,6 +118,7 @@ def sample_markov_block(
     conf_weight       [d + r] confidence head weight, or None for no confidence
     conf_bias         its bias
     conf_temperature  [γ] calibration temperatures dividing the confidence logit, or None
+    conf_shift        [γ] calibration shifts added to the confidence logit after the temperature, or None
     return_probs      also return the full per-slot distributions (needed for rejection sampling)
     token_ids         [C] long, the token id of each logit column (a draft vocabulary), or None
     candidates        M: sample each slot among its M columns of largest U_k only, or None for all
@@ -161,7 +164,8 @@ def sample_markov_block(
                 conf_logit = conf_logit + emb @ conf_e
         if with_conf:
             scale = 1.0 if conf_temperature is None else conf_temperature[k].float()
-            confidence[:, k] = torch.sigmoid(conf_logit / scale)
+            shift = 0.0 if conf_shift is None else conf_shift[k].float()
+            confidence[:, k] = torch.sigmoid(conf_logit / scale + shift)
         if all_greedy:
             # Argmax drafts have probability 1: no distribution to form.
             pick = z.argmax(dim=-1)

@@ -110,6 +110,7 @@ def _select_kernel(
     hidden_ptr,
     conf_w_ptr,
     conf_temp_ptr,
+    conf_shift_ptr,
     token_ids_ptr,
     part_max_ptr,
     part_sum_ptr,
@@ -134,6 +135,7 @@ def _select_kernel(
     HAS_MARKOV: tl.constexpr,
     HAS_CONF: tl.constexpr,
     HAS_CONF_TEMP: tl.constexpr,
+    HAS_CONF_SHIFT: tl.constexpr,
     HAS_IDS: tl.constexpr,
     STORE_STATS: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -162,6 +164,8 @@ def _select_kernel(
                 conf_logit += tl.sum(emb * _load_f32(conf_w_ptr + d_model + r, r < rank), axis=0)
         if HAS_CONF_TEMP:
             conf_logit = conf_logit / tl.load(conf_temp_ptr + k).to(tl.float32)
+        if HAS_CONF_SHIFT:
+            conf_logit = conf_logit + tl.load(conf_shift_ptr + k).to(tl.float32)
         tl.store(confidence_ptr + out, tl.sigmoid(conf_logit))
 
     s = tl.arange(0, BLOCK_S)
@@ -253,6 +257,7 @@ def sample_markov_block_triton(
     conf_weight: torch.Tensor | None = None,
     conf_bias: float = 0.0,
     conf_temperature: torch.Tensor | None = None,
+    conf_shift: torch.Tensor | None = None,
     return_probs: bool = False,
     token_ids: torch.Tensor | None = None,
     block_v: int | None = None,
@@ -268,6 +273,8 @@ def sample_markov_block_triton(
     uniforms = uniforms.to(device, torch.float32).contiguous()
     if conf_temperature is not None:
         conf_temperature = conf_temperature.to(device, torch.float32).contiguous()
+    if conf_shift is not None:
+        conf_shift = conf_shift.to(device, torch.float32).contiguous()
     if token_ids is not None:
         token_ids = token_ids.to(device, torch.long).contiguous()
     has_markov = w1 is not None
@@ -341,6 +348,7 @@ def sample_markov_block_triton(
             hidden if has_conf else dummy,
             conf_weight if has_conf else dummy,
             conf_temperature if conf_temperature is not None else dummy,
+            conf_shift if conf_shift is not None else dummy,
             token_ids if token_ids is not None else dummy,
             part_max,
             part_sum,
@@ -365,6 +373,7 @@ def sample_markov_block_triton(
             HAS_MARKOV=has_markov,
             HAS_CONF=has_conf,
             HAS_CONF_TEMP=conf_temperature is not None,
+            HAS_CONF_SHIFT=conf_shift is not None,
             HAS_IDS=token_ids is not None,
             STORE_STATS=return_probs,
             BLOCK_S=triton.next_power_of_2(num_tiles),

@@ -1,11 +1,11 @@
-"""`specray train calibrate`: sequential temperature scaling of the DSpark confidence head.
+"""`specray train calibrate`: sequential Platt scaling of the DSpark confidence head.
 
 On held-out cached data, each block's drafts are scored teacher-forced (slot k's previous token is
 the true one, as at inference when the earlier drafts were accepted) and verification at T = 1 is
 simulated: draft k survives with probability 1 − ½‖p_d − p_t‖₁, drawn with a fixed seed; the
 observed prefix acceptance at k is the product of those draws up to k. Then, for k = 1..γ in
-order, one temperature T_k on the confidence logit is grid-searched to minimise the ECE of the
-cumulative product Π_{i≤k} c_i, the earlier temperatures held fixed.
+order, a temperature T_k and a shift b_k, c_k = σ(logit_k / T_k + b_k), are grid-searched to
+minimise the ECE of the cumulative product Π_{i≤k} c_i, the earlier positions held fixed.
 
 At the same anchors it measures n-gram lookup: how often an n-gram draft's k-th token matches the
 text, given the earlier ones did, per suffix-match length n — the prior a hybrid over this drafter
@@ -15,6 +15,8 @@ starts each request from (workers/drafters/hybrid.py).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,15 +47,19 @@ class CalibrateConfig:
             raise ValueError("need anchors_per_sequence >= 1 and num_bins >= 2")
 
 
+def calibration_errors(preds: torch.Tensor, observed: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Equal-width-bin ECE of each row of `preds` [G, n] against `observed` [n]:
+    Σ_b |b|/n · |mean(pred_b) − mean(observed_b)| = Σ_b |Σ_{i∈b} (pred_i − observed_i)| / n.
+    Rows at once, so a search scores a whole grid of candidate calibrations in one pass."""
+    bins = (preds * num_bins).long().clamp(max=num_bins - 1)
+    gaps = torch.zeros(preds.shape[0], num_bins, dtype=torch.float64)
+    gaps.scatter_add_(1, bins, (preds - observed).double())
+    return gaps.abs().sum(dim=1) / preds.shape[1]
+
+
 def expected_calibration_error(pred: torch.Tensor, observed: torch.Tensor, num_bins: int) -> float:
-    """Equal-width-bin ECE: Σ_b |b|/n · |mean(pred_b) − mean(observed_b)|."""
-    bins = (pred * num_bins).long().clamp(max=num_bins - 1)
-    total = 0.0
-    for b in range(num_bins):
-        members = bins == b
-        if members.any():
-            total += float(members.float().mean() * (pred[members].mean() - observed[members].mean()).abs())
-    return total
+    """Equal-width-bin ECE of one prediction vector [n]."""
+    return float(calibration_errors(pred.unsqueeze(0), observed, num_bins)[0])
 
 
 def auc(score: torch.Tensor, label: torch.Tensor) -> float | None:
@@ -110,36 +116,84 @@ def collect(
     return torch.cat(logits_out), torch.cat(accept_out), anchored
 
 
-def fit_temperatures(
-    conf_logits: torch.Tensor, accepted: torch.Tensor, num_bins: int, grid: torch.Tensor | None = None
-) -> tuple[list[float], dict]:
-    """Sequential temperature scaling; returns the temperatures and ECE/AUC per position."""
-    grid = grid if grid is not None else torch.logspace(-1, 1, 81)
-    block_len = conf_logits.shape[1]
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one intra-op thread inside the block. The fit's ops are too small to gain from the
+    thread pool, and where other work keeps the cores busy each op waits for a descheduled pool
+    thread: 100× slower beside a training run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def best_shift(
+    logits: torch.Tensor,
+    survival: torch.Tensor,
+    observed: torch.Tensor,
+    num_bins: int,
+    shift_range: tuple[float, float],
+    points: int = 17,
+    rounds: int = 3,
+) -> tuple[float, float]:
+    """(ECE, b): the shift in `shift_range` whose survival · σ(logits + b) has the least ECE against
+    `observed`, by a grid of `points` refined `rounds` times to ± one step around its best point
+    (from [-4, 4]: steps 0.5, 0.0625, 0.0078)."""
+    low, high = shift_range
+    for _ in range(rounds):
+        grid = torch.linspace(low, high, points)
+        errors = calibration_errors(survival * torch.sigmoid(logits + grid.unsqueeze(1)), observed, num_bins)
+        best = int(errors.argmin())
+        step = (high - low) / (points - 1)
+        low, high = (
+            max(float(grid[best]) - step, shift_range[0]),
+            min(float(grid[best]) + step, shift_range[1]),
+        )
+    return float(errors[best]), float(grid[best])
+
+
+def fit_calibration(
+    conf_logits: torch.Tensor,
+    accepted: torch.Tensor,
+    num_bins: int,
+    temperature_grid: torch.Tensor | None = None,
+    shift_range: tuple[float, float] = (-4.0, 4.0),
+) -> tuple[list[float], list[float], dict]:
+    """Sequential Platt scaling: per position, in order, the T_k of the grid and b_k of the range
+    whose survival · σ(logit_k / T_k + b_k) has the least ECE against the prefix acceptance at k.
+    Returns the temperatures, the shifts, and ECE/AUC per position. `shift_range` (0, 0) fits the
+    temperatures alone."""
+    temperature_grid = temperature_grid if temperature_grid is not None else torch.logspace(-1, 1, 81)
     temperatures: list[float] = []
+    shifts: list[float] = []
     before_prod = torch.sigmoid(conf_logits).cumprod(dim=1)
     survival = torch.ones(conf_logits.shape[0])
     report = {"position": [], "ece_before": [], "ece_after": [], "auc_before": [], "auc_after": []}
-    for k in range(block_len):
-        best = min(
-            grid.tolist(),
-            key=lambda t: expected_calibration_error(
-                survival * torch.sigmoid(conf_logits[:, k] / t), accepted[:, k], num_bins
-            ),
-        )
-        temperatures.append(best)
-        survival = survival * torch.sigmoid(conf_logits[:, k] / best)
-        report["position"].append(k + 1)
-        report["ece_before"].append(expected_calibration_error(before_prod[:, k], accepted[:, k], num_bins))
-        report["ece_after"].append(expected_calibration_error(survival, accepted[:, k], num_bins))
-        report["auc_before"].append(auc(before_prod[:, k], accepted[:, k]))
-        report["auc_after"].append(auc(survival, accepted[:, k]))
-    return temperatures, report
+    with one_thread():
+        for k in range(conf_logits.shape[1]):
+            fits = [  # (T, ECE, b)
+                (t, *best_shift(conf_logits[:, k] / t, survival, accepted[:, k], num_bins, shift_range))
+                for t in temperature_grid.tolist()
+            ]
+            t, _, b = min(fits, key=lambda fit: fit[1])  # the first least ECE in grid order
+            temperatures.append(t)
+            shifts.append(b)
+            survival = survival * torch.sigmoid(conf_logits[:, k] / t + b)
+            report["position"].append(k + 1)
+            report["ece_before"].append(
+                expected_calibration_error(before_prod[:, k], accepted[:, k], num_bins)
+            )
+            report["ece_after"].append(expected_calibration_error(survival, accepted[:, k], num_bins))
+            report["auc_before"].append(auc(before_prod[:, k], accepted[:, k]))
+            report["auc_after"].append(auc(survival, accepted[:, k]))
+    return temperatures, shifts, report
 
 
 def calibrate(config: CalibrateConfig, target: LoadedModel | None = None) -> dict:
-    """Fit the temperatures, measure n-gram acceptance, write both into the drafter's config.json,
-    and save calibration.json."""
+    """Fit the temperatures and shifts, measure n-gram acceptance, write them into the drafter's
+    config.json, and save calibration.json."""
     path = resolve_drafter_path(config.drafter)
     model = load_drafter_model(path, config.device).eval()
     if not trained_kind(model.config.kind).confidence_head or not model.config.confidence:
@@ -147,13 +201,15 @@ def calibrate(config: CalibrateConfig, target: LoadedModel | None = None) -> dic
             f"{path} has no confidence head to calibrate (only kinds with one, such as dspark, do)"
         )
     target = target or load_model(model.config.target_name or "smollm2-135m", "float32", config.device)
-    # Calibrate the raw head: earlier temperatures must not leak into a re-run.
+    # Calibrate the raw head: an earlier calibration must not leak into a re-run.
     conf_logits, accepted, anchored = collect(model, target, config)
-    temperatures, report = fit_temperatures(conf_logits, accepted, config.num_bins)
+    temperatures, shifts, report = fit_calibration(conf_logits, accepted, config.num_bins)
     rates, counts = ngram_acceptance(anchored, NgramDrafter(), model.config.draft_block_size)
-    model.config.calibrated(temperatures, rates).save(path / "config.json")
+    calibrated = model.config.calibrated(temperatures=temperatures, shifts=shifts, ngram_acceptance=rates)
+    calibrated.save(path / "config.json")
     result = {
         "temperatures": temperatures,
+        "shifts": shifts,
         "blocks": int(conf_logits.shape[0]),
         **report,
         "ngram_acceptance": rates,

@@ -155,7 +155,7 @@ def register(p: argparse.ArgumentParser) -> None:
     cal = steps.add_parser(
         "calibrate",
         formatter_class=HelpFormatter,
-        help="sequential temperature scaling of the confidence head",
+        help="sequential Platt scaling of the confidence head, and the n-gram prior of a hybrid",
     )
     cal.add_argument("--drafter", type=Path, required=True)
     cal.add_argument(

@@ -85,6 +85,7 @@ def markov_inputs(
         args["conf_weight"] = (torch.randn(d_model + rank, generator=g) * 0.2).to(dtype).to(device)
         args["conf_bias"] = 0.25
         args["conf_temperature"] = torch.linspace(1.0, 2.0, num_slots).to(device)
+        args["conf_shift"] = torch.linspace(-0.6, 0.4, num_slots).to(device)  # non-zero at every slot
     return args
 
 

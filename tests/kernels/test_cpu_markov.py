@@ -45,7 +45,7 @@ def test_the_compiled_loop_draws_what_the_twin_draws(ext, case: str, return_prob
         twin = markov_sampling.sample_markov_block(**args, return_probs=return_probs, candidates=CANDIDATES)
         ours = cpu_markov.sample_candidates(
             ext, **{"hidden": None, "conf_weight": None, "conf_bias": 0.0, "conf_temperature": None,
-                    "token_ids": None, **args},
+                    "conf_shift": None, "token_ids": None, **args},
             return_probs=return_probs, candidates=CANDIDATES,
         )  # fmt: skip
         assert torch.equal(ours.tokens, twin.tokens), f"{case}, seed {seed}: other tokens drawn"

@@ -132,3 +132,15 @@ def test_candidates_sample_each_slot_among_its_top_columns() -> None:
     picked = draft.probs.gather(2, draft.tokens.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(picked, draft.token_probs)
     torch.testing.assert_close(draft.probs.sum(-1), torch.ones(4, 3))
+
+
+def test_the_calibration_shift_is_added_after_the_temperature() -> None:
+    # The reference is the spec every kernel is compared with: c_k = σ(logit_k / t_k + s_k).
+    args = markov_inputs(8, 4, VOCAB, RANK, D_MODEL, torch.float32, 8)
+    shifted = sample_markov_block(**args).confidence
+    unshifted = sample_markov_block(**{**args, "conf_shift": None}).confidence
+    torch.testing.assert_close(
+        shifted,
+        torch.sigmoid(torch.logit(unshifted.double()) + args["conf_shift"]).float(),
+        msg="the confidence is not σ(logit / t_k + s_k)",
+    )

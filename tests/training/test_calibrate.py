@@ -1,22 +1,49 @@
-"""Sequential temperature scaling: recovers a known miscalibration and lowers ECE."""
+"""Sequential Platt scaling: recovers a known miscalibration, in scale or in offset, and lowers ECE."""
 
 from __future__ import annotations
 
 import torch
 
-from specray.training.calibrate import auc, expected_calibration_error, fit_temperatures, ngram_acceptance
+from specray.training.calibrate import auc, expected_calibration_error, fit_calibration, ngram_acceptance
 from specray.training.objective import block_labels, choose_anchors
 from specray.workers.drafters.ngram import NgramDrafter
 
 
-def test_temperature_scaling_fixes_overconfidence() -> None:
+def _true_logits_and_acceptance(blocks: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibrated logits and the prefix acceptance drawn from them: slot k accepted with σ(logit_k)."""
     gen = torch.Generator().manual_seed(0)
-    true_logits = torch.randn(4000, 4, generator=gen) * 1.5
-    accept = (torch.rand(4000, 4, generator=gen) < torch.sigmoid(true_logits)).float().cumprod(dim=1)
+    true_logits = torch.randn(blocks, block_size, generator=gen) * 1.5
+    accept = (torch.rand(blocks, block_size, generator=gen) < torch.sigmoid(true_logits)).float()
+    return true_logits, accept.cumprod(dim=1)
+
+
+def test_temperature_scaling_fixes_overconfidence() -> None:
+    true_logits, accept = _true_logits_and_acceptance(4000, 4)
     overconfident = true_logits * 3.0  # the head's logits are 3× too sharp
-    temperatures, report = fit_temperatures(overconfident, accept, num_bins=10)
-    assert abs(temperatures[0] - 3.0) < 0.6
-    assert all(after < before for before, after in zip(report["ece_before"], report["ece_after"]))
+    temperatures, shifts, report = fit_calibration(overconfident, accept, num_bins=10)
+    assert abs(temperatures[0] - 3.0) < 0.6, (
+        f"position 1: T = {temperatures[0]:.2f}, the head is 3× too sharp"
+    )
+    assert abs(shifts[0]) < 0.3, f"position 1: shift {shifts[0]:.2f} for a head off in scale only"
+    assert all(after < before for before, after in zip(report["ece_before"], report["ece_after"])), (
+        f"calibration did not lower the ECE everywhere: {report['ece_before']} → {report['ece_after']}"
+    )
+
+
+def test_a_per_position_shift_fixes_a_shifted_head_where_temperature_cannot() -> None:
+    true_logits, accept = _true_logits_and_acceptance(10000, 3)
+    shifted = true_logits.clone()
+    shifted[:, 1] += 2.0  # position 2's head is off by a constant: overconfident at every logit
+    _, _, temperature_only = fit_calibration(shifted, accept, num_bins=10, shift_range=(0.0, 0.0))
+    assert temperature_only["ece_after"][1] > 0.03, (
+        f"temperature alone reached ECE {temperature_only['ece_after'][1]:.3f} at position 2: "
+        "this head no longer needs a shift to calibrate"
+    )
+    temperatures, shifts, report = fit_calibration(shifted, accept, num_bins=10)
+    assert abs(shifts[1] + 2.0) < 0.4 and 0.8 < temperatures[1] < 1.25, (
+        f"position 2: T = {temperatures[1]:.2f}, b = {shifts[1]:.2f}, for a head shifted by +2"
+    )
+    assert max(report["ece_after"]) < 0.02, f"ECE after Platt scaling {report['ece_after']}, not below 2%"
 
 
 def test_ece_and_auc_basics() -> None:

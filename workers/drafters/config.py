@@ -7,6 +7,7 @@ fails loudly instead of producing garbage drafts.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -58,6 +59,10 @@ class DrafterConfig:
     markov_candidates: int = 0
     # Per-position calibration temperatures dividing the confidence logit (1 = uncalibrated).
     confidence_temperatures: tuple[float, ...] = field(default=())
+    # Per-position calibration shifts added to the confidence logit after the temperature (Platt
+    # scaling, c_k = σ(logit / T_k + b_k)): a temperature alone cannot move a head that is off by a
+    # constant. 0 = uncalibrated; configs saved before the field load with zeros.
+    confidence_shifts: tuple[float, ...] = field(default=())
     # [n − 1][k − 1]: how often an n-gram draft's k-th token was accepted, given the earlier ones were,
     # after an n-token suffix match, on the held-out data `calibrate` scores; the prior of a hybrid
     # over this drafter (hybrid.py). () = not measured.
@@ -69,6 +74,9 @@ class DrafterConfig:
         if not self.confidence_temperatures:
             object.__setattr__(self, "confidence_temperatures", (1.0,) * self.draft_block_size)
         object.__setattr__(self, "confidence_temperatures", tuple(map(float, self.confidence_temperatures)))
+        if not self.confidence_shifts:
+            object.__setattr__(self, "confidence_shifts", (0.0,) * self.draft_block_size)
+        object.__setattr__(self, "confidence_shifts", tuple(map(float, self.confidence_shifts)))
         object.__setattr__(
             self, "ngram_acceptance", tuple(tuple(map(float, r)) for r in self.ngram_acceptance)
         )
@@ -85,6 +93,10 @@ class DrafterConfig:
             or min(self.confidence_temperatures) <= 0
         ):
             raise ValueError("need one positive confidence temperature per block position")
+        if len(self.confidence_shifts) != self.draft_block_size or not all(
+            map(math.isfinite, self.confidence_shifts)
+        ):
+            raise ValueError("need one finite confidence shift per block position")
         if any(
             len(row) != self.draft_block_size or not all(0 < a < 1 for a in row)
             for row in self.ngram_acceptance
@@ -140,8 +152,15 @@ class DrafterConfig:
         if mine != theirs or max(self.feature_layers) >= target.num_layers:
             raise ValueError(f"drafter built for (V, d, heads, head_dim)={mine}, target has {theirs}")
 
-    def calibrated(self, temperatures: list[float], ngram_acceptance: list[list[float]]) -> DrafterConfig:
-        return replace(self, confidence_temperatures=tuple(temperatures), ngram_acceptance=ngram_acceptance)
+    def calibrated(
+        self, *, temperatures: list[float], shifts: list[float], ngram_acceptance: list[list[float]]
+    ) -> DrafterConfig:
+        return replace(
+            self,
+            confidence_temperatures=tuple(temperatures),
+            confidence_shifts=tuple(shifts),
+            ngram_acceptance=ngram_acceptance,
+        )
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")

@@ -273,6 +273,7 @@ class DSparkDrafter(FeatureDrafter):
         with torch.inference_mode():
             self.mask_embed = self._embed(torch.tensor([self.config.mask_token_id], device=self.device))[0]
             self.conf_temperatures = torch.tensor(self.config.confidence_temperatures, device=self.device)
+            self.conf_shifts = torch.tensor(self.config.confidence_shifts, device=self.device)
         # The block forward and head as one C++ call where our packed bf16 GEMM runs them.
         c = self.config
         self.fused = (
@@ -352,6 +353,7 @@ class DSparkDrafter(FeatureDrafter):
             conf_weight=m.confidence_head.weight[0] if self.config.confidence else None,
             conf_bias=float(m.confidence_head.bias) if self.config.confidence else 0.0,
             conf_temperature=self.conf_temperatures[: blocks.width],
+            conf_shift=self.conf_shifts[: blocks.width],
             return_probs=bool((temperature > 0).any()),
             token_ids=self.token_ids,
             candidates=self.config.markov_candidates or None,
