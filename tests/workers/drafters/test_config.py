@@ -31,7 +31,7 @@ def _config(**kwargs: object) -> DrafterConfig:
     )
 
 
-def test_a_config_saved_without_biases_loads_with_zeros(tmp_path: Path) -> None:
+def test_a_config_saved_without_shifts_loads_with_zeros(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
     _config(confidence_temperatures=(1.0, 1.5, 2.0, 2.5)).save(path)
     fields = json.loads(path.read_text())
@@ -42,7 +42,7 @@ def test_a_config_saved_without_biases_loads_with_zeros(tmp_path: Path) -> None:
     assert loaded.confidence_temperatures == (1.0, 1.5, 2.0, 2.5), "the temperatures did not survive"
 
 
-def test_calibrated_biases_round_trip(tmp_path: Path) -> None:
+def test_calibrated_shifts_round_trip(tmp_path: Path) -> None:
     calibrated = _config().calibrated(
         temperatures=[1.0, 1.2, 1.4, 1.6], shifts=[0.5, -0.25, 0, 1], ngram_acceptance=[]
     )
@@ -57,6 +57,6 @@ def test_calibrated_biases_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "shifts", [(0.0, 0.0, 0.0), (0.0,) * 5, (0.0, math.nan, 0.0, 0.0), (0.0, 0.0, math.inf, 0.0)]
 )
-def test_a_bias_list_that_is_not_one_finite_value_per_position_is_refused(shifts: tuple[float, ...]) -> None:
+def test_a_shift_list_that_is_not_one_finite_value_per_position_is_refused(shifts: tuple[float, ...]) -> None:
     with pytest.raises(ValueError, match="one finite confidence shift per block position"):
         _config(confidence_shifts=shifts)
