@@ -3,7 +3,8 @@
 Every trained kind, with and without a draft vocabulary, over sequences of different lengths, with
 greedy and sampled rows and different draft limits in one batch. The batch pads contexts and runs
 its matmuls over more rows, so the numbers may round differently: tokens must be identical,
-probabilities equal within 2e-5 and confidences within 1e-6 (measured: ≤ 1e-5 and 6e-8).
+probabilities equal within 2e-5 and confidences within 1e-6 (measured: ≤ 1e-5 and 6e-8). A pipelined
+guess past the committed tokens is never drafted.
 """
 
 from __future__ import annotations
@@ -88,3 +89,22 @@ def test_batched_proposal_equals_per_sequence_proposals(kind, draft_vocab_size, 
                 torch.testing.assert_close(a.probs, b.probs, rtol=0, atol=2e-5)
             if a.confidence is not None:
                 assert a.confidence == pytest.approx(b.confidence, abs=1e-6), f"row {i} confidence"
+
+
+@pytest.mark.parametrize("kind", ["dspark", "eagle3"])
+def test_a_guess_past_the_committed_tokens_is_never_drafted(kind, tiny_target) -> None:  # noqa: ANN001
+    """A pipelined draft worker's guess gets no proposal even when the features it needs arrived
+    first: whether they did is a race, and a seeded request's draws must not depend on one."""
+    drafter, _ = _drafters(kind, 0, tiny_target)
+    ids = list(range(3, 15))
+    drafter.observe("s0", torch.randn(len(ids) - 1, 3 * 32), 0)
+    params = SamplingParams(max_tokens=50, temperature=1.0)
+    guess = DraftRequest("s0", ids, 5, params, torch.Generator().manual_seed(0), committed=len(ids) - 3)
+    committed = DraftRequest("s0", ids, 5, params, torch.Generator().manual_seed(0))
+    assert drafter.propose([guess])[0].tokens == [], "a guess past the committed tokens was drafted"
+    assert drafter.propose([committed])[0].tokens, "the same context, committed, got no proposal"
+
+
+def test_a_request_cannot_commit_more_tokens_than_it_has() -> None:
+    with pytest.raises(ValueError, match="committed=5 outside 0..4"):
+        DraftRequest("s", [1, 2, 3, 4], 3, SamplingParams(max_tokens=8), torch.Generator(), committed=5)
