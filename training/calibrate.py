@@ -7,6 +7,10 @@ observed prefix acceptance at k is the product of those draws up to k. Then, for
 order, a temperature T_k and a shift b_k, c_k = σ(logit_k / T_k + b_k), are grid-searched to
 minimise the ECE of the cumulative product Π_{i≤k} c_i, the earlier positions held fixed.
 
+The fit and its ECE use the same blocks, so that ECE flatters it. The report also gives the ECE out
+of sample: the sequences are split into folds, each fold is scored by a calibration fitted on the
+others, and the ECE is taken over all the folds' blocks (a sequence's blocks stay in one fold).
+
 At the same anchors it measures n-gram lookup: how often an n-gram draft's k-th token matches the
 text, given the earlier ones did, per suffix-match length n — the prior a hybrid over this drafter
 starts each request from (workers/drafters/hybrid.py).
@@ -39,12 +43,13 @@ class CalibrateConfig:
     split: str = "valid"
     anchors_per_sequence: int = 64
     num_bins: int = 10
+    folds: int = 2  # for the out-of-sample ECE
     seed: int = 0
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.anchors_per_sequence < 1 or self.num_bins < 2:
-            raise ValueError("need anchors_per_sequence >= 1 and num_bins >= 2")
+        if self.anchors_per_sequence < 1 or self.num_bins < 2 or self.folds < 2:
+            raise ValueError("need anchors_per_sequence >= 1, num_bins >= 2 and folds >= 2")
 
 
 def calibration_errors(preds: torch.Tensor, observed: torch.Tensor, num_bins: int) -> torch.Tensor:
@@ -92,14 +97,14 @@ def ngram_acceptance(
 @torch.no_grad()
 def collect(
     model: DrafterModel, target: LoadedModel, config: CalibrateConfig
-) -> tuple[torch.Tensor, torch.Tensor, list[tuple[list[int], list[int]]]]:
-    """Confidence logits [M, γ] and observed prefix acceptance [M, γ] over full blocks of the split,
-    and each sequence's (token ids, anchors)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[list[int], list[int]]]]:
+    """Confidence logits [M, γ], observed prefix acceptance [M, γ] and the sequence index [M] of the
+    split's full blocks, and each sequence's (token ids, anchors)."""
     data = open_features(config.cache_dir, config.split, target, model.config.feature_layers)
     if len(data) == 0:
         raise ValueError(f"no {config.split} samples in {config.cache_dir}")
     gen = torch.Generator().manual_seed(config.seed)
-    logits_out, accept_out, anchored = [], [], []
+    logits_out, accept_out, sequence_out, anchored = [], [], [], []
     for i in tqdm(range(len(data)), desc="calibrate"):
         sample = data[i].to(config.device)
         anchors = choose_anchors(sample.loss_mask.cpu(), config.anchors_per_sequence, gen).to(config.device)
@@ -112,8 +117,9 @@ def collect(
         drawn = (torch.rand(survive.shape, generator=gen) < survive).float().cumprod(dim=1)
         logits_out.append(blocks.confidence.float().cpu()[full])
         accept_out.append(drawn[full])
+        sequence_out.append(torch.full((int(full.sum()),), len(anchored)))
         anchored.append((sample.ids.tolist(), anchors.tolist()))
-    return torch.cat(logits_out), torch.cat(accept_out), anchored
+    return torch.cat(logits_out), torch.cat(accept_out), torch.cat(sequence_out), anchored
 
 
 @contextmanager
@@ -154,6 +160,15 @@ def best_shift(
     return float(errors[best]), float(grid[best])
 
 
+def calibrated_product(
+    conf_logits: torch.Tensor, temperatures: list[float], shifts: list[float]
+) -> torch.Tensor:
+    """Π_{i≤k} σ(logit_i / T_i + b_i) [M, γ]: the calibrated chance that the first k drafts pass."""
+    scale = torch.tensor(temperatures, dtype=conf_logits.dtype)
+    shift = torch.tensor(shifts, dtype=conf_logits.dtype)
+    return torch.sigmoid(conf_logits / scale + shift).cumprod(dim=1)
+
+
 def fit_calibration(
     conf_logits: torch.Tensor,
     accepted: torch.Tensor,
@@ -180,7 +195,7 @@ def fit_calibration(
             t, _, b = min(fits, key=lambda fit: fit[1])  # the first least ECE in grid order
             temperatures.append(t)
             shifts.append(b)
-            survival = survival * torch.sigmoid(conf_logits[:, k] / t + b)
+            survival = calibrated_product(conf_logits[:, : k + 1], temperatures, shifts)[:, k]
             report["position"].append(k + 1)
             report["ece_before"].append(
                 expected_calibration_error(before_prod[:, k], accepted[:, k], num_bins)
@@ -189,6 +204,26 @@ def fit_calibration(
             report["auc_before"].append(auc(before_prod[:, k], accepted[:, k]))
             report["auc_after"].append(auc(survival, accepted[:, k]))
     return temperatures, shifts, report
+
+
+def cross_validated_errors(
+    conf_logits: torch.Tensor, accepted: torch.Tensor, sequence: torch.Tensor, folds: int, num_bins: int
+) -> list[float] | None:
+    """ECE per position of calibrations scoring blocks they were not fitted on: sequence s is in fold
+    s mod `folds`, each fold is scored by a fit on the other folds, the ECE pooled over all folds.
+    None where too few sequences have full blocks to fill every fold."""
+    fold = sequence % folds
+    if int(fold.unique().numel()) < folds:
+        return None
+    predicted = torch.empty_like(accepted)
+    for f in range(folds):
+        held_out = fold == f
+        temperatures, shifts, _ = fit_calibration(conf_logits[~held_out], accepted[~held_out], num_bins)
+        predicted[held_out] = calibrated_product(conf_logits[held_out], temperatures, shifts)
+    return [
+        expected_calibration_error(predicted[:, k], accepted[:, k], num_bins)
+        for k in range(accepted.shape[1])
+    ]
 
 
 def calibrate(config: CalibrateConfig, target: LoadedModel | None = None) -> dict:
@@ -202,8 +237,11 @@ def calibrate(config: CalibrateConfig, target: LoadedModel | None = None) -> dic
         )
     target = target or load_model(model.config.target_name or "smollm2-135m", "float32", config.device)
     # Calibrate the raw head: an earlier calibration must not leak into a re-run.
-    conf_logits, accepted, anchored = collect(model, target, config)
+    conf_logits, accepted, sequence, anchored = collect(model, target, config)
     temperatures, shifts, report = fit_calibration(conf_logits, accepted, config.num_bins)
+    report["ece_out_of_sample"] = cross_validated_errors(
+        conf_logits, accepted, sequence, config.folds, config.num_bins
+    )
     rates, counts = ngram_acceptance(anchored, NgramDrafter(), model.config.draft_block_size)
     calibrated = model.config.calibrated(temperatures=temperatures, shifts=shifts, ngram_acceptance=rates)
     calibrated.save(path / "config.json")

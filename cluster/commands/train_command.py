@@ -162,6 +162,12 @@ def register(p: argparse.ArgumentParser) -> None:
         "--cache", type=Path, default=WORK / "cache", help="a target cache or a `train data` directory"
     )
     cal.add_argument("--anchors-per-sequence", type=int, default=64)
+    cal.add_argument(
+        "--folds",
+        type=int,
+        default=2,
+        help="sequence folds for the out-of-sample ECE (each scored by a fit on the rest)",
+    )
     cal.add_argument("--device", default="cpu")
     cal.set_defaults(func=run_calibrate)
 
@@ -369,9 +375,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
             drafter=args.drafter,
             cache_dir=args.cache,
             anchors_per_sequence=args.anchors_per_sequence,
+            folds=args.folds,
             device=args.device,
         )
     )
-    for key in ("position", "ece_before", "ece_after", "auc_before", "auc_after"):
-        print(key.ljust(11), " ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in report[key]))
+    for key in ("position", "ece_before", "ece_after", "ece_out_of_sample", "auc_before", "auc_after"):
+        values = report[key] or ["too few sequences to split"]
+        print(key.ljust(17), " ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in values))
     return 0

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from specray.training.calibrate import auc, expected_calibration_error, fit_calibration, ngram_acceptance
+from specray.training.calibrate import (
+    auc,
+    cross_validated_errors,
+    expected_calibration_error,
+    fit_calibration,
+    ngram_acceptance,
+)
 from specray.training.objective import block_labels, choose_anchors
 from specray.workers.drafters.ngram import NgramDrafter
 
@@ -44,6 +50,31 @@ def test_a_per_position_shift_fixes_a_shifted_head_where_temperature_cannot() ->
         f"position 2: T = {temperatures[1]:.2f}, b = {shifts[1]:.2f}, for a head shifted by +2"
     )
     assert max(report["ece_after"]) < 0.02, f"ECE after Platt scaling {report['ece_after']}, not below 2%"
+
+
+def test_the_out_of_sample_ece_is_not_flattered_by_the_fit() -> None:
+    # 120 blocks of a calibrated head: the grid search fits their noise, so in-sample ECE is low;
+    # scored on sequences it was not fitted on, the same calibration does worse.
+    true_logits, accept = _true_logits_and_acceptance(120, 4)
+    sequence = torch.arange(120) // 4  # 30 sequences of 4 blocks
+    _, _, report = fit_calibration(true_logits, accept, num_bins=10)
+    out_of_sample = cross_validated_errors(true_logits, accept, sequence, folds=2, num_bins=10)
+    assert sum(out_of_sample) > 1.5 * sum(report["ece_after"]), (
+        f"out-of-sample ECE {out_of_sample} is no worse than in-sample {report['ece_after']}: "
+        "the folds were scored by fits that saw them"
+    )
+    # With 10k blocks a fit on half the sequences calibrates the other half.
+    true_logits, accept = _true_logits_and_acceptance(10000, 3)
+    out_of_sample = cross_validated_errors(
+        true_logits, accept, torch.arange(10000) // 8, folds=2, num_bins=10
+    )
+    assert max(out_of_sample) < 0.02, f"out-of-sample ECE {out_of_sample} of a calibrated head, not below 2%"
+
+
+def test_too_few_sequences_for_the_folds_give_no_out_of_sample_ece() -> None:
+    true_logits, accept = _true_logits_and_acceptance(40, 3)
+    one_sequence = torch.zeros(40, dtype=torch.long)
+    assert cross_validated_errors(true_logits, accept, one_sequence, folds=2, num_bins=10) is None
 
 
 def test_ece_and_auc_basics() -> None:
