@@ -1,15 +1,23 @@
-// A DSpark/DFlash drafter's proposal forward in two calls on the CPU (bf16, our packed GEMM): the
-// new context rows (fused target features H_ctx and each layer's KV), then the whole block:
+// A trained drafter's proposal forward in few calls on the CPU (bf16, our packed GEMM). DSpark/DFlash:
+// the new context rows (fused target features H_ctx and each layer's KV), then the whole block:
 // slot inputs [anchor, MASK × (T−1)] (through the state-input projection where the drafter has
 // one), RoPE at the slots' positions, the injected layers over the cached context KV, the final
-// norm and the LM head over the first `width` slots. The same kernels in the same order as the
-// Python modules; what goes away is the ~80 Python-level ops a proposal spent around them, which
-// cost about as much as the drafter's weights take to stream.
+// norm and the LM head over the first `width` slots. EAGLE-3: one call per chain step, the step's
+// input projection, its layer over the context and the earlier steps, the norm and the head. The
+// same kernels in the same order as the Python modules; what goes away is the ~80 Python-level ops
+// a proposal spent around them, which cost about as much as the drafter's weights take to stream.
 #include <torch/extension.h>
 
 #include "cpu_ops.h"
 
 namespace {
+
+// in_proj([norm(x); states]) of rows x, states [R, d]: a block slot's or a chain step's input.
+torch::Tensor project_with_state(const torch::Tensor& x, const torch::Tensor& states, const torch::Tensor& embed_norm,
+                                 const torch::Tensor& in_proj, double eps) {
+  const auto joined = torch::cat({rms_norm(x, embed_norm, eps, false), states}, -1);
+  return linear_bf16(joined, in_proj, x.size(1), c10::nullopt);
+}
 
 // Slot inputs [N, T, d]: the MASK embedding in every slot but the first, which holds the anchor's;
 // with a state-input projection, in_proj([norm(slot input); H_ctx at anchor−1]).
@@ -23,9 +31,15 @@ torch::Tensor block_inputs(const torch::Tensor& anchor_embeds, const torch::Tens
   x.select(1, 0).copy_(anchor_embeds);
   if (!in_proj.has_value()) return x;
   TORCH_CHECK(states.has_value() && embed_norm.has_value(), "draft_block: in_proj needs states and embed_norm");
-  const auto normed = rms_norm(x.view({n * slots, d}), *embed_norm, eps, false).view({n, slots, d});
-  const auto joined = torch::cat({normed, states->unsqueeze(1).expand({n, slots, d})}, -1);
-  return linear_bf16(joined.view({n * slots, 2 * d}), *in_proj, d, c10::nullopt).view({n, slots, d});
+  const auto slot_states = states->unsqueeze(1).expand({n, slots, d}).reshape({n * slots, d});
+  return project_with_state(x.view({n * slots, d}), slot_states, *embed_norm, *in_proj, eps).view({n, slots, d});
+}
+
+// fp32 logits [R, K] of final-normed states [R, d] through the packed head (softcapped where > 0).
+torch::Tensor head_logits(const torch::Tensor& hidden, const torch::Tensor& head, int64_t head_rows, double softcap) {
+  auto logits = linear_bf16(hidden, head, head_rows, c10::nullopt);
+  if (softcap > 0) logits = torch::tanh(logits / softcap) * softcap;
+  return logits.to(torch::kFloat);
 }
 
 // (cos, sin) [P, head_dim] at `positions` [P], as the Python RotaryEmbedding computes them (fp32
@@ -81,9 +95,30 @@ std::tuple<torch::Tensor, torch::Tensor> draft_block(
   for (size_t l = 0; l < layers.size(); ++l)
     x = injected_layer(x, layers[l], sizes, heads, eps, gelu, cos, sin, context_k[l], context_v[l], anchors, scale);
   const auto hidden = rms_norm(x, norm, eps, false).view({n, slots, d}).narrow(1, 0, width).contiguous();
-  auto logits = linear_bf16(hidden.view({n * width, d}), head, head_rows, c10::nullopt);
-  if (softcap > 0) logits = torch::tanh(logits / softcap) * softcap;
-  return {hidden, logits.to(torch::kFloat).view({n, width, head_rows})};
+  return {hidden, head_logits(hidden.view({n * width, d}), head, head_rows, softcap).view({n, width, head_rows})};
+}
+
+// -> (layer output before the final norm [N, d], fp32 logits [N, K], the step's k and v [N, KV
+// heads, head_dim], RoPE on k) of one EAGLE-3 chain step per row: input in_proj([norm(token_embeds);
+// states]) at `positions`, the injected layer over rows j < context_lens[b] of context_k/v [N, L, ...]
+// (the row's context, then its earlier steps) and itself, the final norm and the head.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> draft_chain_step(
+    const torch::Tensor& token_embeds, const torch::Tensor& states, const torch::Tensor& positions,
+    const torch::Tensor& embed_norm, const torch::Tensor& in_proj, const torch::Tensor& inv_freq,
+    const std::vector<torch::Tensor>& layer, const std::vector<int64_t>& sizes, const std::vector<int64_t>& heads,
+    double eps, bool gelu, const torch::Tensor& context_k, const torch::Tensor& context_v,
+    const torch::Tensor& context_lens, double scale, const torch::Tensor& norm, const torch::Tensor& head,
+    int64_t head_rows, double softcap) {
+  TORCH_CHECK(token_embeds.dim() == 2 && states.sizes() == token_embeds.sizes() &&
+                  positions.numel() == token_embeds.size(0),
+              "draft_chain_step: token_embeds and states [N, d], positions [N]");
+  const auto [cos, sin] = rotary_at(positions, inv_freq, token_embeds.scalar_type());
+  const auto x = project_with_state(token_embeds, states, embed_norm, in_proj, eps);
+  std::vector<torch::Tensor> own_kv;
+  const auto out = injected_layer(x, layer, sizes, heads, eps, gelu, cos, sin, context_k, context_v, context_lens,
+                                  scale, &own_kv);
+  const auto logits = head_logits(rms_norm(out, norm, eps, false), head, head_rows, softcap);
+  return {out, logits, own_kv[0], own_kv[1]};
 }
 
 }  // namespace
@@ -91,4 +126,5 @@ std::tuple<torch::Tensor, torch::Tensor> draft_block(
 void bind_draft_block(pybind11::module& m) {
   m.def("draft_context", &draft_context, "a DSpark/DFlash drafter's context rows: H_ctx and each layer's KV (CPU, bf16)");
   m.def("draft_block", &draft_block, "a DSpark/DFlash block forward and LM head in one call (CPU, bf16)");
+  m.def("draft_chain_step", &draft_chain_step, "one EAGLE-3 chain step and its LM head in one call (CPU, bf16)");
 }

@@ -68,12 +68,14 @@ torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Ten
 // x [B·T, d], B blocks of T query slots -> the layer's output [B·T, d]. Block b's slots attend to
 // its context KV rows j < context_lens[b] of context_k/v [B, L, KV heads, head_dim] and to all T
 // of its own slots (both ways). The keys are pooled into one table of single-row pages (the
-// contexts, then the blocks), so the batch-invariant paged kernel runs them non-causally.
+// contexts, then the blocks), so the batch-invariant paged kernel runs them non-causally. Where
+// `own_kv` is given it receives the slots' (k, v) [B·T, KV heads, head_dim], RoPE on k: what a
+// chain drafter appends to its context for the next step.
 torch::Tensor injected_layer(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
                              const std::vector<int64_t>& sizes, const std::vector<int64_t>& heads, double eps,
                              bool gelu, const torch::Tensor& cos, const torch::Tensor& sin,
                              const torch::Tensor& context_k, const torch::Tensor& context_v,
-                             const torch::Tensor& context_lens, double scale) {
+                             const torch::Tensor& context_lens, double scale, std::vector<torch::Tensor>* own_kv) {
   const LayerWeights w{weights, sizes, heads, eps, gelu};
   const int64_t blocks = context_k.size(0), context = context_k.size(1), rows = x.size(0);
   TORCH_CHECK(context_k.dim() == 4 && context_v.sizes() == context_k.sizes() && blocks > 0 &&
@@ -101,6 +103,7 @@ torch::Tensor injected_layer(const torch::Tensor& x, const std::vector<torch::Te
   }
   starts.data_ptr<int32_t>()[blocks] = static_cast<int32_t>(rows);
   const auto attn = paged_attention(qkv.q, pool_k, pool_v, tables, starts, lens, scale, 0, 0.0, false);
+  if (own_kv != nullptr) *own_kv = {qkv.k, qkv.v};
   return attention_residual_and_mlp(x, attn, w);
 }
 

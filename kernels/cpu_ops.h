@@ -22,7 +22,8 @@ torch::Tensor injected_layer(const torch::Tensor& x, const std::vector<torch::Te
                              const std::vector<int64_t>& sizes, const std::vector<int64_t>& heads, double eps,
                              bool gelu, const torch::Tensor& cos, const torch::Tensor& sin,
                              const torch::Tensor& context_k, const torch::Tensor& context_v,
-                             const torch::Tensor& context_lens, double scale);
+                             const torch::Tensor& context_lens, double scale,
+                             std::vector<torch::Tensor>* own_kv = nullptr);
 // cpu_draft_block.cpp
 void bind_draft_block(pybind11::module& m);
 // cpu_select.cpp

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specray.kernels import MarkovDraft, cpu_attention, linear, sample_markov_block
-from specray.kernels.cpu_linear import packed_weight, uses_packed_gemm
+from specray.kernels.cpu_linear import packed_weight
 from specray.workers.drafters.config import DrafterConfig
 from specray.workers.drafters.context_cache import Projection
 from specray.workers.drafters.feature_drafter import FeatureDrafter
@@ -274,14 +274,6 @@ class DSparkDrafter(FeatureDrafter):
             self.mask_embed = self._embed(torch.tensor([self.config.mask_token_id], device=self.device))[0]
             self.conf_temperatures = torch.tensor(self.config.confidence_temperatures, device=self.device)
             self.conf_shifts = torch.tensor(self.config.confidence_shifts, device=self.device)
-        # The block forward and head as one C++ call where our packed bf16 GEMM runs them.
-        c = self.config
-        self.fused = (
-            uses_packed_gemm(self.dtype, self.device)
-            and self.head.weight.dtype == self.dtype
-            and c.hidden_size % 2 == 0
-            and c.intermediate_size % 2 == 0
-        )
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[DraftProposal]:

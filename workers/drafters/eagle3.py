@@ -8,10 +8,13 @@ unrolls the same chain (training-time test), so the drafter learns from its own 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from specray.kernels import linear, sample_markov_block
+from specray.kernels import cpu_attention, linear, sample_markov_block
+from specray.kernels.cpu_linear import packed_weight
 from specray.workers.drafters.config import DrafterConfig
 from specray.workers.drafters.context_cache import Projection
 from specray.workers.drafters.feature_drafter import FeatureDrafter
@@ -68,6 +71,46 @@ class Eagle3Model(FeatureDrafterBackbone):
         )
         return self.run_layers(inputs, positions, context, mask)
 
+    def fused_chain_step(
+        self,
+        token_embeds: torch.Tensor,
+        states: torch.Tensor,
+        positions: torch.Tensor,
+        context: KV,
+        head: nn.Linear,
+        softcap: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, KV]:
+        """One chain step per row as one C++ call (`kernels/cpu_draft_block.cpp`; bf16 inference
+        where linear layers run our packed GEMM): the step at positions[i] reads `token_embeds` and
+        `states` [N, d] and sees rows j < positions[i] of its context KV [N, L, ...] (the context,
+        then its earlier steps). → (layer output before the final norm [N, d], fp32 logits [N, K]
+        through `head`, the step's own KV to append for the next step)."""
+        layer = self.layers[0]
+        weights, sizes = layer.fused_weights()
+        attn = layer.self_attn.config
+        out, logits, k, v = cpu_attention.extension().draft_chain_step(
+            token_embeds,
+            states,
+            positions,
+            self.embed_norm.weight,
+            packed_weight(self.in_proj),
+            self.rotary.inv_freq,
+            weights,
+            sizes,
+            [attn.num_heads, attn.num_kv_heads, attn.head_dim],
+            self.config.rms_norm_eps,
+            layer.mlp.gelu,
+            context[0],
+            context[1],
+            positions,
+            attn.head_dim**-0.5,
+            self.norm.weight,
+            packed_weight(head),
+            head.weight.shape[0],
+            softcap,
+        )
+        return out, logits, (k, v)
+
     def packed_chains(self, context: list[KV], anchors: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Layer outputs (pre-norm) [B, N, s, d] of many chains per sequence (training: every chain
         of sequence b packed into row b under `chain_mask`, over its context KV [B, L, ...]);
@@ -106,9 +149,12 @@ class Eagle3Model(FeatureDrafterBackbone):
         return self.output_logits(self.norm(outputs), target), None
 
 
+ChainStep = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 class Eagle3Drafter(FeatureDrafter):
     """Serves an Eagle3Model: γ chain steps, each one forward and one LM head product for all
-    ready sequences of a proposal."""
+    ready sequences of a proposal (one C++ call per step where our packed bf16 GEMM runs)."""
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[DraftProposal]:
@@ -129,17 +175,17 @@ class Eagle3Drafter(FeatureDrafter):
 
         # Steps up to position anchor−2 are context; the step at anchor−1 (reading the anchor) drafts.
         context = self.cache.context_kv(seq_ids, [p - 1 for p in anchor_pos], project)
-        features = self.cache.features_at(seq_ids, [p - 1 for p in anchor_pos])
+        states = m.fuse(self.cache.features_at(seq_ids, [p - 1 for p in anchor_pos]))
         prev = torch.tensor([r.token_ids[-1] for r in batch], device=device)
-        inputs = m.step_inputs(self._embed(prev), m.fuse(features)).unsqueeze(1)
         anchors = torch.tensor(anchor_pos, device=device)
         temperature = torch.tensor([r.params.temperature for r in batch], device=device)
         limits = [min(r.max_tokens, self.config.draft_block_size) for r in batch]
         sampled = bool((temperature > 0).any())
+        step = self.fused_chain(context[0], anchors) if self.fused else self.module_chain(context, anchors)
         tokens, probs = [], []
         for j in range(max(limits)):
-            out = m.chains(context, anchors, inputs)[:, -1]
-            logits = self.logits(m.norm(out)).unsqueeze(1)
+            # Past the anchor there are no target features: each step reads the previous one's output.
+            states, logits = step(self._embed(prev), states)
             # One draw per step from each request's own stream, only while it still drafts.
             uniforms = torch.stack(
                 [
@@ -148,15 +194,17 @@ class Eagle3Drafter(FeatureDrafter):
                 ]
             ).to(device)
             draft = sample_markov_block(
-                logits, prev, temperature, uniforms, return_probs=sampled, token_ids=self.token_ids
+                logits.unsqueeze(1),
+                prev,
+                temperature,
+                uniforms,
+                return_probs=sampled,
+                token_ids=self.token_ids,
             )
             prev = draft.tokens[:, 0]
             tokens.append(prev)
             if sampled:
                 probs.append(draft.probs[:, 0])
-            if j + 1 < max(limits):
-                step = m.step_inputs(self._embed(prev), out).unsqueeze(1)
-                inputs = torch.cat((inputs, step), 1)
         drafted = torch.stack(tokens, 1).tolist()
         chain_probs = torch.stack(probs, 1) if sampled else None
         for row, (i, r) in enumerate(zip(ready, batch)):
@@ -166,3 +214,35 @@ class Eagle3Drafter(FeatureDrafter):
                 probs=None if r.params.greedy else self.target_probs(chain_probs[row, :k]),
             )
         return proposals
+
+    def module_chain(self, context: list[KV], anchors: torch.Tensor) -> ChainStep:
+        """Chain steps through the Python modules: each step reruns the layer over all steps so far."""
+        m, inputs = self.model, []
+
+        def step(token_embeds: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            inputs.append(m.step_inputs(token_embeds, states))
+            out = m.chains(context, anchors, torch.stack(inputs, 1))[:, -1]
+            return out, self.logits(m.norm(out))
+
+        return step
+
+    def fused_chain(self, context: KV, anchors: torch.Tensor) -> ChainStep:
+        """Chain steps as one C++ call each: a step's KV is appended to its row's context (in a copy
+        with room for γ steps), so the next step runs only its own query."""
+        m, (k, v) = self.model, context
+        room = k.new_zeros(k.shape[0], self.config.draft_block_size, *k.shape[2:])
+        keys, values = torch.cat((k, room), 1), torch.cat((v, room), 1)
+        rows = torch.arange(k.shape[0], device=anchors.device)
+        softcap = self.target.config.final_logit_softcapping or 0.0
+        seen = anchors - 1  # step j sits at position anchor−1+j and sees the rows before it
+
+        def step(token_embeds: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            nonlocal seen
+            out, logits, (k, v) = m.fused_chain_step(
+                token_embeds, states, seen, (keys, values), self.head, softcap
+            )
+            keys[rows, seen], values[rows, seen] = k, v
+            seen = seen + 1
+            return out, logits
+
+        return step

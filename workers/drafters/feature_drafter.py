@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from specray.kernels.cpu_linear import uses_packed_gemm
 from specray.workers.drafters.context_cache import ContextCache
 from specray.workers.drafters.layers import FeatureDrafterBackbone
 from specray.workers.engine.drafter import Drafter, DraftRequest
@@ -36,6 +37,14 @@ class FeatureDrafter(Drafter):
         with torch.no_grad():
             # In the target's dtype: the LM head itself without a draft vocabulary, else its rows.
             self.head = model.output_layer(target)
+        # The proposal's forward and head as C++ calls where our packed bf16 GEMM runs them.
+        c = self.config
+        self.fused = (
+            uses_packed_gemm(self.dtype, self.device)
+            and self.head.weight.dtype == self.dtype
+            and c.hidden_size % 2 == 0
+            and c.intermediate_size % 2 == 0
+        )
 
     def observe(self, seq_id: str, features: torch.Tensor, start: int) -> None:
         self.cache.observe(seq_id, features.to(self.dtype), start)
