@@ -22,6 +22,10 @@ from specray.workers.drafters.layers import KV, FeatureDrafterBackbone
 from specray.workers.engine.drafter import DraftProposal, DraftRequest
 from specray.workers.models.decoder import DecoderModel, RMSNorm
 
+FusedChainStep = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, KV], tuple[torch.Tensor, torch.Tensor, KV]
+]
+
 
 def chain_mask(anchors: torch.Tensor, context_len: int, steps: int) -> torch.Tensor:
     """[.., N·s, L + N·s] bool for anchors [.., N] (one row of chains per leading index): step j of
@@ -71,45 +75,49 @@ class Eagle3Model(FeatureDrafterBackbone):
         )
         return self.run_layers(inputs, positions, context, mask)
 
-    def fused_chain_step(
-        self,
-        token_embeds: torch.Tensor,
-        states: torch.Tensor,
-        positions: torch.Tensor,
-        context: KV,
-        head: nn.Linear,
-        softcap: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, KV]:
+    def fused_chain_step(self, head: nn.Linear, softcap: float) -> FusedChainStep:
         """One chain step per row as one C++ call (`kernels/cpu_draft_block.cpp`; bf16 inference
-        where linear layers run our packed GEMM): the step at positions[i] reads `token_embeds` and
-        `states` [N, d] and sees rows j < positions[i] of its context KV [N, L, ...] (the context,
-        then its earlier steps). → (layer output before the final norm [N, d], fp32 logits [N, K]
-        through `head`, the step's own KV to append for the next step)."""
+        where linear layers run our packed GEMM), bound once to the packed weights and `head`.
+
+        step(token_embeds, states, positions, context): the step at positions[i] reads
+        `token_embeds` and `states` [N, d] and sees rows j < positions[i] of its context KV
+        [N, L, ...] (the context, then its earlier steps). → (layer output before the final norm
+        [N, d], fp32 logits [N, K] through `head`, the step's own KV to append for the next step).
+        """
         layer = self.layers[0]
         weights, sizes = layer.fused_weights()
         attn = layer.self_attn.config
-        out, logits, k, v = cpu_attention.extension().draft_chain_step(
-            token_embeds,
-            states,
-            positions,
-            self.embed_norm.weight,
-            packed_weight(self.in_proj),
-            self.rotary.inv_freq,
-            weights,
-            sizes,
-            [attn.num_heads, attn.num_kv_heads, attn.head_dim],
-            self.config.rms_norm_eps,
-            layer.mlp.gelu,
-            context[0],
-            context[1],
-            positions,
-            attn.head_dim**-0.5,
-            self.norm.weight,
-            packed_weight(head),
-            head.weight.shape[0],
-            softcap,
-        )
-        return out, logits, (k, v)
+        heads = [attn.num_heads, attn.num_kv_heads, attn.head_dim]
+        in_proj, packed_head = packed_weight(self.in_proj), packed_weight(head)
+        kernel = cpu_attention.extension().draft_chain_step
+
+        def step(
+            token_embeds: torch.Tensor, states: torch.Tensor, positions: torch.Tensor, context: KV
+        ) -> tuple[torch.Tensor, torch.Tensor, KV]:
+            out, logits, k, v = kernel(
+                token_embeds,
+                states,
+                positions,
+                self.embed_norm.weight,
+                in_proj,
+                self.rotary.inv_freq,
+                weights,
+                sizes,
+                heads,
+                self.config.rms_norm_eps,
+                layer.mlp.gelu,
+                context[0],
+                context[1],
+                positions,
+                attn.head_dim**-0.5,
+                self.norm.weight,
+                packed_head,
+                head.weight.shape[0],
+                softcap,
+            )
+            return out, logits, (k, v)
+
+        return step
 
     def packed_chains(self, context: list[KV], anchors: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Layer outputs (pre-norm) [B, N, s, d] of many chains per sequence (training: every chain
@@ -149,6 +157,7 @@ class Eagle3Model(FeatureDrafterBackbone):
         return self.output_logits(self.norm(outputs), target), None
 
 
+# (token embeddings, states) [N, d] → (layer outputs before the final norm [N, d], fp32 logits [N, K])
 ChainStep = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -229,18 +238,16 @@ class Eagle3Drafter(FeatureDrafter):
     def fused_chain(self, context: KV, anchors: torch.Tensor) -> ChainStep:
         """Chain steps as one C++ call each: a step's KV is appended to its row's context (in a copy
         with room for γ steps), so the next step runs only its own query."""
-        m, (k, v) = self.model, context
+        k, v = context
         room = k.new_zeros(k.shape[0], self.config.draft_block_size, *k.shape[2:])
         keys, values = torch.cat((k, room), 1), torch.cat((v, room), 1)
         rows = torch.arange(k.shape[0], device=anchors.device)
-        softcap = self.target.config.final_logit_softcapping or 0.0
+        fused_step = self.model.fused_chain_step(self.head, self.target.config.final_logit_softcapping or 0.0)
         seen = anchors - 1  # step j sits at position anchor−1+j and sees the rows before it
 
         def step(token_embeds: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             nonlocal seen
-            out, logits, (k, v) = m.fused_chain_step(
-                token_embeds, states, seen, (keys, values), self.head, softcap
-            )
+            out, logits, (k, v) = fused_step(token_embeds, states, seen, (keys, values))
             keys[rows, seen], values[rows, seen] = k, v
             seen = seen + 1
             return out, logits

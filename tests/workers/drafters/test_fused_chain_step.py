@@ -91,8 +91,13 @@ def test_bf16_proposals_take_the_fused_chain_and_match_alone_and_batched(monkeyp
     model = _model(make_tiny_target(seed=4))
     batched, single = _drafter(model, torch.bfloat16), _drafter(model, torch.bfloat16)
     calls = []
-    step = Eagle3Model.fused_chain_step
-    monkeypatch.setattr(Eagle3Model, "fused_chain_step", lambda *a, **k: calls.append(1) or step(*a, **k))
+    bind = Eagle3Model.fused_chain_step
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        step = bind(*args, **kwargs)
+        return lambda *a: calls.append(1) or step(*a)
+
+    monkeypatch.setattr(Eagle3Model, "fused_chain_step", counted)
     g = torch.Generator().manual_seed(0)
     lengths, temperatures, limits = [9, 14, 20], [0.0, 1.0, 0.7], [7, 3, 5]
     ids = [torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
