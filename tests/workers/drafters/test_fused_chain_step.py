@@ -19,8 +19,7 @@ from specray.workers.drafters.checkpoint import build_model
 from specray.workers.drafters.config import DrafterConfig
 from specray.workers.drafters.draft_vocab import DraftVocab
 from specray.workers.drafters.eagle3 import Eagle3Drafter, Eagle3Model
-from specray.workers.engine.drafter import DraftRequest
-from specray.workers.engine.sampling import SamplingParams
+from tests.proposal_batches import assert_batched_proposals_match_alone
 from tests.tiny_models import make_tiny_target
 
 CONTEXT_LENS = [9, 3, 14]
@@ -98,33 +97,7 @@ def test_bf16_proposals_take_the_fused_chain_and_match_alone_and_batched(monkeyp
         return lambda *a: calls.append(1) or step(*a)
 
     monkeypatch.setattr(Eagle3Model, "fused_chain_step", counted)
-    g = torch.Generator().manual_seed(0)
-    lengths, temperatures, limits = [9, 14, 20], [0.0, 1.0, 0.7], [7, 3, 5]
-    ids = [torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
-    for i, n in enumerate(lengths):
-        features = torch.randn(n - 1, 3 * 32, generator=g)
-        batched.observe(f"s{i}", features, 0)
-        single.observe(f"s{i}", features, 0)
-
-    def requests() -> list[DraftRequest]:
-        return [
-            DraftRequest(
-                f"s{i}",
-                ids[i],
-                limits[i],
-                SamplingParams(max_tokens=50, temperature=t),
-                torch.Generator().manual_seed(i),
-            )
-            for i, t in enumerate(temperatures)
-        ]
-
-    for _ in range(2):  # the second proposal reads the context KV the first one cached
-        together = batched.propose(requests())
-        alone = [single.propose([r])[0] for r in requests()]
-        for i, (a, b) in enumerate(zip(together, alone)):
-            assert len(a.tokens) == limits[i], f"row {i}: {len(a.tokens)} drafts for a limit of {limits[i]}"
-            assert a.tokens == b.tokens, f"row {i}: batched drafts {a.tokens}, alone {b.tokens}"
-            assert (a.probs is None) == (b.probs is None)
-            assert a.probs is None or torch.equal(a.probs, b.probs), f"row {i}: draft probabilities change"
+    limits = [7, 3, 5]
+    assert_batched_proposals_match_alone(batched, single, limits, [0.0, 1.0, 0.7], 3 * 32)
     want_calls = 2 * (max(limits) + sum(limits))
     assert len(calls) == want_calls, f"bf16 proposals took {len(calls)} fused steps, want {want_calls}"

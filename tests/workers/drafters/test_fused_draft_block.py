@@ -19,8 +19,7 @@ from specray.workers.drafters.checkpoint import build_model
 from specray.workers.drafters.config import DrafterConfig
 from specray.workers.drafters.draft_vocab import DraftVocab
 from specray.workers.drafters.dspark import DSparkDrafter, DSparkModel
-from specray.workers.engine.drafter import DraftRequest
-from specray.workers.engine.sampling import SamplingParams
+from tests.proposal_batches import LENGTHS, assert_batched_proposals_match_alone
 from tests.tiny_models import make_tiny_target
 
 CPU = torch.device("cpu")
@@ -166,35 +165,8 @@ def test_bf16_proposals_take_the_fused_block_and_match_alone_and_batched(monkeyp
     calls = []
     fused = DSparkModel.fused_block_logits
     monkeypatch.setattr(DSparkModel, "fused_block_logits", lambda *a, **k: calls.append(1) or fused(*a, **k))
-    g = torch.Generator().manual_seed(0)
-    lengths, temperatures = [9, 14, 20], [0.0, 1.0, 0.7]
-    ids = [torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
-    for i, n in enumerate(lengths):
-        features = torch.randn(n - 1, 3 * 32, generator=g)
-        batched.observe(f"s{i}", features, 0)
-        single.observe(f"s{i}", features, 0)
-
-    def requests() -> list[DraftRequest]:
-        return [
-            DraftRequest(
-                f"s{i}",
-                ids[i],
-                7,
-                SamplingParams(max_tokens=50, temperature=t),
-                torch.Generator().manual_seed(i),
-            )
-            for i, t in enumerate(temperatures)
-        ]
-
-    for _ in range(2):  # the second proposal reads the KV and states the first one cached
-        together = batched.propose(requests())
-        alone = [single.propose([r])[0] for r in requests()]
-        for i, (a, b) in enumerate(zip(together, alone)):
-            assert a.tokens == b.tokens, f"row {i}: batched drafts {a.tokens}, alone {b.tokens}"
-            assert a.confidence == b.confidence, f"row {i}: confidences change with the batch"
-            assert (a.probs is None) == (b.probs is None)
-            assert a.probs is None or torch.equal(a.probs, b.probs), f"row {i}: draft probabilities change"
-    assert len(calls) == 2 * (1 + len(lengths)), f"bf16 proposals took the fused block {len(calls)} times"
+    assert_batched_proposals_match_alone(batched, single, [7, 7, 7], [0.0, 1.0, 0.7], 3 * 32)
+    assert len(calls) == 2 * (1 + len(LENGTHS)), f"bf16 proposals took the fused block {len(calls)} times"
 
 
 def test_the_fused_context_rows_are_the_modules_and_do_not_depend_on_the_batch() -> None:
