@@ -19,6 +19,7 @@ from specray.workers.drafters.dspark import DSparkDrafter
 from specray.workers.drafters.eagle3 import Eagle3Drafter
 from specray.workers.engine.drafter import DraftRequest
 from specray.workers.engine.sampling import SamplingParams
+from tests.proposal_batches import draft_requests, observe_sequences
 
 KINDS = {
     "dspark": {"markov_rank": 8, "confidence": True},
@@ -54,33 +55,15 @@ def _drafters(kind: str, draft_vocab_size: int, target):  # noqa: ANN001, ANN202
     return cls(model, target.model), cls(model, target.model)
 
 
-def _requests(ids: list[list[int]]) -> list[DraftRequest]:
-    return [
-        DraftRequest(
-            f"s{i}",
-            ids[i],
-            LIMITS[i],
-            SamplingParams(max_tokens=50, temperature=TEMPERATURES[i]),
-            torch.Generator().manual_seed(10 + i),
-        )
-        for i in range(len(ids))
-    ]
-
-
 @pytest.mark.parametrize("draft_vocab_size", [0, 40], ids=["full-vocab", "draft-vocab"])
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_batched_proposal_equals_per_sequence_proposals(kind, draft_vocab_size, tiny_target) -> None:  # noqa: ANN001
     batched, single = _drafters(kind, draft_vocab_size, tiny_target)
-    g = torch.Generator().manual_seed(0)
-    ids = [torch.randint(3, 96, (n,), generator=g).tolist() for n in LENGTHS]
-    for i, n in enumerate(LENGTHS):
-        features = torch.randn(n - 1, 3 * 32, generator=g)
-        batched.observe(f"s{i}", features, 0)
-        single.observe(f"s{i}", features, 0)
+    ids = observe_sequences([batched, single], LENGTHS, 3 * 32)
     # Twice: the second proposal reads the context KV the first one cached.
     for _ in range(2):
-        together = batched.propose(_requests(ids))
-        alone = [single.propose([r])[0] for r in _requests(ids)]
+        together = batched.propose(draft_requests(ids, LIMITS, TEMPERATURES, first_seed=10))
+        alone = [single.propose([r])[0] for r in draft_requests(ids, LIMITS, TEMPERATURES, first_seed=10)]
         for i, (a, b) in enumerate(zip(together, alone)):
             assert a.tokens == b.tokens, f"row {i}: batched drafts {a.tokens}, alone {b.tokens}"
             assert len(a.tokens) == LIMITS[i]
